@@ -1,0 +1,232 @@
+"""SQLModel tables: tenants, the SCIM directory mirror, sync events, and what the pipeline derives."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, ForeignKey, Index, Integer, String, text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Aware UTC, as SQLModel's datetime columns require."""
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+NOT_DELETED = text("deleted_at IS NULL")
+
+
+class Tenant(SQLModel, table=True):
+    """A Sally customer: its SCIM connection, billing link and group mapping settings."""
+
+    __tablename__ = "tenant"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    name: str = Field(max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    stripe_customer_id: Optional[str] = Field(default=None, max_length=255)
+    stripe_subscription_id: Optional[str] = Field(default=None, max_length=255)
+    provider: Optional[str] = Field(default=None, max_length=32)
+    scim_enabled: bool = False
+    # SHA-256 hex digest of the bearer token; the token itself is never stored.
+    token_hash: Optional[str] = Field(default=None, max_length=64, sa_column_kwargs={"unique": True})
+    token_created_at: Optional[datetime] = None
+    last_request_at: Optional[datetime] = None
+    auto_invite: bool = False
+    seat_cap: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    # Targets of a purchase Stripe refused for good: no new purchase is
+    # planned below them until the admin saves the mapping again.
+    billing_blocked: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    last_reconciled_at: Optional[datetime] = None
+
+
+class GroupMapping(SQLModel, table=True):
+    """One IdP group mapped to one slot: user, admin, or a license tier."""
+
+    __tablename__ = "group_mapping"
+
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
+    group_id: str = Field(primary_key=True, max_length=64)
+    slot: str = Field(primary_key=True, max_length=16)
+
+
+class ScimUser(SQLModel, table=True):
+    """The mirror of one SCIM User exactly as the IdP sent it."""
+
+    __tablename__ = "scim_user"
+    __table_args__ = (
+        # userName is unique per tenant, case-insensitively, among users not
+        # deleted (RFC 7643 §4.1.1: caseExact false); deleted users free it.
+        Index(
+            "uq_scim_user_name",
+            "tenant_id",
+            "user_name_key",
+            unique=True,
+            sqlite_where=NOT_DELETED,
+            postgresql_where=NOT_DELETED,
+        ),
+        Index("ix_scim_user_external_id", "tenant_id", "external_id"),
+        Index("ix_scim_user_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    user_name: str = Field(max_length=512)
+    # str.casefold() of userName: SQLite's lower() is ASCII-only.
+    user_name_key: str = Field(max_length=512)
+    external_id: Optional[str] = Field(default=None, max_length=512)
+    display_name: Optional[str] = Field(default=None, max_length=512)
+    active: bool = True
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    version: int = 1
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    deleted_at: Optional[datetime] = None
+
+
+class ScimGroup(SQLModel, table=True):
+    """The mirror of one SCIM Group; its members are rows of GroupMember."""
+
+    __tablename__ = "scim_group"
+    __table_args__ = (
+        Index("ix_scim_group_display_name", "tenant_id", "display_name_key"),
+        Index("ix_scim_group_external_id", "tenant_id", "external_id"),
+        Index("ix_scim_group_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    display_name: str = Field(max_length=512)
+    display_name_key: str = Field(max_length=512)
+    external_id: Optional[str] = Field(default=None, max_length=512)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    version: int = 1
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupMember(SQLModel, table=True):
+    """One (group, member) pair: concurrent PATCHes insert rows and never lose each other's."""
+
+    __tablename__ = "group_member"
+    __table_args__ = (Index("ix_group_member_member", "member_id"),)
+
+    group_id: str = Field(
+        sa_column=Column(String(64), ForeignKey("scim_group.id", ondelete="CASCADE"), primary_key=True)
+    )
+    member_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(max_length=64)
+    member_type: str = Field(default="User", max_length=8)
+
+
+class SyncEvent(SQLModel, table=True):
+    """A change that may alter access; marked applied one by one, never by watermark."""
+
+    __tablename__ = "sync_event"
+    __table_args__ = (Index("ix_sync_event_tenant_applied", "tenant_id", "applied_at"),)
+
+    id: Optional[int] = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    kind: str = Field(max_length=32)
+    # The users whose access this event may change; None means "the whole tenant".
+    user_ids: Optional[list[str]] = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+    applied_at: Optional[datetime] = None
+
+
+class Account(SQLModel, table=True):
+    """What Sally derived for one SCIM user: access, role, license, invitation."""
+
+    __tablename__ = "account"
+    __table_args__ = (
+        Index("ix_account_tenant_license", "tenant_id", "license"),
+        Index("ix_account_tenant_waiting", "tenant_id", "wanted_tier", "waiting_since"),
+    )
+
+    user_id: str = Field(foreign_key="scim_user.id", primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    role: Optional[str] = Field(default=None, max_length=8)
+    # The tier the user's license groups call for; `license` is the seat held.
+    wanted_tier: Optional[str] = Field(default=None, max_length=16)
+    license: Optional[str] = Field(default=None, max_length=16)
+    status: str = Field(default="no_access", max_length=16)
+    status_reason: Optional[str] = Field(default=None, max_length=1024)
+    # Who waits longest for a seat gets the next one.
+    waiting_since: Optional[datetime] = None
+    first_access_at: Optional[datetime] = None
+    invited_at: Optional[datetime] = None
+    invite_error: Optional[str] = Field(default=None, max_length=1024)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SeatCount(SQLModel, table=True):
+    """Seats bought per tier: the Stripe item quantity, or what not_billed purchases recorded."""
+
+    __tablename__ = "seat_count"
+
+    tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
+    tier: str = Field(primary_key=True, max_length=16)
+    purchased: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+PENDING = text("status = 'pending'")
+
+
+class Purchase(SQLModel, table=True):
+    """One seat purchase: the frozen Stripe request body and key are stored before the call."""
+
+    __tablename__ = "purchase"
+    __table_args__ = (
+        # At most one purchase in flight per tenant.
+        Index("uq_purchase_one_pending", "tenant_id", unique=True, sqlite_where=PENDING, postgresql_where=PENDING),
+        Index("ix_purchase_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    status: str = Field(default="pending", max_length=16)
+    trigger: str = Field(default="", max_length=255)
+    # Seats the users need per tier when planned; the targets are fixed when
+    # the subscription is read just before the call.
+    demand: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    quantities_before: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    quantities_after: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    subscription_id: Optional[str] = Field(default=None, max_length=255)
+    request_body: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    idempotency_key: Optional[str] = Field(default=None, max_length=255)
+    stripe_invoice_id: Optional[str] = Field(default=None, max_length=255)
+    error: Optional[str] = Field(default=None, max_length=2048)
+    attempts: int = 0
+    enqueued_at: Optional[datetime] = None
+    settled_at: Optional[datetime] = None
+
+
+class Invitation(SQLModel, table=True):
+    """One invitation per SCIM user for the life of the tenant; claimed before sending."""
+
+    __tablename__ = "invitation"
+    __table_args__ = (
+        Index("uq_invitation_user", "tenant_id", "user_id", unique=True),
+        Index("ix_invitation_status", "status", "enqueued_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    user_id: str = Field(foreign_key="scim_user.id", max_length=64)
+    status: str = Field(default="pending", max_length=16)
+    address: Optional[str] = Field(default=None, max_length=512)
+    message_id: str = Field(max_length=255)
+    attempts: int = 0
+    claimed_at: Optional[datetime] = None
+    sent_at: Optional[datetime] = None
+    error: Optional[str] = Field(default=None, max_length=2048)
+    created_at: datetime = Field(default_factory=utcnow)
+    enqueued_at: Optional[datetime] = None
