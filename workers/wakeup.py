@@ -1,0 +1,58 @@
+"""Coalesced wake-up calls: after a commit, one reconcile message per tenant at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from dramatiq import Message
+from dramatiq.broker import Broker
+
+from workers.broker import RECONCILE_QUEUE
+
+log = logging.getLogger(__name__)
+
+RECONCILE_ACTOR = "reconcile_tenant"
+# A pending flag older than this is stale (its message was lost); the sweep
+# would deliver the work anyway, this only bounds how long writes stay quiet.
+PENDING_TTL_SECONDS = 30
+
+
+def pending_key(namespace: str, tenant_id: str) -> str:
+    return f"{namespace}:reconcile-pending:{tenant_id}"
+
+
+class Waker:
+    """Enqueue reconcile_tenant by actor name, at most one pending per tenant."""
+
+    def __init__(self, broker: Broker, client: redis.Redis, namespace: str) -> None:
+        self.broker = broker
+        self.client = client
+        self.namespace = namespace
+
+    def wake(self, tenant_id: str) -> bool:
+        """Ask for a reconcile; never raises: the write is committed and the sweep is the fallback."""
+        key = pending_key(self.namespace, tenant_id)
+        try:
+            if not self.client.set(key, "1", nx=True, ex=PENDING_TTL_SECONDS):
+                return False
+            self.send(tenant_id)
+            return True
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
+            try:
+                self.client.delete(key)
+            except (redis.RedisError, OSError):
+                pass
+            return False
+
+    def send(self, tenant_id: str) -> None:
+        self.broker.enqueue(
+            Message(
+                queue_name=RECONCILE_QUEUE,
+                actor_name=RECONCILE_ACTOR,
+                args=(tenant_id,),
+                kwargs={},
+                options={},
+            )
+        )
