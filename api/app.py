@@ -1,0 +1,130 @@
+"""The Starlette app factory: SCIM receiver, admin API, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from api.admin import AdminApi, admin_error_response
+from api.metrics import MetricsMiddleware, WebMetrics
+from api.scim.endpoints import ScimApi
+from api.scim.errors import ScimError
+from api.scim.http import error_response
+from api.tenants import TenantError
+from models.db import make_engine
+from models.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """The outside things the app talks to, made once per process and handed in."""
+
+    def __init__(self, engine: Engine, wake: Callable[[str], Any], ping_broker: Callable[[], bool]) -> None:
+        self.engine = engine
+        self.wake = wake
+        self.ping_broker = ping_broker
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Services":
+        from workers.broker import make_broker, redis_client, resolve_redis_url
+        from workers.wakeup import Waker
+
+        url = resolve_redis_url(settings)
+        client = redis_client(url)
+        waker = Waker(make_broker(settings, url), client, settings.redis_namespace)
+
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except Exception:  # noqa: BLE001 - any failure means "not ready"
+                return False
+
+        return cls(make_engine(settings.database_url), waker.wake, ping)
+
+
+def create_app(settings: Settings, services: Services | None = None) -> Starlette:
+    """Build the ASGI app; nothing connects at import time."""
+    services = services or Services.from_settings(settings)
+    metrics = WebMetrics()
+    scim = ScimApi(settings, services.engine, services.wake)
+    admin = AdminApi(settings, services.engine, services.wake)
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def _database_ok() -> bool:
+        try:
+            with services.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def readyz(_request: Request) -> Response:
+        database = await run_in_threadpool(_database_ok)
+        broker = await run_in_threadpool(services.ping_broker)
+        ready = database and broker
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "database": database, "broker": broker},
+            status_code=200 if ready else 503,
+        )
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        body = await run_in_threadpool(metrics.render)
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
+
+    async def on_scim_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ScimError)
+        return error_response(exc)
+
+    async def on_admin_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TenantError)
+        return admin_error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if request.url.path.startswith("/scim/"):
+            scim_exc = ScimError(exc.detail or "Not found.")
+            scim_exc.status = exc.status_code
+            return error_response(scim_exc)
+        return JSONResponse({"error": "http_error", "detail": exc.detail}, status_code=exc.status_code)
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        # Never a traceback or a secret in the body; the log has the details.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if request.url.path.startswith("/scim/"):
+            crash = ScimError("Internal server error.")
+            crash.status = 500
+            return error_response(crash)
+        return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        *scim.routes(),
+        *admin.routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            ScimError: on_scim_error,
+            TenantError: on_admin_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.metrics = metrics
+    app.state.services = services
+    return app

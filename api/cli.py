@@ -1,0 +1,262 @@
+"""The `sally-scim` command: dev, migrate, tenant create, web, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from models.settings import Settings, SettingsError
+
+log = logging.getLogger("sally_scim")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"sally-scim: {exc}") from None
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    """Bring the schema up to date (no broker is started)."""
+    from models.db import make_engine
+    from models.migrate import upgrade
+
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    print("database schema is up to date")
+    return 0
+
+
+def create_tenant_with_scim(
+    settings: Settings, name: str, provider: str, customer: str | None, subscription: str | None
+) -> dict[str, str]:
+    from api import tenants
+    from models.db import make_engine, session_scope
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            tenant = tenants.create_tenant(session, name, customer, subscription)
+            credentials = tenants.connect_scim(session, tenant, provider, settings.public_base_url)
+            return {"tenant_id": tenant.id, "tenant_url": credentials.tenant_url, "token": credentials.token}
+    finally:
+        engine.dispose()
+
+
+def cmd_tenant_create(settings: Settings, args: argparse.Namespace) -> int:
+    """Create a tenant and set up SCIM; the token is printed once (no broker is started)."""
+    from api.tenants import TenantError
+
+    if bool(args.stripe_customer) != bool(args.stripe_subscription):
+        print("sally-scim: --stripe-customer and --stripe-subscription go together", file=sys.stderr)
+        return 2
+    try:
+        created = create_tenant_with_scim(
+            settings, args.name, args.provider, args.stripe_customer, args.stripe_subscription
+        )
+    except TenantError as exc:
+        print(f"sally-scim: {exc.detail}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(created))
+    else:
+        print(f"Tenant:     {created['tenant_id']}")
+        print(f"Tenant URL: {created['tenant_url']}")
+        print(f"Token:      {created['token']}   (shown once; store it in your IdP)")
+    return 0
+
+
+def app_factory():
+    """The ASGI app for uvicorn (`--factory`), built from the environment."""
+    from api.app import create_app
+
+    _configure_logging()
+    return create_app(_settings())
+
+
+def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
+    """Serve the SCIM receiver and admin API with uvicorn."""
+    import uvicorn
+
+    if not settings.admin_token:
+        print("sally-scim: SALLY_ADMIN_TOKEN is not set; refusing to serve an admin API without one", file=sys.stderr)
+        return 2
+    from workers.broker import release_embedded_redis, resolve_redis_url
+
+    if not settings.redis_url:
+        # Attach here so the embedded Redis outlives uvicorn's worker processes.
+        resolve_redis_url(settings)
+    try:
+        uvicorn.run(
+            "api.cli:app_factory",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.web_processes if settings.web_processes > 1 else None,
+            log_level=os.environ.get("LOG_LEVEL", "info").lower(),
+            proxy_headers=True,
+            server_header=False,
+        )
+    finally:
+        release_embedded_redis()
+    return 0
+
+
+def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
+    """Run Dramatiq worker processes (each also runs the sweep, one at a time across workers)."""
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    from workers.broker import release_embedded_redis, resolve_redis_url
+
+    if not settings.redis_url:
+        resolve_redis_url(settings)
+    argv = [
+        "workers.entrypoint",
+        "--processes", str(settings.worker_processes),
+        "--threads", str(settings.worker_threads),
+        "--worker-shutdown-timeout", "30000",
+    ]
+    try:
+        return dramatiq_main(make_argument_parser().parse_args(argv)) or 0
+    finally:
+        release_embedded_redis()
+
+
+def _demo_credentials(settings: Settings) -> dict[str, str]:
+    """The embedded default's demo tenant, kept in SALLY_VAR_DIR so a restart keeps it."""
+    from api import tenants
+    from models.db import make_engine, session_scope
+
+    path = settings.var_dir / "demo-tenant.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        engine = make_engine(settings.database_url)
+        try:
+            with session_scope(engine) as session:
+                try:
+                    tenant = tenants.get_tenant(session, stored["tenant_id"])
+                    if tenant.scim_enabled:
+                        return stored
+                except tenants.TenantError:
+                    pass
+        finally:
+            engine.dispose()
+    created = create_tenant_with_scim(settings, "Demo", "entra", None, None)
+    path.write_text(json.dumps(created))
+    path.chmod(0o600)
+    return created
+
+
+def _admin_token(settings: Settings) -> str:
+    if settings.admin_token:
+        return settings.admin_token
+    path = settings.var_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.write_text(token)
+    path.chmod(0o600)
+    return token
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    """The embedded default: SQLite, embedded Redis, web and one worker; Ctrl-C stops it all."""
+    from workers.broker import release_embedded_redis, resolve_redis_url
+
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    cmd_migrate(settings, args)
+    admin_token = _admin_token(settings)
+    demo = _demo_credentials(settings)
+    if not settings.redis_url:
+        resolve_redis_url(settings)
+    env = dict(os.environ, SALLY_ADMIN_TOKEN=admin_token, SALLY_VAR_DIR=str(settings.var_dir))
+    command = [sys.executable, "-m", "api.cli"]
+    children = [
+        subprocess.Popen([*command, "web"], env=env),
+        subprocess.Popen([*command, "worker"], env=env),
+    ]
+    print(
+        "\n"
+        f"  Sally SCIM is running at http://{settings.host}:{settings.port}\n"
+        f"  Admin token:      {admin_token}\n"
+        f"  Demo Tenant URL:  {demo['tenant_url']}\n"
+        f"  Demo Token:       {demo['token']}\n"
+        f"  (kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
+        flush=True,
+    )
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    try:
+        while not stopping:
+            for child in children:
+                if child.poll() is not None:
+                    print(f"sally-scim: a child process exited with {child.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+                    exit_code = 1
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        release_embedded_redis()
+    return exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sally-scim", description="SCIM 2.0 provisioning for Sally.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("dev", help="run the embedded default (what `make run` runs)").set_defaults(func=cmd_dev)
+    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=cmd_migrate)
+    commands.add_parser("web", help="serve the SCIM and admin API").set_defaults(func=cmd_web)
+    commands.add_parser("worker", help="run the pipeline workers").set_defaults(func=cmd_worker)
+    tenant = commands.add_parser("tenant", help="manage tenants").add_subparsers(dest="tenant_command", required=True)
+    create = tenant.add_parser("create", help="create a tenant with SCIM set up")
+    create.add_argument("name")
+    create.add_argument("--provider", default="entra", choices=["entra", "google", "okta", "onelogin", "pingone"])
+    create.add_argument("--stripe-customer", dest="stripe_customer")
+    create.add_argument("--stripe-subscription", dest="stripe_subscription")
+    create.add_argument("--json", action="store_true", help="print one JSON line")
+    create.set_defaults(func=cmd_tenant_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    return args.func(_settings(), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""SCIM endpoints per tenant: Users, Groups, discovery (RFC 7644 §3)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api.scim import directory, discovery
+from api.scim.errors import InvalidValueError, MethodNotAllowedError
+from api.scim.http import Authenticator, Call, ScimResponse, list_response, read_json
+from api.scim.patch import MemberChanges, Patcher, member_values
+from api.scim.query import DEFAULT_COUNT
+from api.scim.render import etag, group_json, parse_attribute_list, project, user_json, wants
+from api.scim.schema import GROUP_RESOURCE, SEARCH_REQUEST, USER_RESOURCE, ResourceSchema, normalise_resource
+from models.db import session_scope
+from models.settings import Settings
+from models.tables import Tenant
+
+Handler = Callable[[Session, Tenant, Call], Response]
+
+
+class ScimApi:
+    """The SCIM receiver: one short transaction per request, a wake-up after commit."""
+
+    def __init__(self, settings: Settings, engine: Engine, wake: Callable[[str], Any]) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.wake = wake
+        self.auth = Authenticator()
+
+    def routes(self) -> list[Route]:
+        prefix = "/scim/v2/{tenant_id}"
+        return [
+            Route(prefix + "/Users", self.endpoint(self.list_users, self.create_user), methods=["GET", "POST"]),
+            Route(prefix + "/Users/.search", self.endpoint(None, self.search_users), methods=["POST"]),
+            Route(
+                prefix + "/Users/{id}",
+                self.endpoint(self.get_user, put=self.replace_user, patch=self.patch_user, delete=self.delete_user),
+                methods=["GET", "PUT", "PATCH", "DELETE"],
+            ),
+            Route(prefix + "/Groups", self.endpoint(self.list_groups, self.create_group), methods=["GET", "POST"]),
+            Route(prefix + "/Groups/.search", self.endpoint(None, self.search_groups), methods=["POST"]),
+            Route(
+                prefix + "/Groups/{id}",
+                self.endpoint(self.get_group, put=self.replace_group, patch=self.patch_group, delete=self.delete_group),
+                methods=["GET", "PUT", "PATCH", "DELETE"],
+            ),
+            Route(prefix + "/ServiceProviderConfig", self.endpoint(self.service_provider_config), methods=["GET"]),
+            Route(prefix + "/ResourceTypes", self.endpoint(self.resource_types), methods=["GET"]),
+            Route(prefix + "/ResourceTypes/{id}", self.endpoint(self.resource_type), methods=["GET"]),
+            Route(prefix + "/Schemas", self.endpoint(self.schemas), methods=["GET"]),
+            Route(prefix + "/Schemas/{id:path}", self.endpoint(self.schema), methods=["GET"]),
+        ]
+
+    # ------------------------------------------------------------ plumbing
+
+    def endpoint(
+        self,
+        get: Handler | None = None,
+        post: Handler | None = None,
+        *,
+        put: Handler | None = None,
+        patch: Handler | None = None,
+        delete: Handler | None = None,
+    ) -> Callable[[Request], Any]:
+        handlers = {"GET": get, "POST": post, "PUT": put, "PATCH": patch, "DELETE": delete}
+
+        async def serve(request: Request) -> Response:
+            handler = handlers.get(request.method)
+            if handler is None:
+                raise MethodNotAllowedError(f"{request.method} is not supported here.")
+            body = None
+            if request.method in ("POST", "PUT", "PATCH"):
+                body = await read_json(request, self.settings.max_body_bytes)
+            call = Call(
+                tenant_id=request.path_params["tenant_id"],
+                params=dict(request.query_params),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                path=dict(request.path_params),
+                body=body,
+                base_url=f"{self.settings.public_base_url}/scim/v2/{request.path_params['tenant_id']}",
+            )
+            return await run_in_threadpool(self.run, handler, call, request.method != "GET")
+
+        return serve
+
+    def run(self, handler: Handler, call: Call, writes: bool) -> Response:
+        with session_scope(self.engine) as session:
+            tenant = self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
+            response = handler(session, tenant, call)
+        if writes and response.status_code < 300:
+            # After the commit, never inside it: a broker outage cannot fail the write.
+            self.wake(call.tenant_id)
+        return response
+
+    @staticmethod
+    def _projected(resource: ResourceSchema, call: Call, doc: dict[str, Any], status: int = 200) -> ScimResponse:
+        attributes = parse_attribute_list(resource, call.params.get("attributes"))
+        excluded = parse_attribute_list(resource, call.params.get("excludedAttributes"))
+        headers = {"ETag": doc["meta"]["version"]}
+        if status == 201:
+            headers["Location"] = doc["meta"]["location"]
+        return ScimResponse(project(resource, doc, attributes, excluded), status_code=status, headers=headers)
+
+    # ------------------------------------------------------------- users
+
+    def create_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        doc = normalise_resource(USER_RESOURCE, call.body)
+        user = directory.create_user(session, tenant.id, doc)
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url), 201)
+
+    def get_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        user = directory.get_user(session, tenant.id, call.path["id"])
+        if call.headers.get("if-none-match") == etag(user.version):
+            return Response(status_code=304, headers={"ETag": etag(user.version)})
+        groups = directory.groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+
+    def replace_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(user.version)
+        doc = normalise_resource(USER_RESOURCE, call.body)
+        directory.update_user(session, user, doc)
+        groups = directory.groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+
+    def patch_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(user.version)
+        doc = Patcher(USER_RESOURCE, directory.user_doc(user)).apply(call.body)
+        directory.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
+        groups = directory.groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+
+    def delete_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(user.version)
+        directory.delete_user(session, user)
+        return Response(status_code=204)
+
+    def list_users(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return self._list(session, tenant, call, USER_RESOURCE, call.params)
+
+    def search_users(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return self._list(session, tenant, call, USER_RESOURCE, _search_params(call.body))
+
+    # ------------------------------------------------------------ groups
+
+    def create_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        doc = normalise_resource(GROUP_RESOURCE, call.body)
+        members = member_values(doc.pop("members", None))
+        group = directory.create_group(session, tenant.id, doc, members)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)), 201)
+
+    def get_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        group = directory.get_group(session, tenant.id, call.path["id"])
+        if call.headers.get("if-none-match") == etag(group.version):
+            return Response(status_code=304, headers={"ETag": etag(group.version)})
+        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
+
+    def replace_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(group.version)
+        doc = normalise_resource(GROUP_RESOURCE, call.body)
+        changes = MemberChanges()
+        # PUT carries the whole member list (Okta, PingOne): applied as a diff,
+        # so only real changes become membership events.
+        changes.replace_all(member_values(doc.pop("members", None)))
+        directory.update_group(session, group, doc, changes)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)))
+
+    def patch_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(group.version)
+        changes = MemberChanges()
+        doc = Patcher(GROUP_RESOURCE, directory.group_doc(group), changes).apply(call.body)
+        directory.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
+        if not call.params.get("attributes"):
+            # RFC 7644 §3.5.2 allows 204: a 1-member PATCH on a 20,000-member
+            # group must not cost a 20,000-member answer.
+            return Response(status_code=204, headers={"ETag": etag(group.version)})
+        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
+
+    def delete_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(group.version)
+        directory.delete_group(session, group)
+        return Response(status_code=204)
+
+    def list_groups(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return self._list(session, tenant, call, GROUP_RESOURCE, call.params)
+
+    def search_groups(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return self._list(session, tenant, call, GROUP_RESOURCE, _search_params(call.body))
+
+    @staticmethod
+    def _wants_members(call: Call, params: dict[str, Any] | None = None) -> bool:
+        params = call.params if params is None else params
+        attributes = parse_attribute_list(GROUP_RESOURCE, params.get("attributes"))
+        excluded = parse_attribute_list(GROUP_RESOURCE, params.get("excludedAttributes"))
+        if attributes:
+            return wants(attributes, "members")
+        # Entra reads groups with excludedAttributes=members: never load them then.
+        return not wants(excluded, "members")
+
+    def _list(self, session: Session, tenant: Tenant, call: Call, resource: ResourceSchema, params: dict[str, Any]) -> Response:
+        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
+        start_index = sub_call.int_param("startIndex", 1)
+        count = sub_call.int_param("count", DEFAULT_COUNT)
+        sort_order = str(params.get("sortOrder") or "ascending").lower()
+        if sort_order not in ("ascending", "descending"):
+            raise InvalidValueError("'sortOrder' must be 'ascending' or 'descending'.")
+        page = directory.list_resources(
+            session,
+            tenant.id,
+            resource.name,
+            call.base_url,
+            filter_text=params.get("filter"),
+            start_index=start_index,
+            count=count,
+            sort_by=params.get("sortBy"),
+            descending=sort_order == "descending",
+            with_members=resource is GROUP_RESOURCE and self._wants_members(call, params),
+        )
+        attributes = parse_attribute_list(resource, params.get("attributes"))
+        excluded = parse_attribute_list(resource, params.get("excludedAttributes"))
+        docs = [project(resource, doc, attributes, excluded) for doc in page.docs]
+        return list_response(page.total, page.start_index, docs)
+
+    # --------------------------------------------------------- discovery
+
+    def service_provider_config(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return ScimResponse(discovery.service_provider_config(call.base_url, self.settings.max_body_bytes))
+
+    def resource_types(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        items = discovery.resource_types(call.base_url)
+        return list_response(len(items), 1, items)
+
+    def resource_type(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return ScimResponse(discovery.one_resource_type(call.base_url, call.path["id"]))
+
+    def schemas(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        items = discovery.schemas(call.base_url)
+        return list_response(len(items), 1, items)
+
+    def schema(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        return ScimResponse(discovery.one_schema(call.base_url, call.path["id"]))
+
+
+def _search_params(body: Any) -> dict[str, Any]:
+    """POST /.search (RFC 7644 §3.4.3): the same parameters, in a SearchRequest body."""
+    if not isinstance(body, dict):
+        raise InvalidValueError("A SearchRequest body must be a JSON object.")
+    schemas = body.get("schemas")
+    if schemas is not None and SEARCH_REQUEST not in schemas:
+        raise InvalidValueError(f"'schemas' must be ['{SEARCH_REQUEST}'].")
+    out: dict[str, Any] = {}
+    for key in ("filter", "sortBy", "sortOrder", "startIndex", "count"):
+        if body.get(key) is not None:
+            out[key] = str(body[key])
+    for key in ("attributes", "excludedAttributes"):
+        value = body.get(key)
+        if isinstance(value, list):
+            out[key] = ",".join(str(v) for v in value)
+        elif isinstance(value, str):
+            out[key] = value
+    return out

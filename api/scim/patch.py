@@ -1,0 +1,355 @@
+"""PATCH (RFC 7644 §3.5.2) applied to a resource document; group members become row changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.scim import filter as scim_filter
+from api.scim.errors import (
+    InvalidFilterError,
+    InvalidPathError,
+    InvalidSyntaxError,
+    InvalidValueError,
+    MutabilityError,
+    NoTargetError,
+)
+from api.scim.schema import PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
+
+# Attributes a client may echo back but never change: silently ignored in
+# pathless values (Okta's group rename PATCH carries the group's `id`).
+_IGNORED_TOP = {"id", "meta", "schemas"}
+
+
+@dataclass
+class MemberChanges:
+    """What a PATCH does to a group's members, in the order the operations said it."""
+
+    replace: dict[str, str | None] | None = None
+    add: dict[str, str | None] = field(default_factory=dict)
+    remove: set[str] = field(default_factory=set)
+
+    def add_member(self, member_id: str, member_type: str | None) -> None:
+        self.remove.discard(member_id)
+        if self.replace is not None:
+            self.replace[member_id] = member_type
+        else:
+            self.add[member_id] = member_type
+
+    def remove_member(self, member_id: str) -> None:
+        self.add.pop(member_id, None)
+        if self.replace is not None:
+            self.replace.pop(member_id, None)
+        else:
+            self.remove.add(member_id)
+
+    def replace_all(self, members: dict[str, str | None]) -> None:
+        self.replace = dict(members)
+        self.add.clear()
+        self.remove.clear()
+
+    @property
+    def empty(self) -> bool:
+        return self.replace is None and not self.add and not self.remove
+
+
+def member_values(value: Any) -> dict[str, str | None]:
+    """Member references from a PATCH value: [{"value": id, "type"?}] (Entra adds "$ref": null)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidValueError("'members' must be a list of {\"value\": id} objects.")
+    out: dict[str, str | None] = {}
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("value"), str) or not item["value"]:
+            raise InvalidValueError("Each member must be an object with a string 'value'.")
+        member_type = item.get("type")
+        if member_type is not None and member_type not in ("User", "Group"):
+            raise InvalidValueError("A member's 'type' must be 'User' or 'Group'.")
+        out[item["value"]] = member_type
+    return out
+
+
+def _filter_member_ids(node: Any) -> list[str]:
+    """`members[value eq "a" or value eq "b"]` → ["a", "b"]."""
+    if isinstance(node, scim_filter.Or):
+        return _filter_member_ids(node.left) + _filter_member_ids(node.right)
+    if (
+        isinstance(node, scim_filter.Compare)
+        and node.op == "eq"
+        and node.path.key in ("value", "members.value")
+        and isinstance(node.value, str)
+    ):
+        return [node.value]
+    raise InvalidFilterError("A filter on 'members' may only compare 'value' with eq (joined by or).")
+
+
+class Patcher:
+    """Applies PatchOp operations to `doc` (and, for groups, collects member changes)."""
+
+    def __init__(self, resource: ResourceSchema, doc: dict[str, Any], members: MemberChanges | None = None) -> None:
+        self.resource = resource
+        self.doc = doc
+        self.members = members
+
+    def apply(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidSyntaxError("The PATCH body must be a JSON object.")
+        schemas = body.get("schemas")
+        if schemas is not None and (not isinstance(schemas, list) or PATCH_OP not in schemas):
+            raise InvalidSyntaxError(f"'schemas' must be ['{PATCH_OP}'].")
+        operations = body.get("Operations", body.get("operations"))
+        if operations is None:
+            raise InvalidSyntaxError("'Operations' is required.")
+        if not isinstance(operations, list):
+            raise InvalidSyntaxError("'Operations' must be a list.")
+        for index, operation in enumerate(operations):
+            self._operation(operation, index)
+        return self.doc
+
+    def _operation(self, operation: Any, index: int) -> None:
+        if not isinstance(operation, dict):
+            raise InvalidSyntaxError(f"Operation {index} must be an object.")
+        op = operation.get("op")
+        # Entra (default mode) capitalises ops: "Add", "Replace", "Remove".
+        op = op.lower() if isinstance(op, str) else None
+        if op not in ("add", "replace", "remove"):
+            raise InvalidSyntaxError(f"Operation {index}: 'op' must be add, replace or remove.")
+        path = operation.get("path")
+        value = operation.get("value")
+        if path is not None and not isinstance(path, str):
+            raise InvalidPathError(f"Operation {index}: 'path' must be a string.")
+        if path is None or not path.strip():
+            if op == "remove":
+                raise NoTargetError(f"Operation {index}: remove needs a 'path'.")
+            if not isinstance(value, dict):
+                raise InvalidValueError(f"Operation {index}: without a path, 'value' must be an object.")
+            for key, sub_value in value.items():
+                if key.lower() in _IGNORED_TOP:
+                    continue
+                ext = self.resource.is_extension(key)
+                if ext is not None and isinstance(sub_value, dict):
+                    for ext_key, ext_value in sub_value.items():
+                        self._at_path(op, f"{ext.id}:{ext_key}", ext_value)
+                    continue
+                # Entra's pathless values hold dotted keys ("name.givenName")
+                # and extension URN keys: both are paths.
+                self._at_path(op, key, sub_value)
+            return
+        self._at_path(op, path, value)
+
+    def _at_path(self, op: str, path: str, value: Any) -> None:
+        try:
+            parsed = scim_filter.parse_path(path)
+        except scim_filter.FilterError as exc:
+            raise InvalidPathError(f"Invalid path '{path}': {exc}") from None
+        container, attr = self._resolve(parsed.path)
+        sub_name = parsed.sub or parsed.path.sub
+        if attr.name == "members" and self.members is not None and container is self.doc:
+            self._members(op, parsed, value)
+            return
+        if attr.mutability == "readOnly":
+            raise MutabilityError(f"'{attr.name}' is read-only.")
+        sub = None
+        if sub_name is not None:
+            sub = attr.child(sub_name)
+            if sub is None:
+                raise InvalidPathError(f"'{attr.name}' has no sub-attribute '{sub_name}'.")
+            if sub.mutability == "readOnly":
+                raise MutabilityError(f"'{attr.name}.{sub.name}' is read-only.")
+        if parsed.value_filter is not None:
+            if not attr.multi_valued:
+                raise InvalidPathError(f"'{attr.name}' is not multi-valued; it takes no filter.")
+            self._filtered(op, container, attr, parsed.value_filter, sub, value)
+        elif sub is not None:
+            self._sub(op, container, attr, sub, value)
+        else:
+            self._whole(op, container, attr, value)
+
+    def _resolve(self, path: scim_filter.AttrPath) -> tuple[dict[str, Any], Attr]:
+        if path.uri and path.uri.lower() != self.resource.core.id.lower():
+            ext = self.resource.schema_for(path.uri)
+            if ext is None:
+                raise InvalidPathError(f"Unknown schema '{path.uri}'.")
+            attr = ext.attr(path.attr)
+            if attr is None:
+                raise InvalidPathError(f"Unknown attribute '{path.attr}' in '{ext.id}'.")
+            container = self.doc.get(ext.id)
+            if not isinstance(container, dict):
+                container = {}
+                self.doc[ext.id] = container
+            return container, attr
+        attr = self.resource.core.attr(path.attr)
+        if attr is None:
+            if path.attr.lower() in _IGNORED_TOP:
+                raise MutabilityError(f"'{path.attr}' is read-only.")
+            raise InvalidPathError(f"Unknown attribute '{path.attr}'.")
+        return self.doc, attr
+
+    def _coerce(self, container: dict[str, Any], attr: Attr, value: Any, where: str, *, element: bool = False) -> Any:
+        if container is not self.doc:
+            return coerce_ext_value(attr, value, where)
+        return coerce_value(attr, value, where, element=element)
+
+    def _whole(self, op: str, container: dict[str, Any], attr: Attr, value: Any) -> None:
+        key = _existing_key(container, attr.name)
+        if op == "remove":
+            current = container.get(key)
+            if attr.multi_valued and isinstance(value, list) and isinstance(current, list):
+                # Remove by value list: exactly the listed elements, never all of them.
+                gone = {item.get("value") for item in value if isinstance(item, dict)}
+                container[key] = [e for e in current if not (isinstance(e, dict) and e.get("value") in gone)]
+            else:
+                container.pop(key, None)
+            return
+        if _is_empty(value):
+            # Entra's "null update": replacing with "" or null clears the attribute.
+            container.pop(key, None)
+            return
+        coerced = self._coerce(container, attr, value, attr.name)
+        if key != attr.name:
+            container.pop(key, None)
+        if op == "add" and attr.multi_valued:
+            current = container.get(attr.name) or []
+            merged = list(current)
+            for item in coerced:
+                if item not in merged:
+                    merged.append(item)
+            container[attr.name] = _one_primary(merged)
+        elif op == "add" and attr.type == "complex" and isinstance(container.get(attr.name), dict):
+            container[attr.name] = {**container[attr.name], **coerced}
+        elif attr.multi_valued:
+            container[attr.name] = _one_primary(coerced)
+        else:
+            container[attr.name] = coerced
+
+    def _sub(self, op: str, container: dict[str, Any], attr: Attr, sub: Attr, value: Any) -> None:
+        key = _existing_key(container, attr.name)
+        current = container.get(key)
+        if attr.multi_valued:
+            # A sub-attribute of every element (RFC 7644 §3.5.2: e.g. emails.type).
+            if op == "remove" or _is_empty(value):
+                for element in current or []:
+                    if isinstance(element, dict):
+                        element.pop(_existing_key(element, sub.name), None)
+                return
+            coerced = coerce_value(sub, value, f"{attr.name}.{sub.name}")
+            for element in current or []:
+                if isinstance(element, dict):
+                    element[sub.name] = coerced
+            return
+        if op == "remove" or _is_empty(value):
+            if isinstance(current, dict):
+                current.pop(_existing_key(current, sub.name), None)
+                if not current:
+                    container.pop(key, None)
+            return
+        coerced = coerce_value(sub, value, f"{attr.name}.{sub.name}")
+        if not isinstance(current, dict):
+            current = {}
+        container.pop(key, None)
+        current[sub.name] = coerced
+        container[attr.name] = current
+
+    def _filtered(self, op: str, container: dict[str, Any], attr: Attr, node: Any, sub: Attr | None, value: Any) -> None:
+        key = _existing_key(container, attr.name)
+        elements = container.get(key)
+        if not isinstance(elements, list):
+            elements = []
+        hits = [e for e in elements if isinstance(e, dict) and self._element_matches(attr, node, e)]
+        if op == "remove":
+            if sub is None:
+                elements = [e for e in elements if not any(e is hit for hit in hits)]
+            else:
+                for hit in hits:
+                    hit.pop(_existing_key(hit, sub.name), None)
+            container.pop(key, None)
+            if elements:
+                container[attr.name] = elements
+            return
+        if not hits:
+            # Create-if-absent: Entra sends replace of emails[type eq "work"].value
+            # for a user who has no work email yet.
+            if _is_empty(value):
+                return
+            element = _element_from_filter(node)
+            if sub is not None:
+                element[sub.name] = coerce_value(sub, value, f"{attr.name}.{sub.name}")
+            else:
+                element.update(self._coerce(container, attr, value, attr.name, element=True))
+            elements.append(element)
+        else:
+            for hit in hits:
+                if sub is not None:
+                    if _is_empty(value):
+                        hit.pop(_existing_key(hit, sub.name), None)
+                    else:
+                        hit[sub.name] = coerce_value(sub, value, f"{attr.name}.{sub.name}")
+                else:
+                    coerced = self._coerce(container, attr, value, attr.name, element=True)
+                    if op == "replace":
+                        hit.clear()
+                    hit.update(coerced)
+        container.pop(key, None)
+        container[attr.name] = _one_primary(elements)
+
+    def _element_matches(self, attr: Attr, node: Any, element: dict[str, Any]) -> bool:
+        def case_exact(path_key: str) -> bool:
+            sub = attr.child(path_key.rsplit(".", 1)[-1])
+            return bool(sub and sub.case_exact)
+
+        return scim_filter.matches(node, element, case_exact)
+
+    def _members(self, op: str, parsed: Any, value: Any) -> None:
+        assert self.members is not None
+        if parsed.value_filter is not None:
+            if op != "remove":
+                raise InvalidPathError("Members are added or replaced through the 'members' path, without a filter.")
+            for member_id in _filter_member_ids(parsed.value_filter):
+                self.members.remove_member(member_id)
+            return
+        if op == "add":
+            for member_id, member_type in member_values(value).items():
+                self.members.add_member(member_id, member_type)
+        elif op == "replace":
+            self.members.replace_all(member_values(value))
+        elif value is None or value == []:
+            self.members.replace_all({})
+        else:
+            # Entra removes members by a value list: exactly those, never all.
+            for member_id in member_values(value):
+                self.members.remove_member(member_id)
+
+
+def _existing_key(container: dict[str, Any], name: str) -> str:
+    """The key under which `name` is stored, whatever case the client first used."""
+    if name in container:
+        return name
+    lowered = name.lower()
+    for key in container:
+        if key.lower() == lowered:
+            return key
+    return name
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def _one_primary(elements: list[Any]) -> list[Any]:
+    """RFC 7643 §2.4: at most one element has primary=true; the last one set wins."""
+    primaries = [e for e in elements if isinstance(e, dict) and e.get("primary") is True]
+    for element in primaries[:-1]:
+        element["primary"] = False
+    return elements
+
+
+def _element_from_filter(node: Any) -> dict[str, Any]:
+    """`type eq "work" and primary eq true` → {"type": "work", "primary": True}."""
+    if isinstance(node, scim_filter.And):
+        return {**_element_from_filter(node.left), **_element_from_filter(node.right)}
+    if isinstance(node, scim_filter.Compare) and node.op == "eq":
+        return {node.path.attr if node.path.sub is None else node.path.sub: node.value}
+    raise NoTargetError("No element matches the filter, and it cannot be created from it.")

@@ -1,0 +1,197 @@
+"""List queries: SCIM filters translated to SQL through an explicit whitelist (RFC 7644 §3.4.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, exists, false, not_, or_, true
+from sqlalchemy.sql.elements import ColumnElement
+
+from api.scim import filter as scim_filter
+from api.scim.errors import InvalidFilterError
+from api.scim.schema import Attr, ResourceSchema
+from models.tables import GroupMember, ScimGroup, ScimUser
+
+MAX_RESULTS = 1000
+DEFAULT_COUNT = 100
+
+# How a filterable attribute maps onto a column: (column, folded) where
+# `folded` columns hold str.casefold() of the value, so case-insensitive
+# comparison happens on the Python side of the query, not with SQL lower().
+USER_COLUMNS: dict[str, tuple[Any, bool]] = {
+    "id": (ScimUser.id, False),
+    "username": (ScimUser.user_name_key, True),
+    "externalid": (ScimUser.external_id, False),
+    "active": (ScimUser.active, False),
+    "meta.created": (ScimUser.created_at, False),
+    "meta.lastmodified": (ScimUser.updated_at, False),
+}
+GROUP_COLUMNS: dict[str, tuple[Any, bool]] = {
+    "id": (ScimGroup.id, False),
+    "displayname": (ScimGroup.display_name_key, True),
+    "externalid": (ScimGroup.external_id, False),
+    "meta.created": (ScimGroup.created_at, False),
+    "meta.lastmodified": (ScimGroup.updated_at, False),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A filter split into what SQL answers and what is checked on the documents."""
+
+    where: ColumnElement[bool]
+    residual: Any | None
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _compare(column: Any, folded: bool, op: str, value: Any) -> ColumnElement[bool] | None:
+    if isinstance(value, str) and folded:
+        value = value.casefold()
+    if op == "eq":
+        return column.is_(None) if value is None else column == value
+    if op == "ne":
+        return column.is_not(None) if value is None else or_(column != value, column.is_(None))
+    if value is None:
+        return None
+    if op in ("co", "sw", "ew"):
+        if not isinstance(value, str):
+            return false()
+        pattern = _escape_like(value)
+        pattern = {"co": f"%{pattern}%", "sw": f"{pattern}%", "ew": f"%{pattern}"}[op]
+        return column.like(pattern, escape="\\")
+    if op in ("gt", "ge", "lt", "le"):
+        if isinstance(value, bool):
+            return None
+        if column.type.python_type.__name__ == "datetime":
+            value = _datetime(value)
+        return {"gt": column > value, "ge": column >= value, "lt": column < value, "le": column <= value}[op]
+    return None
+
+
+def _datetime(value: Any) -> Any:
+    from datetime import datetime, timezone
+
+    if not isinstance(value, str):
+        raise InvalidFilterError("Dates are compared with an ISO 8601 string.")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidFilterError(f"'{value}' is not an ISO 8601 date-time.") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+class FilterTranslator:
+    """Translate filter ASTs for one resource type; unknown attributes are a 400, never ignored."""
+
+    def __init__(self, resource: ResourceSchema, columns: dict[str, tuple[Any, bool]], model: Any) -> None:
+        self.resource = resource
+        self.columns = columns
+        self.model = model
+
+    def known(self, key: str) -> Attr | None:
+        """The definition of a dotted attribute key, or None when the schemas do not have it."""
+        if key.startswith("urn:"):
+            for ext in self.resource.extensions:
+                prefix = ext.id.lower() + ":"
+                if key.startswith(prefix):
+                    head, _, sub = key[len(prefix):].partition(".")
+                    attr = ext.attr(head)
+                    return attr.child(sub) if attr and sub else attr
+            return None
+        head, _, sub = key.partition(".")
+        if head == "meta":
+            return Attr(sub or "meta", type="dateTime" if sub in ("created", "lastmodified") else "string")
+        if head in ("id", "schemas"):
+            return Attr(head, case_exact=True)
+        attr = self.resource.core.attr(head)
+        if attr is None:
+            return None
+        if not sub:
+            return attr
+        return attr.child(sub)
+
+    def case_exact(self, key: str) -> bool:
+        attr = self.known(key)
+        return bool(attr and attr.case_exact)
+
+    def plan(self, text: str) -> Plan:
+        try:
+            node = scim_filter.parse_filter(text)
+        except scim_filter.FilterError as exc:
+            raise InvalidFilterError(f"Invalid filter: {exc}") from None
+        for path in scim_filter.walk_paths(node):
+            if self.known(path.key) is None:
+                raise InvalidFilterError(f"Unknown attribute '{_written(path)}' in filter.")
+        sql, residual = self._split(node)
+        return Plan(where=sql, residual=residual)
+
+    def _split(self, node: Any) -> tuple[ColumnElement[bool], Any | None]:
+        """SQL for the conjuncts the columns answer; the rest is evaluated on documents."""
+        if isinstance(node, scim_filter.And):
+            left_sql, left_rest = self._split(node.left)
+            right_sql, right_rest = self._split(node.right)
+            rest = [r for r in (left_rest, right_rest) if r is not None]
+            residual = rest[0] if len(rest) == 1 else (scim_filter.And(rest[0], rest[1]) if rest else None)
+            return and_(left_sql, right_sql), residual
+        sql = self._sql(node)
+        if sql is None:
+            return true(), node
+        return sql, None
+
+    def _sql(self, node: Any) -> ColumnElement[bool] | None:
+        if isinstance(node, (scim_filter.And, scim_filter.Or)):
+            left, right = self._sql(node.left), self._sql(node.right)
+            if left is None or right is None:
+                return None
+            return and_(left, right) if isinstance(node, scim_filter.And) else or_(left, right)
+        if isinstance(node, scim_filter.Not):
+            inner = self._sql(node.node)
+            return None if inner is None else not_(inner)
+        if isinstance(node, scim_filter.Present):
+            mapped = self.columns.get(node.path.key)
+            return None if mapped is None else mapped[0].is_not(None)
+        if isinstance(node, scim_filter.Compare):
+            mapped = self.columns.get(node.path.key)
+            if mapped is None:
+                return self._members_compare(node)
+            column, folded = mapped
+            return _compare(column, folded, node.op, node.value)
+        if isinstance(node, scim_filter.ValueFilter) and self.model is ScimGroup and node.path.key == "members":
+            ids = _member_value_ids(node.filter)
+            if ids is not None:
+                return exists().where(GroupMember.group_id == ScimGroup.id, GroupMember.member_id.in_(ids))
+        return None
+
+    def _members_compare(self, node: Any) -> ColumnElement[bool] | None:
+        # `members.value eq "id"` (and `members eq "id"`): membership rows, not documents.
+        if self.model is ScimGroup and node.path.key in ("members", "members.value") and node.op == "eq":
+            if isinstance(node.value, str):
+                return exists().where(GroupMember.group_id == ScimGroup.id, GroupMember.member_id == node.value)
+        return None
+
+
+def _member_value_ids(node: Any) -> list[str] | None:
+    if isinstance(node, scim_filter.Or):
+        left, right = _member_value_ids(node.left), _member_value_ids(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, scim_filter.Compare) and node.op == "eq" and node.path.key.endswith("value"):
+        return [node.value] if isinstance(node.value, str) else None
+    return None
+
+
+def _written(path: Any) -> str:
+    name = path.attr if path.sub is None else f"{path.attr}.{path.sub}"
+    return f"{path.uri}:{name}" if path.uri else name
+
+
+SORT_COLUMNS = {
+    "User": {"id": ScimUser.id, "username": ScimUser.user_name_key, "externalid": ScimUser.external_id,
+             "displayname": ScimUser.display_name, "meta.created": ScimUser.created_at,
+             "meta.lastmodified": ScimUser.updated_at, "active": ScimUser.active},
+    "Group": {"id": ScimGroup.id, "displayname": ScimGroup.display_name_key, "externalid": ScimGroup.external_id,
+              "meta.created": ScimGroup.created_at, "meta.lastmodified": ScimGroup.updated_at},
+}

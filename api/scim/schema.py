@@ -1,0 +1,365 @@
+"""SCIM schemas as data (RFC 7643 §7, §8.7): validation, /Schemas and filter rules read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from api.scim.errors import InvalidSyntaxError, InvalidValueError
+
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
+SEARCH_REQUEST = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
+BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
+# OneLogin still sends the pre-RFC core URN on some connectors.
+LEGACY_CORE_SCHEMAS = {"urn:scim:schemas:core:2.0", "urn:scim:schemas:core:1.0"}
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One attribute definition, named as in RFC 7643 §7."""
+
+    name: str
+    type: str = "string"
+    multi_valued: bool = False
+    required: bool = False
+    case_exact: bool = False
+    mutability: str = "readWrite"
+    returned: str = "default"
+    uniqueness: str = "none"
+    description: str = ""
+    sub: tuple["Attr", ...] = ()
+    canonical: tuple[str, ...] = ()
+    reference_types: tuple[str, ...] = ()
+
+    def child(self, name: str) -> "Attr | None":
+        name = name.lower()
+        for attr in self.sub:
+            if attr.name.lower() == name:
+                return attr
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "multiValued": self.multi_valued,
+            "description": self.description or self.name,
+            "required": self.required,
+            "caseExact": self.case_exact,
+            "mutability": self.mutability,
+            "returned": self.returned,
+            "uniqueness": self.uniqueness,
+        }
+        if self.sub:
+            out["subAttributes"] = [attr.to_json() for attr in self.sub]
+        if self.canonical:
+            out["canonicalValues"] = list(self.canonical)
+        if self.type == "reference":
+            out["referenceTypes"] = list(self.reference_types or ("external",))
+        return out
+
+
+def _multi(name: str, *, value_type: str = "string", types: tuple[str, ...] = (), description: str = "",
+           ref_types: tuple[str, ...] = (), mutability: str = "readWrite") -> Attr:
+    """The usual value/display/type/primary multi-valued complex attribute (RFC 7643 §2.4)."""
+    return Attr(
+        name,
+        type="complex",
+        multi_valued=True,
+        description=description,
+        mutability=mutability,
+        sub=(
+            Attr("value", type=value_type, reference_types=ref_types, mutability=mutability),
+            Attr("display", mutability=mutability),
+            Attr("type", canonical=types, mutability=mutability),
+            Attr("primary", type="boolean", mutability=mutability),
+        ),
+    )
+
+
+ID = Attr("id", case_exact=True, mutability="readOnly", returned="always", uniqueness="server",
+          description="Unique identifier issued by the service provider.")
+EXTERNAL_ID = Attr("externalId", case_exact=True, description="Identifier issued by the provisioning client.")
+
+USER_ATTRS: tuple[Attr, ...] = (
+    Attr("userName", required=True, uniqueness="server", description="Unique identifier for the User."),
+    Attr("name", type="complex", sub=(
+        Attr("formatted"), Attr("familyName"), Attr("givenName"), Attr("middleName"),
+        Attr("honorificPrefix"), Attr("honorificSuffix"),
+    )),
+    Attr("displayName"),
+    Attr("nickName"),
+    Attr("profileUrl", type="reference", reference_types=("external",)),
+    Attr("title"),
+    Attr("userType"),
+    Attr("preferredLanguage"),
+    Attr("locale"),
+    Attr("timezone"),
+    Attr("active", type="boolean"),
+    Attr("password", mutability="writeOnly", returned="never"),
+    _multi("emails", types=("work", "home", "other")),
+    _multi("phoneNumbers", types=("work", "home", "mobile", "fax", "pager", "other")),
+    _multi("ims", types=("aim", "gtalk", "icq", "xmpp", "msn", "skype", "qq", "yahoo")),
+    _multi("photos", value_type="reference", types=("photo", "thumbnail"), ref_types=("external",)),
+    Attr("addresses", type="complex", multi_valued=True, sub=(
+        Attr("formatted"), Attr("streetAddress"), Attr("locality"), Attr("region"),
+        Attr("postalCode"), Attr("country"), Attr("type", canonical=("work", "home", "other")),
+        Attr("primary", type="boolean"),
+    )),
+    Attr("groups", type="complex", multi_valued=True, mutability="readOnly", sub=(
+        Attr("value", mutability="readOnly"),
+        Attr("$ref", type="reference", reference_types=("User", "Group"), mutability="readOnly"),
+        Attr("display", mutability="readOnly"),
+        Attr("type", canonical=("direct", "indirect"), mutability="readOnly"),
+    )),
+    _multi("entitlements"),
+    _multi("roles"),
+    _multi("x509Certificates", value_type="binary"),
+)
+
+ENTERPRISE_ATTRS: tuple[Attr, ...] = (
+    Attr("employeeNumber"),
+    Attr("costCenter"),
+    Attr("organization"),
+    Attr("division"),
+    Attr("department"),
+    Attr("manager", type="complex", sub=(
+        Attr("value"),
+        Attr("$ref", type="reference", reference_types=("User",)),
+        Attr("displayName", mutability="readOnly"),
+    )),
+)
+
+GROUP_ATTRS: tuple[Attr, ...] = (
+    Attr("displayName", required=True, description="A human-readable name for the Group."),
+    Attr("members", type="complex", multi_valued=True, sub=(
+        Attr("value", mutability="immutable"),
+        Attr("$ref", type="reference", reference_types=("User", "Group"), mutability="immutable"),
+        Attr("type", canonical=("User", "Group"), mutability="immutable"),
+        Attr("display", mutability="readOnly"),
+    )),
+)
+
+
+@dataclass(frozen=True)
+class Schema:
+    id: str
+    name: str
+    description: str
+    attributes: tuple[Attr, ...]
+    _index: dict[str, Attr] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index.update({attr.name.lower(): attr for attr in self.attributes})
+
+    def attr(self, name: str) -> Attr | None:
+        return self._index.get(name.lower())
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        return {
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Schema"],
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "attributes": [attr.to_json() for attr in self.attributes],
+            "meta": {"resourceType": "Schema", "location": f"{base_url}/Schemas/{self.id}"},
+        }
+
+
+USER = Schema(USER_SCHEMA, "User", "User Account", USER_ATTRS)
+ENTERPRISE_USER = Schema(ENTERPRISE_SCHEMA, "EnterpriseUser", "Enterprise User", ENTERPRISE_ATTRS)
+GROUP = Schema(GROUP_SCHEMA, "Group", "Group", GROUP_ATTRS)
+ALL_SCHEMAS = (USER, ENTERPRISE_USER, GROUP)
+
+
+@dataclass(frozen=True)
+class ResourceSchema:
+    """A resource type: its core schema and its extensions (RFC 7643 §6)."""
+
+    name: str
+    endpoint: str
+    core: Schema
+    extensions: tuple[Schema, ...] = ()
+
+    def schema_for(self, urn: str) -> Schema | None:
+        urn = urn.lower()
+        if urn == self.core.id.lower():
+            return self.core
+        for ext in self.extensions:
+            if ext.id.lower() == urn:
+                return ext
+        return None
+
+    def is_extension(self, key: str) -> Schema | None:
+        if not key.lower().startswith("urn:"):
+            return None
+        for ext in self.extensions:
+            if ext.id.lower() == key.lower():
+                return ext
+        return None
+
+
+USER_RESOURCE = ResourceSchema("User", "/Users", USER, (ENTERPRISE_USER,))
+GROUP_RESOURCE = ResourceSchema("Group", "/Groups", GROUP)
+
+_READ_ONLY_TOP = {"id", "meta", "schemas"}
+_TRUE = {"true"}
+_FALSE = {"false"}
+
+
+def coerce_boolean(value: Any, where: str) -> bool:
+    """Booleans; Entra's default mode sends them as the strings "True"/"False"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    raise InvalidValueError(f"'{where}' must be a boolean, got {value!r:.60}.")
+
+
+def _coerce_scalar(attr: Attr, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    if attr.type == "boolean":
+        return coerce_boolean(value, where)
+    if attr.type in ("string", "reference", "binary", "dateTime"):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Some IdPs send numeric-looking strings (employeeNumber) as numbers.
+            return str(value)
+        raise InvalidValueError(f"'{where}' must be a string.")
+    if attr.type == "integer":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise InvalidValueError(f"'{where}' must be an integer.")
+    if attr.type == "decimal":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise InvalidValueError(f"'{where}' must be a number.")
+    return value
+
+
+def coerce_value(attr: Attr, value: Any, where: str, *, element: bool = False) -> Any:
+    """Check and normalise one attribute value against its definition."""
+    if value is None:
+        return None
+    if attr.multi_valued and not element:
+        if isinstance(value, dict):
+            # A single object where a list belongs: accept it as a one-element list.
+            value = [value]
+        if not isinstance(value, list):
+            raise InvalidValueError(f"'{where}' must be a list.")
+        return [coerce_value(attr, item, where, element=True) for item in value if item is not None]
+    if attr.type == "complex":
+        if not isinstance(value, dict):
+            raise InvalidValueError(f"'{where}' must be an object.")
+        out: dict[str, Any] = {}
+        for key, sub_value in value.items():
+            sub = attr.child(key)
+            if sub is None:
+                # Unknown sub-attributes are kept as sent: we mirror the IdP.
+                out[key] = sub_value
+                continue
+            coerced = coerce_value(sub, sub_value, f"{where}.{sub.name}")
+            if coerced is not None:
+                out[sub.name] = coerced
+        return out
+    return _coerce_scalar(attr, value, where)
+
+
+def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
+    """Validate a POST/PUT body; return the attributes to store (no id, meta, password)."""
+    if not isinstance(body, dict):
+        raise InvalidSyntaxError("The request body must be a JSON object.")
+    schemas = body.get("schemas")
+    if not isinstance(schemas, list) or not all(isinstance(s, str) for s in schemas):
+        raise InvalidSyntaxError(f"'schemas' must be a list holding '{resource.core.id}'.")
+    lowered = {s.lower() for s in schemas}
+    if resource.core.id.lower() not in lowered and not lowered & LEGACY_CORE_SCHEMAS:
+        raise InvalidSyntaxError(f"'schemas' must include '{resource.core.id}'.")
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        lowered_key = key.lower()
+        if lowered_key in _READ_ONLY_TOP:
+            continue
+        ext = resource.is_extension(key)
+        if ext is not None:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise InvalidValueError(f"'{ext.id}' must be an object.")
+            ext_out = {}
+            for ext_key, ext_value in value.items():
+                attr = ext.attr(ext_key)
+                if attr is None:
+                    ext_out[ext_key] = ext_value
+                    continue
+                coerced = coerce_ext_value(attr, ext_value, f"{ext.id}:{attr.name}")
+                if coerced is not None:
+                    ext_out[attr.name] = coerced
+            if ext_out:
+                out[ext.id] = ext_out
+            continue
+        attr = resource.core.attr(key)
+        if attr is None:
+            out[key] = value
+            continue
+        if attr.mutability == "readOnly" or attr.mutability == "writeOnly":
+            # readOnly attributes sent by a client are ignored (RFC 7643 §2.2);
+            # writeOnly ones (password) are never stored.
+            continue
+        coerced = coerce_value(attr, value, attr.name)
+        if coerced is not None and coerced != []:
+            out[attr.name] = coerced
+    out["schemas"] = declared_schemas(resource, out)
+    return out
+
+
+def coerce_ext_value(attr: Attr, value: Any, where: str) -> Any:
+    """Extension attributes; Entra sends `manager` as a plain id string."""
+    if attr.name == "manager" and isinstance(value, str):
+        return {"value": value} if value else None
+    if attr.name == "manager" and isinstance(value, dict) and value.get("value") in ("", None):
+        return None
+    return coerce_value(attr, value, where)
+
+
+def declared_schemas(resource: ResourceSchema, data: dict[str, Any]) -> list[str]:
+    """The `schemas` of a stored resource: its core schema and the extensions it carries."""
+    schemas = [resource.core.id]
+    schemas.extend(ext.id for ext in resource.extensions if data.get(ext.id))
+    return schemas
+
+
+def required_string(data: dict[str, Any], name: str, max_length: int = 512) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValueError(f"'{name}' is required and must be a non-empty string.")
+    if len(value) > max_length:
+        raise InvalidValueError(f"'{name}' is longer than {max_length} characters.")
+    return value
+
+
+def optional_string(data: dict[str, Any], name: str, max_length: int = 512) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidValueError(f"'{name}' must be a string.")
+    if len(value) > max_length:
+        raise InvalidValueError(f"'{name}' is longer than {max_length} characters.")
+    return value
+
+
+def attribute_names(attrs: Iterable[Attr]) -> list[str]:
+    return [attr.name for attr in attrs]

@@ -1,0 +1,96 @@
+"""Tenant life cycle: create, connect SCIM (token shown once), rotate, disconnect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from api.scim.directory import record_event
+from api.tokens import new_token, token_digest
+from models.tables import Tenant, utcnow
+
+PROVIDERS = ("entra", "google", "okta", "onelogin", "pingone")
+
+
+class TenantError(Exception):
+    """A tenant operation that the tenant's state does not allow."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Credentials:
+    tenant_url: str
+    token: str
+
+
+def tenant_url(public_base_url: str, tenant_id: str) -> str:
+    return f"{public_base_url}/scim/v2/{tenant_id}"
+
+
+def get_tenant(session: Session, tenant_id: str, *, lock: bool = False) -> Tenant:
+    query = select(Tenant).where(Tenant.id == tenant_id)
+    if lock:
+        query = query.with_for_update()
+    tenant = session.execute(query).scalar_one_or_none()
+    if tenant is None:
+        raise TenantError(404, "not_found", f"Tenant '{tenant_id}' not found.")
+    return tenant
+
+
+def create_tenant(
+    session: Session, name: str, stripe_customer_id: str | None = None, stripe_subscription_id: str | None = None
+) -> Tenant:
+    if not isinstance(name, str) or not name.strip():
+        raise TenantError(400, "invalid_body", "'name' is required and must be a non-empty string.")
+    if len(name) > 255:
+        raise TenantError(400, "invalid_body", "'name' is longer than 255 characters.")
+    for label, value in (("stripe_customer_id", stripe_customer_id), ("stripe_subscription_id", stripe_subscription_id)):
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 255):
+            raise TenantError(400, "invalid_body", f"'{label}' must be a non-empty string.")
+    tenant = Tenant(name=name.strip(), stripe_customer_id=stripe_customer_id, stripe_subscription_id=stripe_subscription_id)
+    session.add(tenant)
+    session.flush()
+    if stripe_subscription_id:
+        # Linking billing changes what the worker reads as seats bought.
+        record_event(session, tenant.id, "billing_linked", None)
+    return tenant
+
+
+def connect_scim(session: Session, tenant: Tenant, provider: str, public_base_url: str) -> Credentials:
+    """Set up (or reconnect) SCIM with a new token; the directory is kept."""
+    if provider not in PROVIDERS:
+        raise TenantError(400, "invalid_body", f"'provider' must be one of: {', '.join(PROVIDERS)}.")
+    token = new_token()
+    tenant.provider = provider
+    tenant.scim_enabled = True
+    tenant.token_hash = token_digest(token)
+    tenant.token_created_at = utcnow()
+    session.add(tenant)
+    session.flush()
+    return Credentials(tenant_url(public_base_url, tenant.id), token)
+
+
+def rotate_token(session: Session, tenant: Tenant, public_base_url: str) -> Credentials:
+    if not tenant.scim_enabled:
+        raise TenantError(409, "scim_disabled", "SCIM is not connected for this tenant; connect it first.")
+    token = new_token()
+    tenant.token_hash = token_digest(token)
+    tenant.token_created_at = utcnow()
+    session.add(tenant)
+    session.flush()
+    return Credentials(tenant_url(public_base_url, tenant.id), token)
+
+
+def disconnect_scim(session: Session, tenant: Tenant) -> None:
+    """Revoke the token at once; provisioned users stay as they are."""
+    tenant.scim_enabled = False
+    tenant.token_hash = None
+    session.add(tenant)
+    session.flush()

@@ -1,0 +1,117 @@
+"""What the admin reads: users with their access, seats per tier, purchases, sync state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from api.scim.render import iso
+from models.settings import TIERS
+from models.tables import Account, Invitation, Purchase, ScimUser, SeatCount, SyncEvent, Tenant
+
+
+def _iso(moment: Any) -> str | None:
+    return iso(moment) if moment is not None else None
+
+
+def primary_email(data: dict[str, Any]) -> str | None:
+    """The primary email, else the first one (CONTRACT.md: the invitation address)."""
+    emails = [e for e in data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
+    for email in emails:
+        if email.get("primary") is True:
+            return email["value"]
+    return emails[0]["value"] if emails else None
+
+
+def user_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(ScimUser, Account)
+        .join(Account, Account.user_id == ScimUser.id, isouter=True)
+        .where(ScimUser.tenant_id == tenant_id)
+        .order_by(ScimUser.created_at, ScimUser.id)
+    )
+    out = []
+    for user, account in rows:
+        status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")
+        out.append(
+            {
+                "id": user.id,
+                "userName": user.user_name,
+                "email": primary_email(user.data),
+                "displayName": user.display_name,
+                "active": user.active,
+                "role": account.role if account and status != "deleted" else None,
+                "license": account.license if account and status != "deleted" else None,
+                "status": status,
+                "status_reason": account.status_reason if account and status == "pending_license" else None,
+                "invited_at": _iso(account.invited_at) if account else None,
+                "invite_error": account.invite_error if account else None,
+            }
+        )
+    return out
+
+
+def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
+    seats = {tier: 0 for tier in TIERS}
+    for tier, purchased in session.execute(
+        select(SeatCount.tier, SeatCount.purchased).where(SeatCount.tenant_id == tenant_id)
+    ):
+        seats[tier] = purchased
+    return seats
+
+
+def assigned_seats(session: Session, tenant_id: str) -> dict[str, int]:
+    seats = {tier: 0 for tier in TIERS}
+    for tier, count in session.execute(
+        select(Account.license, func.count())
+        .where(Account.tenant_id == tenant_id, Account.license.is_not(None))
+        .group_by(Account.license)
+    ):
+        seats[tier] = count
+    return seats
+
+
+def licenses(session: Session, tenant: Tenant) -> dict[str, Any]:
+    purchased = purchased_seats(session, tenant.id)
+    assigned = assigned_seats(session, tenant.id)
+    return {tier: {"purchased": purchased[tier], "assigned": assigned[tier]} for tier in TIERS}
+
+
+def purchases(session: Session, tenant_id: str) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(Purchase).where(Purchase.tenant_id == tenant_id).order_by(Purchase.created_at, Purchase.id)
+    ).scalars()
+    return [
+        {
+            "id": p.id,
+            "created_at": _iso(p.created_at),
+            "status": p.status,
+            "trigger": p.trigger,
+            "quantities_before": p.quantities_before,
+            "quantities_after": p.quantities_after,
+            "stripe_invoice_id": p.stripe_invoice_id,
+            "error": p.error,
+        }
+        for p in rows
+    ]
+
+
+def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
+    total, applied = session.execute(
+        select(func.count(), func.count(SyncEvent.applied_at)).where(SyncEvent.tenant_id == tenant.id)
+    ).one()
+    pending_purchases = session.execute(
+        select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
+    ).scalar_one()
+    pending_invitations = session.execute(
+        select(func.count()).where(Invitation.tenant_id == tenant.id, Invitation.status.in_(("pending", "sending")))
+    ).scalar_one()
+    return {
+        "events_total": total,
+        "events_applied": applied,
+        "pending_purchases": pending_purchases,
+        "pending_invitations": pending_invitations,
+        "last_reconciled_at": _iso(tenant.last_reconciled_at),
+    }

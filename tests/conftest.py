@@ -1,0 +1,209 @@
+"""Fixtures: real PostgreSQL or SQLite, real Redis or the embedded one, a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import text
+from sqlalchemy.engine import Engine, make_url
+
+from models.db import make_engine
+from models.migrate import upgrade
+from models.settings import Settings, normalise_database_url
+
+ADMIN_TOKEN = "test-admin-token"
+TABLES = (
+    "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
+    "sync_event", "scim_group", "scim_user", "tenant",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _postgres_test_database(base_url: str) -> str:
+    """A fresh database for this run on the server TEST_DATABASE_URL names."""
+    url = make_url(normalise_database_url(base_url))
+    name = f"sally_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = make_engine(url.set(database="postgres").render_as_string(hide_password=False))
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres_database(database_url: str) -> None:
+    url = make_url(database_url)
+    admin = make_engine(url.set(database="postgres").render_as_string(hide_password=False))
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture(scope="session")
+def database_url(var_dir: Path) -> Iterator[str]:
+    """PostgreSQL when TEST_DATABASE_URL (or DATABASE_URL) is set, else a SQLite file."""
+    base = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if base and not base.startswith("sqlite"):
+        url = _postgres_test_database(base)
+        yield url
+        _drop_postgres_database(url)
+    else:
+        yield base or f"sqlite:///{var_dir / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def redis_url(var_dir: Path) -> Iterator[str]:
+    """REDIS_URL when set, else the embedded Redis of the test var dir."""
+    from workers.broker import release_embedded_redis, resolve_redis_url
+
+    configured = os.environ.get("REDIS_URL")
+    if configured:
+        yield configured
+        return
+    yield resolve_redis_url(Settings(var_dir=var_dir, database_url="sqlite://"))
+    release_embedded_redis()
+
+
+@pytest.fixture(scope="session")
+def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
+    port = free_port()
+    return Settings(
+        var_dir=var_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        public_base_url=f"http://127.0.0.1:{port}",
+        admin_token=ADMIN_TOKEN,
+        port=port,
+        # Each run its own namespace: several runs may share one Redis server.
+        redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(base_settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(base_settings.database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def wipe(engine: Engine) -> None:
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in TABLES:
+                connection.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Engine:
+    """Every test starts with empty tables."""
+    wipe(engine)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def redis_client(base_settings: Settings):
+    from workers.broker import redis_client
+
+    client = redis_client(base_settings.redis_url)
+    yield client
+    for key in client.scan_iter(f"{base_settings.redis_namespace}*"):
+        client.delete(key)
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the test runner owns signals
+        pass
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+    app: object
+
+
+@pytest.fixture(scope="session")
+def live_server(base_settings: Settings, engine: Engine) -> Iterator[LiveServer]:
+    """The real app under uvicorn on a free port, for the whole session."""
+    from api.app import Services, create_app
+
+    services = Services.from_settings(base_settings)
+    services.engine.dispose()
+    services.engine = engine
+    app = create_app(base_settings, services)
+    config = uvicorn.Config(app, host="127.0.0.1", port=base_settings.port, log_level="warning", lifespan="off")
+    server = _Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    yield LiveServer(base_settings.public_base_url, base_settings, app)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def admin(live_server: LiveServer, clean_db: Engine) -> Iterator[httpx.Client]:
+    """An admin API client; the database is empty when the test starts."""
+    with httpx.Client(
+        base_url=f"{live_server.url}/admin/api",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=30,
+    ) as client:
+        yield client
+
+
+@dataclass
+class ScimTenant:
+    tenant_id: str
+    tenant_url: str
+    token: str
+    client: httpx.Client
+
+
+def connect_tenant(admin: httpx.Client, name: str = "Acme", provider: str = "entra", **billing: str) -> ScimTenant:
+    created = admin.post("/tenants", json={"name": name, **billing})
+    assert created.status_code == 201, created.text
+    tenant_id = created.json()["tenant_id"]
+    connected = admin.post(f"/tenants/{tenant_id}/scim", json={"provider": provider})
+    assert connected.status_code == 201, connected.text
+    body = connected.json()
+    client = httpx.Client(
+        base_url=body["tenant_url"],
+        headers={"Authorization": f"Bearer {body['token']}", "Content-Type": "application/scim+json"},
+        timeout=30,
+    )
+    return ScimTenant(tenant_id, body["tenant_url"], body["token"], client)
+
+
+@pytest.fixture
+def tenant(admin: httpx.Client) -> Iterator[ScimTenant]:
+    """A tenant with SCIM set up for Entra, and a SCIM client holding its token."""
+    scim = connect_tenant(admin)
+    yield scim
+    scim.client.close()
