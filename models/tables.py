@@ -40,9 +40,12 @@ class Tenant(SQLModel, table=True):
     last_request_at: Optional[datetime] = None
     auto_invite: bool = False
     seat_cap: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
-    # Targets of a purchase Stripe refused for good: no new purchase is
-    # planned below them until the admin saves the mapping again.
-    billing_blocked: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    # {"reason", "targets"} of a purchase (or seat read) Stripe refused for
+    # good: no new purchase is planned below those targets until the admin
+    # saves the mapping again.
+    billing_blocked: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    # When the seats bought were last read from the Stripe subscription.
+    seats_synced_at: Optional[datetime] = None
     last_reconciled_at: Optional[datetime] = None
 
 

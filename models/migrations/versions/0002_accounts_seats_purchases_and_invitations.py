@@ -90,6 +90,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('tenant', schema=None) as batch_op:
         batch_op.add_column(sa.Column('billing_blocked', sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column('seats_synced_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('last_reconciled_at', sa.DateTime(timezone=True), nullable=True))
 
 
@@ -97,6 +98,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('tenant', schema=None) as batch_op:
         batch_op.drop_column('last_reconciled_at')
+        batch_op.drop_column('seats_synced_at')
         batch_op.drop_column('billing_blocked')
 
     with op.batch_alter_table('invitation', schema=None) as batch_op:

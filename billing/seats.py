@@ -1,0 +1,175 @@
+"""Seat allocation per tenant: hand bought seats to waiting users, plan the next purchase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
+from models.tables import Account, Purchase, SeatCount, Tenant, new_id
+
+BATCH = 500
+
+REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
+REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
+REASON_CAP = "The {tier} seat cap ({cap}) is reached; the admin can raise it."
+REASON_REFUSED = "Stripe refused the seat purchase: {reason}"
+
+
+@dataclass
+class Allocation:
+    """What an allocation pass did, and what must be sent after its commit."""
+
+    granted: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
+    purchase_id: str | None = None
+    needs_seat_sync: bool = False
+
+
+def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
+    seats = dict.fromkeys(TIERS, 0)
+    for tier, purchased in session.execute(
+        select(SeatCount.tier, SeatCount.purchased).where(SeatCount.tenant_id == tenant_id)
+    ):
+        seats[tier] = purchased
+    return seats
+
+
+def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, int], now: datetime) -> None:
+    """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase)."""
+    existing = {row.tier: row for row in session.execute(
+        select(SeatCount).where(SeatCount.tenant_id == tenant_id)
+    ).scalars()}
+    for tier in TIERS:
+        row = existing.get(tier) or SeatCount(tenant_id=tenant_id, tier=tier)
+        row.purchased = int(quantities.get(tier, 0))
+        row.updated_at = now
+        session.add(row)
+    session.flush()
+
+
+def pending_purchase(session: Session, tenant_id: str) -> Purchase | None:
+    return session.execute(
+        select(Purchase).where(Purchase.tenant_id == tenant_id, Purchase.status == "pending")
+    ).scalar_one_or_none()
+
+
+def billed(tenant: Tenant, billing_configured: bool) -> bool:
+    """Seats of this tenant are bought in Stripe (else purchases are recorded as not_billed)."""
+    return billing_configured and bool(tenant.stripe_subscription_id)
+
+
+def allocate(
+    session: Session, tenant: Tenant, now: datetime, *, billing_configured: bool, trigger: str
+) -> Allocation:
+    """Give free seats to the longest-waiting users, mark the rest, plan one purchase if short.
+
+    Runs under the tenant's lock, in the caller's transaction: settling a
+    purchase and planning the next one happen in the same commit.
+    """
+    result = Allocation()
+    purchased = purchased_seats(session, tenant.id)
+    holders = dict.fromkeys(TIERS, 0)
+    for tier, count in session.execute(
+        select(Account.license, func.count())
+        .where(Account.tenant_id == tenant.id, Account.license.is_not(None))
+        .group_by(Account.license)
+    ):
+        holders[tier] = count
+    waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
+    for user_id, tier in session.execute(
+        select(Account.user_id, Account.wanted_tier)
+        .where(
+            Account.tenant_id == tenant.id,
+            Account.role.is_not(None),
+            Account.wanted_tier.is_not(None),
+            Account.license.is_(None),
+        )
+        .order_by(Account.waiting_since, Account.user_id)
+    ):
+        waiting[tier].append(user_id)
+
+    caps = tenant.seat_cap or {}
+    plans: dict[str, TierPlan] = {
+        tier: plan_tier(purchased[tier], holders[tier], len(waiting[tier]), caps.get(tier)) for tier in TIERS
+    }
+    in_flight = pending_purchase(session, tenant.id)
+    is_billed = billed(tenant, billing_configured)
+    blocked = tenant.billing_blocked or None
+    targets = purchase_targets(purchased, plans)
+    if targets is not None and blocked is not None:
+        ceiling = blocked.get("targets")
+        # After a refusal, plan again only for demand beyond what was refused.
+        if ceiling is None or all(targets[t] <= ceiling.get(t, 0) for t in TIERS):
+            targets = None
+    syncing = is_billed and tenant.seats_synced_at is None
+    if targets is not None and in_flight is None and not syncing:
+        result.purchase_id = _plan_purchase(session, tenant, purchased, targets, now, trigger)
+    result.needs_seat_sync = syncing and blocked is None
+
+    for tier in TIERS:
+        plan = plans[tier]
+        queue = waiting[tier]
+        grant, rest = queue[:plan.grant], queue[plan.grant:]
+        for chunk in _chunks(grant):
+            session.execute(
+                update(Account)
+                .where(Account.user_id.in_(chunk))
+                .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
+            )
+        result.granted[tier] = len(grant)
+        result.waiting[tier] = len(rest)
+        # The users the cap keeps out are the last in line.
+        buying_count = len(rest) - plan.over_cap
+        if blocked is not None and result.purchase_id is None and in_flight is None:
+            buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
+        elif syncing and in_flight is None:
+            buying_reason = REASON_SYNCING
+        else:
+            buying_reason = REASON_BUYING.format(tier=tier)
+        for reason, ids in (
+            (buying_reason, rest[:buying_count]),
+            (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
+        ):
+            for chunk in _chunks(ids):
+                session.execute(
+                    update(Account)
+                    .where(Account.user_id.in_(chunk))
+                    .values(status="pending_license", status_reason=reason, updated_at=now)
+                )
+    session.flush()
+    return result
+
+
+def _plan_purchase(
+    session: Session, tenant: Tenant, purchased: dict[str, int], targets: dict[str, int], now: datetime, trigger: str
+) -> str | None:
+    """Insert the tenant's one pending purchase; its Stripe body is frozen by the purchase job."""
+    purchase = Purchase(
+        id=new_id(),
+        tenant_id=tenant.id,
+        created_at=now,
+        status="pending",
+        trigger=trigger[:255],
+        demand=dict(targets),
+        quantities_before=dict(purchased),
+        enqueued_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(purchase)
+            session.flush()
+    except IntegrityError:
+        # Another pending purchase exists (the unique index says so): it settles first.
+        return None
+    return purchase.id
