@@ -1,0 +1,112 @@
+"""The Dramatiq actors. Import only after the broker is set (workers.broker.setup_worker_broker)."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from billing.purchasing import PurchaseRunner
+from billing.purchasing import sync_seats as sync_seats_from_stripe
+from workers import invitations, runtime
+from workers.broker import INVITE_QUEUE, PURCHASE_QUEUE, RECONCILE_QUEUE
+from workers.reconcile import Reconciler
+from workers.wakeup import pending_key
+
+log = logging.getLogger(__name__)
+
+# Backoff in milliseconds: seconds, not Dramatiq's default of up to days.
+RECONCILE_RETRIES = 20
+PURCHASE_RETRIES = 12
+INVITE_RETRIES = 8
+
+
+def _retries_so_far() -> int:
+    message = CurrentMessage.get_current_message()
+    return int(message.options.get("retries", 0)) if message is not None else 0
+
+
+@dramatiq.actor(
+    actor_name="reconcile_tenant", queue_name=RECONCILE_QUEUE,
+    max_retries=RECONCILE_RETRIES, min_backoff=500, max_backoff=15_000,
+)
+def reconcile_tenant(tenant_id: str) -> None:
+    """Apply a tenant's unapplied events; then send the purchase and invitations it planned."""
+    rt = runtime.current()
+    # Cleared before the events are read: a write committed after this
+    # point sets the flag again and sends a new message, so none is lost.
+    rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
+    try:
+        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id)
+    except Exception:
+        rt.telemetry.job("reconcile_tenant", "error")
+        raise
+    rt.telemetry.job("reconcile_tenant", "ok")
+    if result.purchase_id:
+        purchase_seats.send(result.purchase_id)
+    if result.needs_seat_sync:
+        sync_seats.send(tenant_id)
+    for invitation_id in result.invitation_ids:
+        send_invitation.send(invitation_id)
+    if result.more:
+        rt.waker.send(tenant_id)
+
+
+@dramatiq.actor(
+    actor_name="purchase_seats", queue_name=PURCHASE_QUEUE,
+    max_retries=PURCHASE_RETRIES, min_backoff=1_000, max_backoff=60_000,
+)
+def purchase_seats(purchase_id: str) -> None:
+    """Run one purchase through the protocol (frozen body and key, Stripe, settle)."""
+    rt = runtime.current()
+    try:
+        outcome = PurchaseRunner(rt.engine, rt.gateway).run(purchase_id)
+    except Exception:
+        rt.telemetry.job("purchase_seats", "error")
+        rt.telemetry.stripe("transient_error")
+        raise
+    rt.telemetry.job("purchase_seats", outcome.status)
+    if outcome.stripe_called:
+        rt.telemetry.stripe("failed" if outcome.status == "failed" else "ok")
+    if outcome.next_purchase_id:
+        purchase_seats.send(outcome.next_purchase_id)
+
+
+@dramatiq.actor(
+    actor_name="sync_seats", queue_name=PURCHASE_QUEUE,
+    max_retries=PURCHASE_RETRIES, min_backoff=1_000, max_backoff=60_000,
+)
+def sync_seats(tenant_id: str) -> None:
+    """Read the seats bought from the tenant's Stripe subscription, then allocate."""
+    rt = runtime.current()
+    if rt.gateway is None:
+        return
+    try:
+        allocation = sync_seats_from_stripe(rt.engine, rt.gateway, tenant_id)
+    except Exception:
+        rt.telemetry.job("sync_seats", "error")
+        rt.telemetry.stripe("transient_error")
+        raise
+    rt.telemetry.job("sync_seats", "ok")
+    rt.telemetry.stripe("ok")
+    if allocation is not None and allocation.purchase_id:
+        purchase_seats.send(allocation.purchase_id)
+
+
+@dramatiq.actor(
+    actor_name="send_invitation", queue_name=INVITE_QUEUE,
+    max_retries=INVITE_RETRIES, min_backoff=1_000, max_backoff=60_000,
+)
+def send_invitation(invitation_id: str) -> None:
+    """Claim, send (stable Message-ID), record; after the last retry the error is on the row."""
+    rt = runtime.current()
+    try:
+        outcome = invitations.send_invitation(rt.engine, rt.mailer, rt.settings, invitation_id)
+    except Exception as error:
+        rt.telemetry.job("send_invitation", "error")
+        if _retries_so_far() >= INVITE_RETRIES:
+            invitations.give_up(rt.engine, invitation_id, f"gave up after {INVITE_RETRIES + 1} attempts: {error}")
+            return
+        raise
+    rt.telemetry.job("send_invitation", outcome)

@@ -1,0 +1,25 @@
+"""What `sally-scim worker` hands to Dramatiq: settings → broker → runtime → actors."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from models.settings import Settings
+from workers import runtime
+from workers.broker import setup_worker_broker
+from workers.sweep import SweepMiddleware
+
+
+def setup(settings: Settings) -> dramatiq.Broker:
+    """Set the broker from Settings, import the actors, install the runtime and the sweep."""
+    broker = setup_worker_broker(settings)
+    broker.add_middleware(CurrentMessage())
+    broker.add_middleware(SweepMiddleware(settings.sweep_interval))
+    from workers.broker import resolve_redis_url
+
+    runtime.install(runtime.build(settings, broker, resolve_redis_url(settings)))
+    return broker
+
+
+broker = setup(Settings.from_env())

@@ -1,0 +1,240 @@
+"""reconcile: a tenant's unapplied events → access, role, tier → seats → purchase and invitations."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable, Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from billing.licenses import GroupMapping, entitlement
+from billing.locks import lock_tenant
+from billing.seats import allocate, billed
+from models.db import session_scope
+from models.tables import (
+    Account,
+    GroupMapping as MappingRow,
+    GroupMember,
+    Invitation,
+    ScimUser,
+    SyncEvent,
+    Tenant,
+    utcnow,
+)
+from workers.mailer import message_id
+
+BATCH_EVENTS = 5000
+CHUNK = 500
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+NO_ADDRESS = "No email address: the user has no emails and a userName that is not an address."
+
+
+@dataclass
+class ReconcileResult:
+    applied: int = 0
+    more: bool = False
+    purchase_id: str | None = None
+    needs_seat_sync: bool = False
+    invitation_ids: list[str] = field(default_factory=list)
+
+
+def invitation_address(user: ScimUser) -> str | None:
+    """Primary email, else the first email, else userName when it is an address (CONTRACT.md)."""
+    emails = [e for e in user.data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
+    for email in emails:
+        if email.get("primary") is True and email["value"].strip():
+            return email["value"].strip()
+    for email in emails:
+        if email["value"].strip():
+            return email["value"].strip()
+    return user.user_name if EMAIL.match(user.user_name) else None
+
+
+def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def load_mapping(session: Session, tenant_id: str) -> GroupMapping:
+    slots: dict[str, list[str]] = {}
+    for group_id, slot in session.execute(
+        select(MappingRow.group_id, MappingRow.slot).where(MappingRow.tenant_id == tenant_id)
+    ):
+        slots.setdefault(slot, []).append(group_id)
+    return GroupMapping.from_config(
+        {
+            "user_groups": slots.get("user", []),
+            "admin_groups": slots.get("admin", []),
+            "license_groups": {tier: slots.get(tier, []) for tier in ("starter", "team", "enterprise")},
+        }
+    )
+
+
+class Reconciler:
+    """Applies a tenant's events one by one (never by watermark), under the tenant's lock."""
+
+    def __init__(self, engine: Engine, *, billing_configured: bool, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.billing_configured = billing_configured
+        self.clock = clock
+
+    def run(self, tenant_id: str, batch: int = BATCH_EVENTS) -> ReconcileResult:
+        result = ReconcileResult()
+        with session_scope(self.engine) as session:
+            lock_tenant(session, tenant_id)
+            tenant = session.get(Tenant, tenant_id)
+            if tenant is None:
+                return result
+            events = list(
+                session.execute(
+                    select(SyncEvent.id, SyncEvent.kind, SyncEvent.user_ids)
+                    .where(SyncEvent.tenant_id == tenant_id, SyncEvent.applied_at.is_(None))
+                    .order_by(SyncEvent.id)
+                    .limit(batch + 1)
+                )
+            )
+            result.more = len(events) > batch
+            events = events[:batch]
+            if not events:
+                return result
+            now = self.clock()
+            if any(kind == "config_changed" for _, kind, _ in events):
+                # The admin saved the mapping: a refused purchase may be tried again.
+                tenant.billing_blocked = None
+            everyone = any(user_ids is None for _, _, user_ids in events)
+            user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
+            result.invitation_ids = self._evaluate(session, tenant, user_ids, now)
+            triggers = sorted({kind for _, kind, _ in events})
+            allocation = allocate(
+                session, tenant, now,
+                billing_configured=self.billing_configured,
+                trigger="SCIM sync: " + ", ".join(triggers),
+            )
+            result.purchase_id = allocation.purchase_id
+            result.needs_seat_sync = allocation.needs_seat_sync
+            ids = [event_id for event_id, _, _ in events]
+            for chunk in _chunks(ids):
+                session.execute(update(SyncEvent).where(SyncEvent.id.in_(chunk)).values(applied_at=now))
+            tenant.last_reconciled_at = now
+            session.add(tenant)
+            result.applied = len(ids)
+        return result
+
+    def _evaluate(self, session: Session, tenant: Tenant, user_ids: list[str] | None, now: datetime) -> list[str]:
+        """Recompute role and wanted tier of the given users (None = all); returns new invitation ids."""
+        mapping = load_mapping(session, tenant.id)
+        users: dict[str, ScimUser] = {}
+        memberships: dict[str, set[str]] = {}
+        accounts: dict[str, Account] = {}
+        if user_ids is None:
+            users = {u.id: u for u in session.execute(select(ScimUser).where(ScimUser.tenant_id == tenant.id)).scalars()}
+            for member_id, group_id in session.execute(
+                select(GroupMember.member_id, GroupMember.group_id).where(
+                    GroupMember.tenant_id == tenant.id, GroupMember.member_type == "User"
+                )
+            ):
+                memberships.setdefault(member_id, set()).add(group_id)
+            accounts = {a.user_id: a for a in session.execute(select(Account).where(Account.tenant_id == tenant.id)).scalars()}
+        else:
+            for chunk in _chunks(user_ids):
+                users.update(
+                    (u.id, u) for u in session.execute(
+                        select(ScimUser).where(ScimUser.tenant_id == tenant.id, ScimUser.id.in_(chunk))
+                    ).scalars()
+                )
+                for member_id, group_id in session.execute(
+                    select(GroupMember.member_id, GroupMember.group_id).where(GroupMember.member_id.in_(chunk))
+                ):
+                    memberships.setdefault(member_id, set()).add(group_id)
+                accounts.update(
+                    (a.user_id, a) for a in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars()
+                )
+
+        invitations: list[dict[str, Any]] = []
+        for user in users.values():
+            deleted = user.deleted_at is not None
+            ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
+            account = accounts.get(user.id)
+            if account is None:
+                if ent.role is None and deleted:
+                    continue
+                account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
+            before = (account.role, account.wanted_tier, account.license, account.status,
+                      account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
+            account.role = ent.role
+            if ent.role is None:
+                # Losing access frees the license at once.
+                account.wanted_tier = None
+                account.license = None
+                account.waiting_since = None
+                account.status = "deleted" if deleted else "no_access"
+                account.status_reason = None
+            else:
+                if ent.tier != account.wanted_tier:
+                    account.waiting_since = None
+                account.wanted_tier = ent.tier
+                if account.license is not None and account.license != ent.tier:
+                    # A tier change gives back the old seat; the new one is allocated below.
+                    account.license = None
+                if ent.tier is None or account.license == ent.tier:
+                    account.status = "active"
+                    account.status_reason = None
+                    account.waiting_since = None
+                else:
+                    account.waiting_since = account.waiting_since or now
+                    account.status = "pending_license"
+                if account.first_access_at is None:
+                    account.first_access_at = now
+                    if tenant.auto_invite:
+                        address = invitation_address(user)
+                        if address is None:
+                            account.invite_error = NO_ADDRESS
+                        else:
+                            invitations.append({"user_id": user.id, "address": address})
+            after = (account.role, account.wanted_tier, account.license, account.status,
+                     account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
+            if after != before or account.user_id not in accounts:
+                account.updated_at = now
+                session.add(account)
+        session.flush()
+        return self._queue_invitations(session, tenant.id, invitations, now)
+
+    def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:
+        """Invitation rows in this commit (once per user for the tenant's life, by a unique index)."""
+        if not wanted:
+            return []
+        insert_ignore = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        created: list[str] = []
+        rows = [
+            {
+                "id": f"inv{row['user_id']}",
+                "tenant_id": tenant_id,
+                "user_id": row["user_id"],
+                "status": "pending",
+                "address": row["address"][:512],
+                "message_id": message_id(tenant_id, row["user_id"]),
+                "attempts": 0,
+                "created_at": now,
+                "enqueued_at": now,
+            }
+            for row in wanted
+        ]
+        for start in range(0, len(rows), CHUNK):
+            statement = (
+                insert_ignore(Invitation)
+                .values(rows[start:start + CHUNK])
+                .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
+                .returning(Invitation.id)
+            )
+            created.extend(inv_id for (inv_id,) in session.execute(statement))
+        return created
+
+
+def seats_need_sync(tenant: Tenant, billing_configured: bool) -> bool:
+    return billed(tenant, billing_configured) and tenant.seats_synced_at is None and not tenant.billing_blocked

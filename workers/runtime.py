@@ -1,0 +1,63 @@
+"""What the actors of one worker process work with, built once from Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy.engine import Engine
+
+from billing.stripe_gateway import StripeGateway
+from models.db import make_engine
+from models.settings import Settings
+from workers.telemetry import Telemetry
+from workers.wakeup import Waker
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    waker: Waker
+    gateway: StripeGateway | None
+    mailer: Any
+    telemetry: Telemetry
+
+
+_current: Runtime | None = None
+
+
+def make_gateway(settings: Settings) -> StripeGateway | None:
+    """The Stripe gateway, or None for ledger-only billing (no STRIPE_API_KEY)."""
+    if not settings.stripe_api_key:
+        return None
+    return StripeGateway(settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base)
+
+
+def install(runtime: Runtime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("the worker runtime is not set up; call workers.entrypoint.setup() first")
+    return _current
+
+
+def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
+    from workers.broker import redis_client
+    from workers.mailer import make_mailer
+
+    client = redis_client(redis_url)
+    return Runtime(
+        settings=settings,
+        engine=make_engine(settings.database_url, pool_size=max(4, settings.worker_threads + 2)),
+        redis=client,
+        waker=Waker(broker, client, settings.redis_namespace),
+        gateway=make_gateway(settings),
+        mailer=make_mailer(settings),
+        telemetry=Telemetry(client, settings.redis_namespace),
+    )

@@ -1,0 +1,104 @@
+"""The sweep: every ~10 s, one worker at a time re-sends what a lost message left behind."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import redis
+from dramatiq.middleware import Middleware
+from sqlalchemy import func, select, update
+
+from models.db import session_scope
+from models.tables import Purchase, SyncEvent, Tenant, utcnow
+from workers import invitations, runtime
+
+log = logging.getLogger(__name__)
+
+RESEND_AFTER = timedelta(seconds=60)
+BATCH = 1000
+
+
+class Sweeper:
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.rt = rt
+        self.lock_key = f"{rt.settings.redis_namespace}:sweep-lock"
+
+    def run_once(self) -> dict[str, int]:
+        """One pass, if no other worker is sweeping; returns what it re-sent."""
+        from workers import actors
+
+        interval_ms = int(self.rt.settings.sweep_interval * 1000)
+        try:
+            if not self.rt.redis.set(self.lock_key, "1", nx=True, px=max(1000, interval_ms - 500)):
+                return {}
+        except (redis.RedisError, OSError):
+            return {}
+        now = utcnow()
+        stale = now - RESEND_AFTER
+        sent = {"tenants": 0, "purchases": 0, "seat_syncs": 0, "invitations": 0}
+        with session_scope(self.rt.engine) as session:
+            tenants = [t for (t,) in session.execute(
+                select(SyncEvent.tenant_id).where(SyncEvent.applied_at.is_(None)).group_by(SyncEvent.tenant_id)
+            )]
+            purchases = [p for (p,) in session.execute(
+                select(Purchase.id)
+                .where(Purchase.status == "pending", func.coalesce(Purchase.enqueued_at, stale) <= stale)
+                .limit(BATCH)
+            )]
+            if purchases:
+                session.execute(update(Purchase).where(Purchase.id.in_(purchases)).values(enqueued_at=now))
+            seat_syncs: list[str] = []
+            if self.rt.gateway is not None:
+                seat_syncs = [t for (t,) in session.execute(
+                    select(Tenant.id).where(
+                        Tenant.stripe_subscription_id.is_not(None),
+                        Tenant.seats_synced_at.is_(None),
+                        Tenant.billing_blocked.is_(None),
+                    )
+                )]
+            due = invitations.due_invitations(session, now, limit=BATCH)
+            invitations.mark_enqueued(session, due, now)
+        for tenant_id in tenants:
+            # Coalesced: a tenant whose message is still queued is not sent again.
+            sent["tenants"] += int(self.rt.waker.wake(tenant_id))
+        for purchase_id in purchases:
+            actors.purchase_seats.send(purchase_id)
+        sent["purchases"] = len(purchases)
+        for tenant_id in seat_syncs:
+            actors.sync_seats.send(tenant_id)
+        sent["seat_syncs"] = len(seat_syncs)
+        for invitation_id in due:
+            actors.send_invitation.send(invitation_id)
+        sent["invitations"] = len(due)
+        if any(sent.values()):
+            log.info("sweep re-sent %s", sent)
+        return sent
+
+
+class SweepMiddleware(Middleware):
+    """Runs the sweep in a thread of every worker process, from boot (covers start-up) to shutdown."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def after_worker_boot(self, broker, worker) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="sally-sweep", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker, worker) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                Sweeper(runtime.current()).run_once()
+            except Exception:  # noqa: BLE001 - the sweep must outlive a bad pass
+                log.exception("sweep pass failed")
+            self._stop.wait(self.interval)

@@ -1,0 +1,46 @@
+"""Worker counters kept in Redis, so that /metrics of any web process sees every worker."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class Telemetry:
+    """Jobs by actor and outcome, Stripe calls by outcome; best effort, never fails a job."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.jobs_key = f"{namespace}:metrics:jobs"
+        self.stripe_key = f"{namespace}:metrics:stripe"
+
+    def job(self, actor: str, outcome: str) -> None:
+        self._incr(self.jobs_key, f"{actor}|{outcome}")
+
+    def stripe(self, outcome: str) -> None:
+        self._incr(self.stripe_key, outcome)
+
+    def _incr(self, key: str, field: str) -> None:
+        try:
+            self.client.hincrby(key, field, 1)
+        except (redis.RedisError, OSError):
+            log.debug("metrics not recorded: Redis unavailable")
+
+    def jobs(self) -> dict[tuple[str, str], int]:
+        raw = self.client.hgetall(self.jobs_key)
+        out = {}
+        for field, value in raw.items():
+            actor, _, outcome = field.decode().partition("|")
+            out[(actor, outcome)] = int(value)
+        return out
+
+    def stripe_calls(self) -> dict[str, int]:
+        return {field.decode(): int(value) for field, value in self.client.hgetall(self.stripe_key).items()}
+
+
+def queue_depths(client: redis.Redis, broker_namespace: str, queues: tuple[str, ...]) -> dict[str, int]:
+    """Messages waiting per queue (Dramatiq's Redis broker keeps each queue as a list)."""
+    return {queue: int(client.llen(f"{broker_namespace}:{queue}")) for queue in queues}
