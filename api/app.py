@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from api.admin import AdminApi, admin_error_response
-from api.metrics import MetricsMiddleware, WebMetrics
+from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
 from api.scim.errors import ScimError
 from api.scim.http import error_response
@@ -29,19 +29,36 @@ log = logging.getLogger(__name__)
 class Services:
     """The outside things the app talks to, made once per process and handed in."""
 
-    def __init__(self, engine: Engine, wake: Callable[[str], Any], ping_broker: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        wake: Callable[[str], Any],
+        ping_broker: Callable[[], bool],
+        pipeline_stats: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.engine = engine
         self.wake = wake
         self.ping_broker = ping_broker
+        self.pipeline_stats = pipeline_stats
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from workers.broker import make_broker, redis_client, resolve_redis_url
+        from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
+        from workers.telemetry import Telemetry, queue_depths
         from workers.wakeup import Waker
 
         url = resolve_redis_url(settings)
         client = redis_client(url)
-        waker = Waker(make_broker(settings, url), client, settings.redis_namespace)
+        broker = make_broker(settings, url)
+        waker = Waker(broker, client, settings.redis_namespace)
+        telemetry = Telemetry(client, settings.redis_namespace)
+
+        def stats() -> dict[str, Any]:
+            return {
+                "jobs": telemetry.jobs(),
+                "stripe": telemetry.stripe_calls(),
+                "queues": queue_depths(client, broker.namespace, QUEUES),
+            }
 
         def ping() -> bool:
             try:
@@ -49,13 +66,15 @@ class Services:
             except Exception:  # noqa: BLE001 - any failure means "not ready"
                 return False
 
-        return cls(make_engine(settings.database_url), waker.wake, ping)
+        return cls(make_engine(settings.database_url), waker.wake, ping, stats)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:
     """Build the ASGI app; nothing connects at import time."""
     services = services or Services.from_settings(settings)
     metrics = WebMetrics()
+    if services.pipeline_stats is not None:
+        metrics.registry.register(PipelineCollector(services.pipeline_stats))
     scim = ScimApi(settings, services.engine, services.wake)
     admin = AdminApi(settings, services.engine, services.wake)
 

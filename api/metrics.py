@@ -6,6 +6,7 @@ import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -20,12 +21,34 @@ class WebMetrics:
             "sally_http_request_seconds", "HTTP request latency by route.", ["method", "route"],
             registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-        self.collectors: list[Callable[[], None]] = []
 
     def render(self) -> bytes:
-        for collect in self.collectors:
-            collect()
         return generate_latest(self.registry)
+
+
+class PipelineCollector:
+    """Worker counters and queue depths, read from Redis at scrape time (workers run elsewhere)."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.read = read
+
+    def collect(self):
+        try:
+            snapshot = self.read()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is down
+            return
+        jobs = CounterMetricFamily("sally_jobs", "Pipeline jobs by actor and outcome.", labels=["actor", "outcome"])
+        for (actor, outcome), value in sorted(snapshot["jobs"].items()):
+            jobs.add_metric([actor, outcome], value)
+        yield jobs
+        stripe = CounterMetricFamily("sally_stripe_calls", "Stripe purchase calls by outcome.", labels=["outcome"])
+        for outcome, value in sorted(snapshot["stripe"].items()):
+            stripe.add_metric([outcome], value)
+        yield stripe
+        depth = GaugeMetricFamily("sally_queue_depth", "Messages waiting per queue.", labels=["queue"])
+        for queue, value in sorted(snapshot["queues"].items()):
+            depth.add_metric([queue], value)
+        yield depth
 
 
 class MetricsMiddleware:

@@ -9,20 +9,12 @@ from sqlmodel import Session
 
 from api.scim.render import iso
 from models.settings import TIERS
+from workers.reconcile import invitation_address
 from models.tables import Account, Invitation, Purchase, ScimUser, SeatCount, SyncEvent, Tenant
 
 
 def _iso(moment: Any) -> str | None:
     return iso(moment) if moment is not None else None
-
-
-def primary_email(data: dict[str, Any]) -> str | None:
-    """The primary email, else the first one (CONTRACT.md: the invitation address)."""
-    emails = [e for e in data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
-    for email in emails:
-        if email.get("primary") is True:
-            return email["value"]
-    return emails[0]["value"] if emails else None
 
 
 def user_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
@@ -39,7 +31,7 @@ def user_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
             {
                 "id": user.id,
                 "userName": user.user_name,
-                "email": primary_email(user.data),
+                "email": invitation_address(user),
                 "displayName": user.display_name,
                 "active": user.active,
                 "role": account.role if account and status != "deleted" else None,
