@@ -106,7 +106,9 @@ def send_invitation(invitation_id: str) -> None:
     except Exception as error:
         rt.telemetry.job("send_invitation", "error")
         if _retries_so_far() >= INVITE_RETRIES:
-            invitations.give_up(rt.engine, invitation_id, f"gave up after {INVITE_RETRIES + 1} attempts: {error}")
+            # The reason, never str(error): a database error could carry SQL and addresses.
+            reason = getattr(error, "reason", type(error).__name__)
+            invitations.give_up(rt.engine, invitation_id, f"gave up after {INVITE_RETRIES + 1} attempts: {reason}")
             return
         raise
     rt.telemetry.job("send_invitation", outcome)
