@@ -101,10 +101,14 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
         return 2
     from workers.broker import release_embedded_redis, resolve_redis_url
 
-    if not settings.redis_url:
-        # Attach here so the embedded Redis outlives uvicorn's worker processes.
-        resolve_redis_url(settings)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again;
+    # with the default action that would kill the process before `finally`
+    # releases the embedded Redis, leaving a redis-server behind.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        if not settings.redis_url:
+            # Attach here so the embedded Redis outlives uvicorn's worker processes.
+            resolve_redis_url(settings)
         uvicorn.run(
             "api.cli:app_factory",
             factory=True,
@@ -120,6 +124,11 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_signal(_signum: int, _frame: object) -> None:
+    """Stop through `finally` blocks and atexit handlers, not the default kill."""
+    raise SystemExit(0)
+
+
 def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     """Run Dramatiq worker processes (each also runs the sweep, one at a time across workers)."""
     from dramatiq.cli import main as dramatiq_main
@@ -127,15 +136,17 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
 
     from workers.broker import release_embedded_redis, resolve_redis_url
 
-    if not settings.redis_url:
-        resolve_redis_url(settings)
     argv = [
         "workers.entrypoint",
         "--processes", str(settings.worker_processes),
         "--threads", str(settings.worker_threads),
         "--worker-shutdown-timeout", "30000",
     ]
+    # Until Dramatiq sets its own handlers, a SIGTERM still releases the embedded Redis.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        if not settings.redis_url:
+            resolve_redis_url(settings)
         return dramatiq_main(make_argument_parser().parse_args(argv)) or 0
     finally:
         release_embedded_redis()
@@ -190,29 +201,34 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         resolve_redis_url(settings)
     env = dict(os.environ, SALLY_ADMIN_TOKEN=admin_token, SALLY_VAR_DIR=str(settings.var_dir))
     command = [sys.executable, "-m", "api.cli"]
-    children = [
-        subprocess.Popen([*command, "web"], env=env),
-        subprocess.Popen([*command, "worker"], env=env),
-    ]
-    print(
-        "\n"
-        f"  Sally SCIM is running at http://{settings.host}:{settings.port}\n"
-        f"  Admin token:      {admin_token}\n"
-        f"  Demo Tenant URL:  {demo['tenant_url']}\n"
-        f"  Demo Token:       {demo['token']}\n"
-        f"  (kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
-        flush=True,
-    )
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    # Set before the children start, so that no signal finds them unowned;
+    # SIGHUP too (the terminal closed), as the children do not get it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    children: list[subprocess.Popen] = []
     exit_code = 0
     try:
+        # Each child in a session of its own: Ctrl-C reaches only this
+        # process, which stops each child with exactly one SIGTERM. Two
+        # signals (the terminal's SIGINT to the whole group, then ours) make
+        # Dramatiq kill its worker processes instead of letting jobs finish.
+        for role in ("web", "worker"):
+            children.append(subprocess.Popen([*command, role], env=env, start_new_session=True))
+        print(
+            "\n"
+            f"  Sally SCIM is running at http://{settings.host}:{settings.port}\n"
+            f"  Admin token:      {admin_token}\n"
+            f"  Demo Tenant URL:  {demo['tenant_url']}\n"
+            f"  Demo Token:       {demo['token']}\n"
+            f"  (kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
+            flush=True,
+        )
         while not stopping:
             for child in children:
                 if child.poll() is not None:
@@ -229,7 +245,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
+                # The child leads its own process group: take its workers too.
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
         release_embedded_redis()
     return exit_code
 

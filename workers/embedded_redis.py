@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 from filelock import FileLock
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,22 @@ class EmbeddedRedis:
             digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
             socket = Path(tempfile.gettempdir()) / f"sally-redis-{digest}.sock"
         self.socket = socket
-        self.lock = FileLock(str(self.dir / "redis.lock"))
         self._attached = False
+
+    def _lock(self) -> FileLock:
+        # A new lock object per use: Dramatiq forks its worker processes after
+        # the main process attached, and a FileLock refuses to cross a fork.
+        return FileLock(str(self.dir / "redis.lock"))
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+        # No retries: redis-py (6+) retries a refused connection with backoff
+        # for seconds, which would stall "is it running?" before every first
+        # start, and SHUTDOWN, which ends in a closed connection by design.
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5, retry=Retry(NoBackoff(), 0))
 
     def _alive(self) -> bool:
         try:
@@ -61,7 +70,7 @@ class EmbeddedRedis:
     def attach(self) -> str:
         """Make sure the server runs, count this process as a holder; returns the URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with self.lock:
+        with self._lock():
             if not self._alive():
                 self._start()
             self._client().sadd(HOLDERS_KEY, os.getpid())
@@ -102,7 +111,7 @@ class EmbeddedRedis:
             return
         self._attached = False
         try:
-            with self.lock:
+            with self._lock():
                 client = self._client()
                 client.srem(HOLDERS_KEY, os.getpid())
                 for pid in client.smembers(HOLDERS_KEY):
