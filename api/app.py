@@ -18,6 +18,7 @@ from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
 from api.scim.errors import ScimError
+from api.scim.ratelimit import RateLimitMiddleware
 from api.scim.http import error_response
 from api.tenants import TenantError
 from models.db import make_engine
@@ -35,11 +36,13 @@ class Services:
         wake: Callable[[str], Any],
         ping_broker: Callable[[], bool],
         pipeline_stats: Callable[[], dict[str, Any]] | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.engine = engine
         self.wake = wake
         self.ping_broker = ping_broker
         self.pipeline_stats = pipeline_stats
+        self.redis_url = redis_url
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -66,7 +69,7 @@ class Services:
             except Exception:  # noqa: BLE001 - any failure means "not ready"
                 return False
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats)
+        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:
@@ -143,6 +146,15 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             Exception: on_crash,
         },
     )
+    if settings.scim_rate_limit > 0:
+        if services.redis_url is None:
+            raise ValueError("SCIM_RATE_LIMIT needs Redis: the counters are shared by every web process")
+        app.add_middleware(
+            RateLimitMiddleware,
+            limit=settings.scim_rate_limit,
+            redis_url=services.redis_url,
+            namespace=settings.redis_namespace,
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.metrics = metrics
     app.state.services = services
