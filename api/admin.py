@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import orjson
@@ -21,6 +22,8 @@ from api.tokens import bearer, same_secret
 from models.db import session_scope
 from models.settings import TIERS, Settings
 from models.tables import GroupMapping, ScimGroup, Tenant
+
+log = logging.getLogger(__name__)
 
 MAX_ADMIN_BODY = 1024 * 1024
 SLOTS = ("user", "admin", *TIERS)
@@ -66,6 +69,9 @@ class AdminApi:
         async def serve(request: Request) -> Response:
             if not same_secret(bearer(request.headers.get("authorization")), self.settings.admin_token):
                 raise AdminError(401, "unauthorized", "A valid admin bearer token is required.")
+            if any("\x00" in value for value in request.path_params.values()):
+                # No id holds U+0000, and PostgreSQL refuses it in a query parameter.
+                raise AdminError(404, "not_found", "Not found.")
             body = None
             if request.method in ("POST", "PUT"):
                 raw = await request.body()
@@ -77,7 +83,16 @@ class AdminApi:
                     raise AdminError(400, "invalid_json", "The request body is not valid JSON.") from None
                 if not isinstance(body, dict):
                     raise AdminError(400, "invalid_body", "The request body must be a JSON object.")
-            result, tenant_id = await run_in_threadpool(self.run, handler, request.path_params, body)
+                if _holds_nul(body):
+                    raise AdminError(400, "invalid_body", "Strings in the request body may not contain U+0000.")
+            try:
+                result, tenant_id = await run_in_threadpool(self.run, handler, request.path_params, body)
+            except TenantError:
+                raise
+            except Exception:
+                # Answered here: Starlette's outer handler would reset the connection.
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)
             if wakes and tenant_id:
                 await run_in_threadpool(self.wake, tenant_id)
             if status == 204:
@@ -200,6 +215,22 @@ class AdminApi:
 
     def sync(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.sync_state(session, tenant)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any string (or key) in a JSON value holds U+0000, which PostgreSQL text cannot store."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _chunks(items: list[str], size: int = 500):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import orjson
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -31,6 +32,8 @@ from api.scim.schema import (
 from models.tables import GroupMapping, GroupMember, ScimGroup, ScimUser, SyncEvent, new_id, utcnow
 
 BATCH = 500
+# user_name_key / display_name_key are VARCHAR(512) (models/tables.py).
+KEY_LENGTH = 512
 USER_FILTERS = FilterTranslator(USER_RESOURCE, USER_COLUMNS, ScimUser)
 GROUP_FILTERS = FilterTranslator(GROUP_RESOURCE, GROUP_COLUMNS, ScimGroup)
 
@@ -50,6 +53,14 @@ def record_event(session: Session, tenant_id: str, kind: str, user_ids: Iterable
 def _chunks(items: Sequence[Any], size: int = BATCH) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def folded_key(value: str, name: str) -> str:
+    """str.casefold() of a name, for its lookup column; it may grow ("ß" → "ss") past the column."""
+    key = value.casefold()
+    if len(key) > KEY_LENGTH:
+        raise InvalidValueError(f"'{name}' is longer than {KEY_LENGTH} characters once case-folded.")
+    return key
 
 
 def _is_unique_violation(exc: IntegrityError) -> bool:
@@ -81,7 +92,9 @@ class UserFields:
 
 
 def _user_data(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in ("userName", "externalId", "active")}
+    # `active` stays in the document too, so that a user who never had it
+    # (or had it removed) is shown without it; the column says "active".
+    return {k: v for k, v in doc.items() if k not in ("userName", "externalId")}
 
 
 def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> ScimUser:
@@ -91,7 +104,7 @@ def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> ScimUs
         id=new_id(),
         tenant_id=tenant_id,
         user_name=fields.user_name,
-        user_name_key=fields.user_name.casefold(),
+        user_name_key=folded_key(fields.user_name, "userName"),
         external_id=fields.external_id,
         display_name=fields.display_name,
         active=fields.active,
@@ -131,9 +144,10 @@ def get_user_any(session: Session, tenant_id: str, user_id: str) -> ScimUser | N
 
 def user_doc(user: ScimUser) -> dict[str, Any]:
     """The stored document with the column-held attributes, as PATCH and PUT see it."""
-    doc = dict(user.data)
+    # A deep copy: PATCH edits nested values in place, and SQLAlchemy compares
+    # the JSON column with the loaded object to decide whether to write it.
+    doc = orjson.loads(orjson.dumps(user.data))
     doc["userName"] = user.user_name
-    doc["active"] = user.active
     if user.external_id is not None:
         doc["externalId"] = user.external_id
     return doc
@@ -143,7 +157,7 @@ def update_user(session: Session, user: ScimUser, doc: dict[str, Any]) -> ScimUs
     """Store a new document for a user (PUT or the result of a PATCH)."""
     fields = UserFields.of(doc)
     user.user_name = fields.user_name
-    user.user_name_key = fields.user_name.casefold()
+    user.user_name_key = folded_key(fields.user_name, "userName")
     user.external_id = fields.external_id
     user.display_name = fields.display_name
     user.active = fields.active
@@ -202,7 +216,7 @@ def _group_data(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_doc(group: ScimGroup) -> dict[str, Any]:
-    doc = dict(group.data)
+    doc = orjson.loads(orjson.dumps(group.data))
     doc["schemas"] = [GROUP_RESOURCE.core.id]
     doc["displayName"] = group.display_name
     if group.external_id is not None:
@@ -217,7 +231,7 @@ def create_group(session: Session, tenant_id: str, doc: dict[str, Any], members:
         id=new_id(),
         tenant_id=tenant_id,
         display_name=name,
-        display_name_key=name.casefold(),
+        display_name_key=folded_key(name, "displayName"),
         external_id=optional_string(doc, "externalId"),
         data=_group_data(doc),
         created_at=now,
@@ -246,7 +260,7 @@ def update_group(session: Session, group: ScimGroup, doc: dict[str, Any], change
     """Store a group's new document and member changes; only real changes become events."""
     name = required_string(doc, "displayName")
     group.display_name = name
-    group.display_name_key = name.casefold()
+    group.display_name_key = folded_key(name, "displayName")
     group.external_id = optional_string(doc, "externalId")
     group.data = _group_data(doc)
     group.version += 1

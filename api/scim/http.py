@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+import logging
+from typing import Any, Awaitable, Callable
 
 import orjson
 from sqlalchemy import select, update
@@ -25,8 +26,12 @@ from api.scim.schema import ERROR_SCHEMA, LIST_RESPONSE
 from api.tokens import bearer, token_digest
 from models.tables import Tenant, utcnow
 
+log = logging.getLogger(__name__)
+
 SCIM_MEDIA_TYPE = "application/scim+json"
 LAST_SEEN_EVERY_SECONDS = 30.0
+MAX_INT_PARAM = 2**31 - 1
+MAX_JSON_DEPTH = 32
 
 
 class ScimResponse(Response):
@@ -44,6 +49,26 @@ def error_response(exc: ScimError) -> ScimResponse:
     if exc.scim_type:
         body["scimType"] = exc.scim_type
     return ScimResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+class InternalError(ScimError):
+    status = 500
+
+
+def contained(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Answer an unexpected error with a plain SCIM 500 here, not in Starlette's outer
+    middleware, which re-raises after answering and so resets the keep-alive connection."""
+
+    async def serve(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ScimError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return error_response(InternalError("Internal server error."))
+
+    return serve
 
 
 def list_response(total: int, start_index: int, resources: list[dict[str, Any]]) -> ScimResponse:
@@ -74,9 +99,35 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not raw.strip():
         raise InvalidSyntaxError("The request body is empty; a JSON object is required.")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidSyntaxError(f"The request body is not valid JSON ({exc.args[0].split(':')[0]}).") from None
+    check_storable(body)
+    return body
+
+
+def check_storable(body: Any) -> None:
+    """Refuse what parses but cannot be stored or answered: deep nesting, U+0000 in strings.
+
+    orjson answers at most 254 levels deep, and PostgreSQL text cannot hold
+    U+0000: either would otherwise surface as a 500 after the write.
+    """
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidValueError("Strings in the request body may not contain U+0000.")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidSyntaxError(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if "\x00" in key:
+                        raise InvalidValueError("Keys in the request body may not contain U+0000.")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
 
 
 @dataclass
@@ -95,9 +146,11 @@ class Call:
         if raw is None or raw == "":
             return default
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError:
             raise InvalidValueError(f"'{name}' must be an integer.") from None
+        # Past any page anyway; keeps OFFSET and the echoed startIndex within 32 bits.
+        return max(-MAX_INT_PARAM, min(value, MAX_INT_PARAM))
 
     def check_if_match(self, version: int) -> None:
         """RFC 7644 §3.14: a stale If-Match is a 412; `*` matches any version."""
@@ -118,7 +171,8 @@ class Authenticator:
         self.clock = clock
         self._last_seen: dict[str, float] = {}
 
-    def tenant(self, session: Session, tenant_id: str, authorization: str | None) -> Tenant:
+    def tenant(self, session: Session, tenant_id: str, authorization: str | None) -> tuple[Tenant, bool]:
+        """The tenant the token belongs to, and whether last_request_at was written in this transaction."""
         token = bearer(authorization)
         if token is None:
             raise UnauthorizedError()
@@ -133,5 +187,10 @@ class Authenticator:
             # last_request_at is for the admin's eyes; writing it at most every
             # 30 s per process keeps the tenant row out of the hot path.
             self._last_seen[tenant_id] = now
-            session.execute(update(Tenant).where(Tenant.id == tenant_id).values(last_request_at=utcnow()))
-        return tenant
+            self.touch(session, tenant_id)
+            return tenant, True
+        return tenant, False
+
+    @staticmethod
+    def touch(session: Session, tenant_id: str) -> None:
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(last_request_at=utcnow()))

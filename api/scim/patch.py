@@ -14,7 +14,7 @@ from api.scim.errors import (
     MutabilityError,
     NoTargetError,
 )
-from api.scim.schema import PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
+from api.scim.schema import EXTERNAL_ID, PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
 
 # Attributes a client may echo back but never change: silently ignored in
 # pathless values (Okta's group rename PATCH carries the group's `id`).
@@ -141,6 +141,10 @@ class Patcher:
         self._at_path(op, path, value)
 
     def _at_path(self, op: str, path: str, value: Any) -> None:
+        ext = self.resource.is_extension(path.strip())
+        if ext is not None:
+            self._extension(op, ext, value)
+            return
         try:
             parsed = scim_filter.parse_path(path)
         except scim_filter.FilterError as exc:
@@ -168,6 +172,20 @@ class Patcher:
         else:
             self._whole(op, container, attr, value)
 
+    def _extension(self, op: str, ext: Any, value: Any) -> None:
+        """A path naming a whole extension (RFC 7644 §3.5.2: the URN alone)."""
+        if op == "remove" or _is_empty(value):
+            self.doc.pop(ext.id, None)
+            return
+        if not isinstance(value, dict):
+            raise InvalidValueError(f"'{ext.id}' takes an object.")
+        if op == "replace":
+            self.doc.pop(ext.id, None)
+        for key, sub_value in value.items():
+            if key.lower() == "schemas":
+                continue
+            self._at_path("replace" if op == "replace" else op, f"{ext.id}:{key}", sub_value)
+
     def _resolve(self, path: scim_filter.AttrPath) -> tuple[dict[str, Any], Attr]:
         if path.uri and path.uri.lower() != self.resource.core.id.lower():
             ext = self.resource.schema_for(path.uri)
@@ -182,6 +200,9 @@ class Patcher:
                 self.doc[ext.id] = container
             return container, attr
         attr = self.resource.core.attr(path.attr)
+        if attr is None and path.attr.lower() == "externalid":
+            # A common attribute (RFC 7643 §3.1), not in the core schema's list.
+            attr = EXTERNAL_ID
         if attr is None:
             if path.attr.lower() in _IGNORED_TOP:
                 raise MutabilityError(f"'{path.attr}' is read-only.")
@@ -315,7 +336,8 @@ class Patcher:
                 self.members.add_member(member_id, member_type)
         elif op == "replace":
             self.members.replace_all(member_values(value))
-        elif value is None or value == []:
+        elif value is None:
+            # RFC 7644 §3.5.2.2: remove with the path "members" and no value removes them all.
             self.members.replace_all({})
         else:
             # Entra removes members by a value list: exactly those, never all.

@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, exists, false, not_, or_, true
+from sqlalchemy import Boolean, DateTime, and_, exists, not_, or_, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from api.scim import filter as scim_filter
 from api.scim.errors import InvalidFilterError
-from api.scim.schema import Attr, ResourceSchema
+from api.scim.schema import EXTERNAL_ID, Attr, ResourceSchema
 from models.tables import GroupMember, ScimGroup, ScimUser
 
 MAX_RESULTS = 1000
+_META_SUBS = ("resourcetype", "created", "lastmodified", "location", "version")
 DEFAULT_COUNT = 100
 
 # How a filterable attribute maps onto a column: (column, folded) where
@@ -48,7 +49,36 @@ def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _column_kind(column: Any) -> str:
+    """"datetime", "boolean" or "string": what a filter value must be to compare with the column."""
+    column_type = column.type
+    # SQLModel's UTCDateTime is a TypeDecorator: its python_type is not datetime.
+    column_type = getattr(column_type, "impl_instance", None) or getattr(column_type, "impl", column_type)
+    if isinstance(column_type, DateTime):
+        return "datetime"
+    if isinstance(column_type, Boolean):
+        return "boolean"
+    return "string"
+
+
 def _compare(column: Any, folded: bool, op: str, value: Any) -> ColumnElement[bool] | None:
+    kind = _column_kind(column)
+    if value is not None:
+        # A value of the wrong type is a 400 (RFC 7644 §3.4.2.2), never sent to
+        # the database: PostgreSQL refuses varchar = boolean, timestamp = 'text'.
+        if kind == "datetime":
+            if op in ("co", "sw", "ew"):
+                raise InvalidFilterError(f"'{op}' does not apply to a date-time.")
+            value = _datetime(value)
+        elif kind == "boolean":
+            if not isinstance(value, bool):
+                raise InvalidFilterError("A boolean attribute is compared with true or false.")
+            if op not in ("eq", "ne"):
+                raise InvalidFilterError(f"'{op}' does not apply to a boolean.")
+        elif not isinstance(value, str):
+            raise InvalidFilterError("A string attribute is compared with a \"string\".")
+        elif "\x00" in value:
+            raise InvalidFilterError("A filter value may not contain U+0000.")
     if isinstance(value, str) and folded:
         value = value.casefold()
     if op == "eq":
@@ -58,16 +88,10 @@ def _compare(column: Any, folded: bool, op: str, value: Any) -> ColumnElement[bo
     if value is None:
         return None
     if op in ("co", "sw", "ew"):
-        if not isinstance(value, str):
-            return false()
         pattern = _escape_like(value)
         pattern = {"co": f"%{pattern}%", "sw": f"{pattern}%", "ew": f"%{pattern}"}[op]
         return column.like(pattern, escape="\\")
     if op in ("gt", "ge", "lt", "le"):
-        if isinstance(value, bool):
-            return None
-        if column.type.python_type.__name__ == "datetime":
-            value = _datetime(value)
         return {"gt": column > value, "ge": column >= value, "lt": column < value, "le": column <= value}[op]
     return None
 
@@ -104,9 +128,15 @@ class FilterTranslator:
             return None
         head, _, sub = key.partition(".")
         if head == "meta":
-            return Attr(sub or "meta", type="dateTime" if sub in ("created", "lastmodified") else "string")
+            # RFC 7643 §3.1: meta has exactly these sub-attributes.
+            if sub not in _META_SUBS:
+                return None
+            return Attr(sub, type="dateTime" if sub in ("created", "lastmodified") else "string")
         if head in ("id", "schemas"):
-            return Attr(head, case_exact=True)
+            return None if sub else Attr(head, case_exact=True)
+        if head == "externalid":
+            # A common attribute (RFC 7643 §3.1), not in the core schema's list.
+            return None if sub else EXTERNAL_ID
         attr = self.resource.core.attr(head)
         if attr is None:
             return None

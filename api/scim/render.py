@@ -44,7 +44,8 @@ def user_json(row: Any, base_url: str, groups: Iterable[tuple[str, str]] | None 
     out.update(row.data)
     out["schemas"] = row.data.get("schemas") or [USER_SCHEMA]
     out["userName"] = row.user_name
-    out["active"] = row.active
+    if "active" in row.data:
+        out["active"] = row.active
     if row.external_id is not None:
         out["externalId"] = row.external_id
     if groups:
