@@ -67,6 +67,12 @@ def connect_scim(session: Session, tenant: Tenant, provider: str, public_base_ur
     """Set up (or reconnect) SCIM with a new token; the directory is kept."""
     if provider not in PROVIDERS:
         raise TenantError(400, "invalid_body", f"'provider' must be one of: {', '.join(PROVIDERS)}.")
+    if tenant.scim_enabled:
+        # A second set-up would silently cut off the connected IdP.
+        raise TenantError(
+            409, "scim_connected",
+            "SCIM is already connected; rotate the token (POST …/scim/token) or disconnect it first.",
+        )
     token = new_token()
     tenant.provider = provider
     tenant.scim_enabled = True

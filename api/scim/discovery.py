@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from api.scim.bulk import MAX_OPERATIONS
 from api.scim.errors import NotFoundError
 from api.scim.query import MAX_RESULTS
 from api.scim.schema import ALL_SCHEMAS, GROUP_RESOURCE, USER_RESOURCE, ResourceSchema
@@ -17,7 +18,7 @@ def service_provider_config(base_url: str, max_body_bytes: int) -> dict[str, Any
         "schemas": [SPC_SCHEMA],
         "documentationUri": "https://sally.example/help/scim",
         "patch": {"supported": True},
-        "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": max_body_bytes},
+        "bulk": {"supported": True, "maxOperations": MAX_OPERATIONS, "maxPayloadSize": max_body_bytes},
         "filter": {"supported": True, "maxResults": MAX_RESULTS},
         "changePassword": {"supported": False},
         "sort": {"supported": True},

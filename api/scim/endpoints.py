@@ -12,10 +12,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.scim import directory, discovery
-from api.scim.errors import InvalidValueError, MethodNotAllowedError
-from api.scim.http import Authenticator, Call, ScimResponse, list_response, read_json
+from api.scim.bulk import run_bulk
+from api.scim.errors import InvalidFilterError, InvalidValueError, MethodNotAllowedError, NotFoundError, ScimError
+from api.scim.http import Authenticator, Call, ScimResponse, contained, list_response, read_json
 from api.scim.patch import MemberChanges, Patcher, member_values
-from api.scim.query import DEFAULT_COUNT
+from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
 from api.scim.render import etag, group_json, parse_attribute_list, project, user_json, wants
 from api.scim.schema import GROUP_RESOURCE, SEARCH_REQUEST, USER_RESOURCE, ResourceSchema, normalise_resource
 from models.db import session_scope
@@ -51,6 +52,8 @@ class ScimApi:
                 self.endpoint(self.get_group, put=self.replace_group, patch=self.patch_group, delete=self.delete_group),
                 methods=["GET", "PUT", "PATCH", "DELETE"],
             ),
+            Route(prefix + "/.search", self.endpoint(None, self.search_all), methods=["POST"]),
+            Route(prefix + "/Bulk", contained(self.bulk_endpoint), methods=["POST"]),
             Route(prefix + "/ServiceProviderConfig", self.endpoint(self.service_provider_config), methods=["GET"]),
             Route(prefix + "/ResourceTypes", self.endpoint(self.resource_types), methods=["GET"]),
             Route(prefix + "/ResourceTypes/{id}", self.endpoint(self.resource_type), methods=["GET"]),
@@ -75,6 +78,9 @@ class ScimApi:
             handler = handlers.get(request.method)
             if handler is None:
                 raise MethodNotAllowedError(f"{request.method} is not supported here.")
+            if any("\x00" in value for value in request.path_params.values()):
+                # No id holds U+0000, and PostgreSQL refuses it in a query parameter.
+                raise NotFoundError("Not found.")
             body = None
             if request.method in ("POST", "PUT", "PATCH"):
                 body = await read_json(request, self.settings.max_body_bytes)
@@ -88,12 +94,43 @@ class ScimApi:
             )
             return await run_in_threadpool(self.run, handler, call, request.method != "GET")
 
-        return serve
+        return contained(serve)
+
+    async def bulk_endpoint(self, request: Request) -> Response:
+        """POST /Bulk: each operation in its own transaction, one wake-up at the end."""
+        if any("\x00" in value for value in request.path_params.values()):
+            raise NotFoundError("Not found.")
+        body = await read_json(request, self.settings.max_body_bytes)
+        call = Call(
+            tenant_id=request.path_params["tenant_id"],
+            params={},
+            headers={k.lower(): v for k, v in request.headers.items()},
+            path=dict(request.path_params),
+            body=body,
+            base_url=f"{self.settings.public_base_url}/scim/v2/{request.path_params['tenant_id']}",
+        )
+        return await run_in_threadpool(self._bulk, call)
+
+    def _bulk(self, call: Call) -> Response:
+        with session_scope(self.engine) as session:
+            self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
+        response = run_bulk(call.body, call, lambda name, sub: self.run(getattr(self, name), sub, writes=False))
+        self.wake(call.tenant_id)
+        return response
 
     def run(self, handler: Handler, call: Call, writes: bool) -> Response:
-        with session_scope(self.engine) as session:
-            tenant = self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
-            response = handler(session, tenant, call)
+        touched = False
+        try:
+            with session_scope(self.engine) as session:
+                tenant, touched = self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
+                response = handler(session, tenant, call)
+        except ScimError:
+            if touched:
+                # The refused request rolled back its last_request_at, yet the
+                # IdP did reach us with a valid token: record it on its own.
+                with session_scope(self.engine) as session:
+                    self.auth.touch(session, call.tenant_id)
+            raise
         if writes and response.status_code < 300:
             # After the commit, never inside it: a broker outage cannot fail the write.
             self.wake(call.tenant_id)
@@ -201,6 +238,33 @@ class ScimApi:
     def search_groups(self, session: Session, tenant: Tenant, call: Call) -> Response:
         return self._list(session, tenant, call, GROUP_RESOURCE, _search_params(call.body))
 
+    def search_all(self, session: Session, tenant: Tenant, call: Call) -> Response:
+        """POST /.search at the root (RFC 7644 §3.4.3): Users, then Groups, paged together."""
+        params = _search_params(call.body)
+        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
+        start_index = max(1, sub_call.int_param("startIndex", 1))
+        count = max(0, min(sub_call.int_param("count", DEFAULT_COUNT), MAX_RESULTS))
+        docs: list[dict[str, Any]] = []
+        errors: list[InvalidFilterError] = []
+        for resource in (USER_RESOURCE, GROUP_RESOURCE):
+            try:
+                page = directory.list_resources(
+                    session, tenant.id, resource.name, call.base_url,
+                    filter_text=params.get("filter"), start_index=1, count=MAX_RESULTS,
+                    sort_by=None, descending=False,
+                    with_members=resource is GROUP_RESOURCE and self._wants_members(call, params),
+                )
+            except InvalidFilterError as exc:
+                # An attribute only one resource type has filters that type alone.
+                errors.append(exc)
+                continue
+            attributes = parse_attribute_list(resource, params.get("attributes"))
+            excluded = parse_attribute_list(resource, params.get("excludedAttributes"))
+            docs.extend(project(resource, doc, attributes, excluded) for doc in page.docs)
+        if len(errors) == 2:
+            raise errors[0]
+        return list_response(len(docs), start_index, docs[start_index - 1:start_index - 1 + count])
+
     @staticmethod
     def _wants_members(call: Call, params: dict[str, Any] | None = None) -> bool:
         params = call.params if params is None else params
@@ -260,7 +324,7 @@ def _search_params(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidValueError("A SearchRequest body must be a JSON object.")
     schemas = body.get("schemas")
-    if schemas is not None and SEARCH_REQUEST not in schemas:
+    if schemas is not None and (not isinstance(schemas, list) or SEARCH_REQUEST not in schemas):
         raise InvalidValueError(f"'schemas' must be ['{SEARCH_REQUEST}'].")
     out: dict[str, Any] = {}
     for key in ("filter", "sortBy", "sortOrder", "startIndex", "count"):
