@@ -36,6 +36,12 @@ class Outcome:
     stripe_called: bool = False
 
 
+NEEDS_STRIPE = (
+    "This purchase was sent to Stripe by a worker with STRIPE_API_KEY; "
+    "it settles only on such a worker, and this one has no key."
+)
+
+
 def idempotency_key(purchase_id: str) -> str:
     return f"sally-purchase-{purchase_id}"
 
@@ -89,6 +95,13 @@ class PurchaseRunner:
             if purchase.status != "pending":
                 return Outcome("already_settled")
             if self.gateway is None or not billed(tenant, True):
+                if purchase.request_body is not None:
+                    # Frozen by a worker that has Stripe: the update may have run and been
+                    # charged. Recording it as not billed would hide that; it waits, visibly,
+                    # for a worker with STRIPE_API_KEY (the sweep re-sends it).
+                    purchase.error = NEEDS_STRIPE
+                    session.add(purchase)
+                    return Outcome("waiting_for_stripe")
                 return self._settle_not_billed(session, tenant, purchase)
             frozen = purchase.request_body is not None
             subscription_id = tenant.stripe_subscription_id
@@ -177,7 +190,10 @@ class PurchaseRunner:
             if purchase is None or tenant is None or purchase.status != "pending":
                 return Outcome("already_settled")
             before = purchase.quantities_before or {}
-            after = purchase.quantities_after or purchase.demand
+            # Refused before the body was frozen: what it would have asked for (never below before).
+            after = purchase.quantities_after or {
+                tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS
+            }
             return self._settle(session, tenant, purchase, "failed", before, after, None, reason)
 
     def _settle_not_billed(self, session: Session, tenant: Tenant, purchase: Purchase) -> Outcome:
@@ -225,10 +241,15 @@ class PurchaseRunner:
 
 
 def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable[[], datetime] = utcnow) -> Allocation | None:
-    """Read the seats bought from Stripe (when billing is linked), then allocate under the lock."""
+    """Read the seats bought from Stripe (when billing is linked), then allocate under the lock.
+
+    Only until the seats are known: once read (or set by a settled purchase,
+    which reads the subscription itself), a repeated or late message does
+    nothing, and returns None when it made no Stripe call.
+    """
     with session_scope(engine) as session:
         tenant = session.get(Tenant, tenant_id)
-        if tenant is None or not tenant.stripe_subscription_id:
+        if tenant is None or not tenant.stripe_subscription_id or tenant.seats_synced_at is not None:
             return None
         subscription_id = tenant.stripe_subscription_id
     try:
@@ -239,6 +260,10 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
     with session_scope(engine) as session:
         lock_tenant(session, tenant_id)
         tenant = session.execute(select(Tenant).where(Tenant.id == tenant_id)).scalar_one()
+        if tenant.seats_synced_at is not None:
+            # Another read, or a purchase that settled while we read, got there first:
+            # our quantities may be older than theirs and must not be written back.
+            return Allocation()
         now = clock()
         if state is not None:
             set_purchased_seats(session, tenant_id, state.quantities, now)

@@ -103,6 +103,15 @@ def allocate(
     plans: dict[str, TierPlan] = {
         tier: plan_tier(purchased[tier], holders[tier], len(waiting[tier]), caps.get(tier)) for tier in TIERS
     }
+    # The seats the users need per tier, within the cap. A purchase asks for these,
+    # not for `targets` (which are at least the seats we last saw bought): the job
+    # raises each tier to max(the subscription's current quantity, this), so a tier
+    # finance lowered by hand since our last read is not bought back unneeded.
+    needed = {
+        tier: holders[tier] + len(waiting[tier]) if caps.get(tier) is None
+        else min(holders[tier] + len(waiting[tier]), caps[tier])
+        for tier in TIERS
+    }
     in_flight = pending_purchase(session, tenant.id)
     is_billed = billed(tenant, billing_configured)
     blocked = tenant.billing_blocked or None
@@ -110,11 +119,11 @@ def allocate(
     if targets is not None and blocked is not None:
         ceiling = blocked.get("targets")
         # After a refusal, plan again only for demand beyond what was refused.
-        if ceiling is None or all(targets[t] <= ceiling.get(t, 0) for t in TIERS):
+        if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
             targets = None
     syncing = is_billed and tenant.seats_synced_at is None
     if targets is not None and in_flight is None and not syncing:
-        result.purchase_id = _plan_purchase(session, tenant, purchased, targets, now, trigger)
+        result.purchase_id = _plan_purchase(session, tenant, purchased, needed, now, trigger)
     result.needs_seat_sync = syncing and blocked is None
 
     for tier in TIERS:
@@ -152,7 +161,7 @@ def allocate(
 
 
 def _plan_purchase(
-    session: Session, tenant: Tenant, purchased: dict[str, int], targets: dict[str, int], now: datetime, trigger: str
+    session: Session, tenant: Tenant, purchased: dict[str, int], needed: dict[str, int], now: datetime, trigger: str
 ) -> str | None:
     """Insert the tenant's one pending purchase; its Stripe body is frozen by the purchase job."""
     purchase = Purchase(
@@ -161,7 +170,7 @@ def _plan_purchase(
         created_at=now,
         status="pending",
         trigger=trigger[:255],
-        demand=dict(targets),
+        demand=dict(needed),
         quantities_before=dict(purchased),
         enqueued_at=now,
     )

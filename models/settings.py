@@ -27,6 +27,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value >= minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw}")
+    return value
+
+
 def normalise_database_url(url: str) -> str:
     """Drive plain `postgresql://` URLs with psycopg 3, as CONTRACT.md promises."""
     for prefix in ("postgresql://", "postgres://"):
@@ -106,5 +119,7 @@ class Settings:
             worker_threads=_int(env, "WORKER_THREADS", 8, 1),
             max_body_bytes=_int(env, "SCIM_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),
             scim_rate_limit=_int(env, "SCIM_RATE_LIMIT", 0, 0),
+            # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
+            sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
         )

@@ -89,7 +89,8 @@ def sync_seats(tenant_id: str) -> None:
         rt.telemetry.stripe("transient_error")
         raise
     rt.telemetry.job("sync_seats", "ok")
-    rt.telemetry.stripe("ok")
+    if allocation is not None:  # None: the seats were known already, Stripe was not called
+        rt.telemetry.stripe("ok")
     if allocation is not None and allocation.purchase_id:
         purchase_seats.send(allocation.purchase_id)
 

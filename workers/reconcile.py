@@ -61,19 +61,28 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
         yield items[start:start + size]
 
 
-def load_mapping(session: Session, tenant_id: str) -> GroupMapping:
+def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupMapping]:
+    """The tenant and its mapping in ONE statement: one snapshot, so an admin's PUT (which
+    writes both in one transaction) is seen whole or not at all, never the new mapping
+    with the old auto_invite or seat_cap."""
+    tenant: Tenant | None = None
     slots: dict[str, list[str]] = {}
-    for group_id, slot in session.execute(
-        select(MappingRow.group_id, MappingRow.slot).where(MappingRow.tenant_id == tenant_id)
+    for row_tenant, group_id, slot in session.execute(
+        select(Tenant, MappingRow.group_id, MappingRow.slot)
+        .outerjoin(MappingRow, MappingRow.tenant_id == Tenant.id)
+        .where(Tenant.id == tenant_id)
     ):
-        slots.setdefault(slot, []).append(group_id)
-    return GroupMapping.from_config(
+        tenant = row_tenant
+        if group_id is not None:
+            slots.setdefault(slot, []).append(group_id)
+    mapping = GroupMapping.from_config(
         {
             "user_groups": slots.get("user", []),
             "admin_groups": slots.get("admin", []),
             "license_groups": {tier: slots.get(tier, []) for tier in ("starter", "team", "enterprise")},
         }
     )
+    return tenant, mapping
 
 
 class Reconciler:
@@ -88,9 +97,12 @@ class Reconciler:
         result = ReconcileResult()
         with session_scope(self.engine) as session:
             lock_tenant(session, tenant_id)
-            tenant = session.get(Tenant, tenant_id)
-            if tenant is None:
-                return result
+            # The events first, then what they refer to (the tenant's settings, the
+            # mapping, the users): under READ COMMITTED every statement sees all the
+            # commits before it, so an admin change whose event we apply is one whose
+            # auto_invite and seat_cap we also see. Read the other way round, a mapping
+            # saved in between would be applied with the old settings and marked done.
+            # (SQLite's BEGIN IMMEDIATE serialises writers: there the order is moot.)
             events = list(
                 session.execute(
                     select(SyncEvent.id, SyncEvent.kind, SyncEvent.user_ids)
@@ -103,13 +115,16 @@ class Reconciler:
             events = events[:batch]
             if not events:
                 return result
+            tenant, mapping = load_tenant(session, tenant_id)
+            if tenant is None:
+                return result
             now = self.clock()
             if any(kind == "config_changed" for _, kind, _ in events):
                 # The admin saved the mapping: a refused purchase may be tried again.
                 tenant.billing_blocked = None
             everyone = any(user_ids is None for _, _, user_ids in events)
             user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
-            result.invitation_ids = self._evaluate(session, tenant, user_ids, now)
+            result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now)
             triggers = sorted({kind for _, kind, _ in events})
             allocation = allocate(
                 session, tenant, now,
@@ -126,9 +141,10 @@ class Reconciler:
             result.applied = len(ids)
         return result
 
-    def _evaluate(self, session: Session, tenant: Tenant, user_ids: list[str] | None, now: datetime) -> list[str]:
+    def _evaluate(
+        self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None, now: datetime
+    ) -> list[str]:
         """Recompute role and wanted tier of the given users (None = all); returns new invitation ids."""
-        mapping = load_mapping(session, tenant.id)
         users: dict[str, ScimUser] = {}
         memberships: dict[str, set[str]] = {}
         accounts: dict[str, Account] = {}
