@@ -23,3 +23,15 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": tenant_lock_key(tenant_id)})
+
+
+def try_lock_tenant(session: Session, tenant_id: str) -> bool:
+    """Take the tenant's lock if it is free; False when another transaction holds it.
+
+    On SQLite the write transaction already holds the database's one write lock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return bool(
+            session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": tenant_lock_key(tenant_id)}).scalar()
+        )
+    return True

@@ -122,8 +122,8 @@ class PurchaseRunner:
                     after = {tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS}
                     if after == before:
                         # The subscription already has the seats (finance raised it by
-                        # hand): nothing to buy, nothing to bill.
-                        return self._settle(session, tenant, purchase, "succeeded", before, before, None, None)
+                        # hand, or they were simply not read yet): nothing to buy.
+                        return self._nothing_to_buy(session, tenant, purchase, before)
                     try:
                         body = self.gateway.build_update(state, after, metadata_for(purchase, before, after))
                     except PermanentBillingError as error:
@@ -168,6 +168,20 @@ class PurchaseRunner:
             )
             outcome.stripe_called = True
             return outcome
+
+    def _nothing_to_buy(self, session: Session, tenant: Tenant, purchase: Purchase, seats: dict[str, int]) -> Outcome:
+        """Record the seats read from Stripe and drop the plan: the ledger lists purchases only."""
+        now = self.clock()
+        set_purchased_seats(session, tenant.id, seats, now)
+        tenant.seats_synced_at = now
+        tenant.billing_blocked = None
+        session.add(tenant)
+        session.delete(purchase)
+        session.flush()
+        allocation = allocate(
+            session, tenant, now, billing_configured=self.gateway is not None, trigger="seats read from Stripe"
+        )
+        return Outcome("nothing_to_buy", next_purchase_id=allocation.purchase_id)
 
     def _count_attempt(self, purchase_id: str) -> None:
         with session_scope(self.engine) as session:

@@ -122,9 +122,11 @@ def allocate(
         if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
             targets = None
     syncing = is_billed and tenant.seats_synced_at is None
-    if targets is not None and in_flight is None and not syncing:
+    if targets is not None and in_flight is None:
+        # Also while the seats bought are not read yet: the purchase job reads the
+        # subscription before it buys, and …/sync counts it as pending meanwhile.
         result.purchase_id = _plan_purchase(session, tenant, purchased, needed, now, trigger)
-    result.needs_seat_sync = syncing and blocked is None
+    result.needs_seat_sync = syncing and blocked is None and result.purchase_id is None and in_flight is None
 
     for tier in TIERS:
         plan = plans[tier]
@@ -142,7 +144,7 @@ def allocate(
         buying_count = len(rest) - plan.over_cap
         if blocked is not None and result.purchase_id is None and in_flight is None:
             buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
-        elif syncing and in_flight is None:
+        elif syncing and in_flight is None and result.purchase_id is None:
             buying_reason = REASON_SYNCING
         else:
             buying_reason = REASON_BUYING.format(tier=tier)

@@ -39,11 +39,11 @@ class Tenant(SQLModel, table=True):
     token_created_at: Optional[datetime] = None
     last_request_at: Optional[datetime] = None
     auto_invite: bool = False
-    seat_cap: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    seat_cap: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     # {"reason", "targets"} of a purchase (or seat read) Stripe refused for
     # good: no new purchase is planned below those targets until the admin
     # saves the mapping again.
-    billing_blocked: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    billing_blocked: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     # When the seats bought were last read from the Stripe subscription.
     seats_synced_at: Optional[datetime] = None
     last_reconciled_at: Optional[datetime] = None
@@ -138,7 +138,7 @@ class SyncEvent(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
     kind: str = Field(max_length=32)
     # The users whose access this event may change; None means "the whole tenant".
-    user_ids: Optional[list[str]] = Field(default=None, sa_column=Column(JSON))
+    user_ids: Optional[list[str]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     created_at: datetime = Field(default_factory=utcnow)
     applied_at: Optional[datetime] = None
 
@@ -200,10 +200,10 @@ class Purchase(SQLModel, table=True):
     # Seats the users need per tier when planned; the targets are fixed when
     # the subscription is read just before the call.
     demand: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    quantities_before: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
-    quantities_after: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON))
+    quantities_before: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    quantities_after: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     subscription_id: Optional[str] = Field(default=None, max_length=255)
-    request_body: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    request_body: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     idempotency_key: Optional[str] = Field(default=None, max_length=255)
     stripe_invoice_id: Optional[str] = Field(default=None, max_length=255)
     error: Optional[str] = Field(default=None, max_length=2048)

@@ -9,6 +9,7 @@ from dramatiq.middleware import CurrentMessage
 
 from billing.purchasing import PurchaseRunner
 from billing.purchasing import sync_seats as sync_seats_from_stripe
+from billing.stripe_gateway import BillingError
 from workers import invitations, runtime
 from workers.broker import INVITE_QUEUE, PURCHASE_QUEUE, RECONCILE_QUEUE
 from workers.reconcile import Reconciler
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 RECONCILE_RETRIES = 20
 PURCHASE_RETRIES = 12
 INVITE_RETRIES = 8
+BUSY_RETRY_MS = 250
 
 
 def _retries_so_far() -> int:
@@ -34,14 +36,23 @@ def _retries_so_far() -> int:
 def reconcile_tenant(tenant_id: str) -> None:
     """Apply a tenant's unapplied events; then send the purchase and invitations it planned."""
     rt = runtime.current()
-    # Cleared before the events are read: a write committed after this
-    # point sets the flag again and sends a new message, so none is lost.
-    rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
+
+    def clear_pending() -> None:
+        # Cleared under the lock and before the events are read: a write committed
+        # after this point sets the flag again and sends a new message, so none is lost.
+        rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
+
     try:
-        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id)
+        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id, on_locked=clear_pending)
     except Exception:
         rt.telemetry.job("reconcile_tenant", "error")
         raise
+    if result.busy:
+        # Another worker is reconciling this tenant; the flag stays set, so writes
+        # meanwhile send nothing more and this one message comes back for them.
+        rt.telemetry.job("reconcile_tenant", "busy")
+        reconcile_tenant.send_with_options(args=(tenant_id,), delay=BUSY_RETRY_MS)
+        return
     rt.telemetry.job("reconcile_tenant", "ok")
     if result.purchase_id:
         purchase_seats.send(result.purchase_id)
@@ -62,9 +73,12 @@ def purchase_seats(purchase_id: str) -> None:
     rt = runtime.current()
     try:
         outcome = PurchaseRunner(rt.engine, rt.gateway).run(purchase_id)
-    except Exception:
+    except BillingError:
         rt.telemetry.job("purchase_seats", "error")
         rt.telemetry.stripe("transient_error")
+        raise
+    except Exception:
+        rt.telemetry.job("purchase_seats", "error")
         raise
     rt.telemetry.job("purchase_seats", outcome.status)
     if outcome.stripe_called:
@@ -84,9 +98,12 @@ def sync_seats(tenant_id: str) -> None:
         return
     try:
         allocation = sync_seats_from_stripe(rt.engine, rt.gateway, tenant_id)
-    except Exception:
+    except BillingError:
         rt.telemetry.job("sync_seats", "error")
         rt.telemetry.stripe("transient_error")
+        raise
+    except Exception:
+        rt.telemetry.job("sync_seats", "error")
         raise
     rt.telemetry.job("sync_seats", "ok")
     if allocation is not None:  # None: the seats were known already, Stripe was not called

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from billing.licenses import GroupMapping, entitlement
-from billing.locks import lock_tenant
+from billing.locks import try_lock_tenant
 from billing.seats import allocate, billed
 from models.db import session_scope
 from models.tables import (
@@ -37,6 +37,7 @@ NO_ADDRESS = "No email address: the user has no emails and a userName that is no
 
 @dataclass
 class ReconcileResult:
+    busy: bool = False
     applied: int = 0
     more: bool = False
     purchase_id: str | None = None
@@ -93,10 +94,19 @@ class Reconciler:
         self.billing_configured = billing_configured
         self.clock = clock
 
-    def run(self, tenant_id: str, batch: int = BATCH_EVENTS) -> ReconcileResult:
+    def run(
+        self, tenant_id: str, batch: int = BATCH_EVENTS, on_locked: Callable[[], None] | None = None
+    ) -> ReconcileResult:
+        """Apply up to `batch` events; `busy` when another reconcile of the tenant holds its lock."""
         result = ReconcileResult()
         with session_scope(self.engine) as session:
-            lock_tenant(session, tenant_id)
+            if not try_lock_tenant(session, tenant_id):
+                # Waiting here would tie up a worker thread per queued message
+                # during a burst; the caller sends the message again, a bit later.
+                result.busy = True
+                return result
+            if on_locked is not None:
+                on_locked()
             # The events first, then what they refer to (the tenant's settings, the
             # mapping, the users): under READ COMMITTED every statement sees all the
             # commits before it, so an admin change whose event we apply is one whose
@@ -159,10 +169,11 @@ class Reconciler:
             accounts = {a.user_id: a for a in session.execute(select(Account).where(Account.tenant_id == tenant.id)).scalars()}
         else:
             for chunk in _chunks(user_ids):
+                # By primary key alone, the tenant checked here: without planner
+                # statistics PostgreSQL may otherwise scan the tenant's userName index.
                 users.update(
-                    (u.id, u) for u in session.execute(
-                        select(ScimUser).where(ScimUser.tenant_id == tenant.id, ScimUser.id.in_(chunk))
-                    ).scalars()
+                    (u.id, u) for u in session.execute(select(ScimUser).where(ScimUser.id.in_(chunk))).scalars()
+                    if u.tenant_id == tenant.id
                 )
                 for member_id, group_id in session.execute(
                     select(GroupMember.member_id, GroupMember.group_id).where(GroupMember.member_id.in_(chunk))
@@ -172,6 +183,10 @@ class Reconciler:
                     (a.user_id, a) for a in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars()
                 )
 
+        if not (mapping.user_groups or mapping.admin_groups):
+            # No group gives access yet (an IdP's first cycle, before the admin maps
+            # anything): only users who had an account can change.
+            users = {uid: user for uid, user in users.items() if uid in accounts}
         invitations: list[dict[str, Any]] = []
         for user in users.values():
             deleted = user.deleted_at is not None

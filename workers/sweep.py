@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import redis
 from dramatiq.middleware import Middleware
@@ -16,7 +16,14 @@ from workers import invitations, runtime
 
 log = logging.getLogger(__name__)
 
-RESEND_AFTER = timedelta(seconds=60)
+# A purchase job is idempotent (its body and key are frozen), so a duplicate
+# message costs one lock and a Stripe replay at most; a lost one costs this long.
+RESEND_AFTER = timedelta(seconds=30)
+# Unapplied events this old mean the tenant's wake-up was lost (a worker died
+# holding it): send again, whatever the coalescing flag says.
+STALE_EVENTS = timedelta(seconds=15)
+# One seat read per tenant per minute at most while Stripe is unreachable.
+SEAT_SYNC_EVERY_SECONDS = 60
 BATCH = 1000
 
 
@@ -39,9 +46,11 @@ class Sweeper:
         stale = now - RESEND_AFTER
         sent = {"tenants": 0, "purchases": 0, "seat_syncs": 0, "invitations": 0}
         with session_scope(self.rt.engine) as session:
-            tenants = [t for (t,) in session.execute(
-                select(SyncEvent.tenant_id).where(SyncEvent.applied_at.is_(None)).group_by(SyncEvent.tenant_id)
-            )]
+            tenants = list(session.execute(
+                select(SyncEvent.tenant_id, func.min(SyncEvent.created_at))
+                .where(SyncEvent.applied_at.is_(None))
+                .group_by(SyncEvent.tenant_id)
+            ))
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
                 .where(Purchase.status == "pending", func.coalesce(Purchase.enqueued_at, stale) <= stale)
@@ -60,21 +69,32 @@ class Sweeper:
                 )]
             due = invitations.due_invitations(session, now, limit=BATCH)
             invitations.mark_enqueued(session, due, now)
-        for tenant_id in tenants:
-            # Coalesced: a tenant whose message is still queued is not sent again.
-            sent["tenants"] += int(self.rt.waker.wake(tenant_id))
+        for tenant_id, oldest in tenants:
+            if _aware(oldest) <= now - STALE_EVENTS:
+                self.rt.waker.send(tenant_id)
+                sent["tenants"] += 1
+            else:
+                # Coalesced: a tenant whose message is still queued is not sent again.
+                sent["tenants"] += int(self.rt.waker.wake(tenant_id))
         for purchase_id in purchases:
             actors.purchase_seats.send(purchase_id)
         sent["purchases"] = len(purchases)
         for tenant_id in seat_syncs:
-            actors.sync_seats.send(tenant_id)
-        sent["seat_syncs"] = len(seat_syncs)
+            key = f"{self.rt.settings.redis_namespace}:seat-sync-sent:{tenant_id}"
+            if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
+                actors.sync_seats.send(tenant_id)
+                sent["seat_syncs"] += 1
         for invitation_id in due:
             actors.send_invitation.send(invitation_id)
         sent["invitations"] = len(due)
         if any(sent.values()):
             log.info("sweep re-sent %s", sent)
         return sent
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class SweepMiddleware(Middleware):

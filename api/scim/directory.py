@@ -295,19 +295,20 @@ def _resolve_members(session: Session, tenant_id: str, wanted: dict[str, str | N
     """Member id → "User"/"Group"; an id that is neither in this tenant is a 400 (RFC 7643 §4.2)."""
     ids = list(wanted)
     found: dict[str, str] = {}
+    # Looked up by primary key alone, tenant and deletion checked here: without
+    # planner statistics (a new tenant, autovacuum behind) PostgreSQL may pick the
+    # partial userName index and read every user of the tenant for one member.
     for chunk in _chunks(ids):
-        for (uid,) in session.execute(
-            select(ScimUser.id).where(
-                ScimUser.tenant_id == tenant_id, ScimUser.id.in_(chunk), ScimUser.deleted_at.is_(None)
-            )
+        for uid, owner, deleted_at in session.execute(
+            select(ScimUser.id, ScimUser.tenant_id, ScimUser.deleted_at).where(ScimUser.id.in_(chunk))
         ):
-            found[uid] = "User"
+            if owner == tenant_id and deleted_at is None:
+                found[uid] = "User"
     missing = [i for i in ids if i not in found]
     for chunk in _chunks(missing):
-        for (gid,) in session.execute(
-            select(ScimGroup.id).where(ScimGroup.tenant_id == tenant_id, ScimGroup.id.in_(chunk))
-        ):
-            found[gid] = "Group"
+        for gid, owner in session.execute(select(ScimGroup.id, ScimGroup.tenant_id).where(ScimGroup.id.in_(chunk))):
+            if owner == tenant_id:
+                found[gid] = "Group"
     unknown = [i for i in ids if i not in found]
     if unknown:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")

@@ -427,11 +427,6 @@ def test_a_purchase_never_raises_again_what_finance_lowered_by_hand(admin, stack
     scim.client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a newly linked subscription's seats are read (sync_seats) after the reconcile "
-    "committed its events as applied, so …/sync says caught up before the purchase that read plans exists",
-)
 def test_sync_is_not_caught_up_while_the_seats_bought_are_still_being_read(admin, stack):
     """Given a tenant just linked to Stripe whose subscription takes a few seconds to read,
     When users are mapped and the admin waits for …/sync to say caught up,
