@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 import orjson
@@ -40,8 +41,9 @@ GROUP_FILTERS = FilterTranslator(GROUP_RESOURCE, GROUP_COLUMNS, ScimGroup)
 
 def record_event(session: Session, tenant_id: str, kind: str, user_ids: Iterable[str] | None) -> None:
     """Append a sync event in the caller's transaction; None means every user of the tenant."""
-    session.execute(
-        insert(SyncEvent).values(
+    # Core on the table, not the ORM entity: this runs on every SCIM write.
+    session.connection().execute(
+        insert(SyncEvent.__table__).values(
             tenant_id=tenant_id,
             kind=kind,
             user_ids=None if user_ids is None else sorted(set(user_ids)),
@@ -97,30 +99,32 @@ def _user_data(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k not in ("userName", "externalId")}
 
 
-def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> ScimUser:
+def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> SimpleNamespace:
+    """Insert a user and its event: two Core statements, no unit of work (the hot path)."""
     fields = UserFields.of(doc)
     now = utcnow()
-    user = ScimUser(
-        id=new_id(),
-        tenant_id=tenant_id,
-        user_name=fields.user_name,
-        user_name_key=folded_key(fields.user_name, "userName"),
-        external_id=fields.external_id,
-        display_name=fields.display_name,
-        active=fields.active,
-        data=_user_data(doc),
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(user)
+    row = {
+        "id": new_id(),
+        "tenant_id": tenant_id,
+        "user_name": fields.user_name,
+        "user_name_key": folded_key(fields.user_name, "userName"),
+        "external_id": fields.external_id,
+        "display_name": fields.display_name,
+        "active": fields.active,
+        "data": _user_data(doc),
+        "version": 1,
+        "created_at": now,
+        "updated_at": now,
+        "deleted_at": None,
+    }
     try:
-        session.flush()
+        session.connection().execute(insert(ScimUser.__table__), row)
     except IntegrityError as exc:
         if _is_unique_violation(exc):
             raise UniquenessError(f"userName '{fields.user_name}' is already taken in this tenant.") from None
         raise
-    record_event(session, tenant_id, "user_created", [user.id])
-    return user
+    record_event(session, tenant_id, "user_created", [row["id"]])
+    return SimpleNamespace(**row)
 
 
 def get_user(session: Session, tenant_id: str, user_id: str, *, lock: bool = False) -> ScimUser:
@@ -273,7 +277,19 @@ def update_group(session: Session, group: ScimGroup, doc: dict[str, Any], change
 
 
 def delete_group(session: Session, group: ScimGroup) -> None:
-    """Delete a group; it drops out of the tenant's mapping and everyone is re-evaluated."""
+    """Delete a group; it drops out of the tenant's mapping and of the groups it was a
+    member of (like a deleted user), and everyone is re-evaluated."""
+    parents = select(GroupMember.group_id).where(
+        GroupMember.member_id == group.id, GroupMember.tenant_id == group.tenant_id
+    ).scalar_subquery()
+    session.execute(
+        update(ScimGroup)
+        .where(ScimGroup.id.in_(parents), ScimGroup.tenant_id == group.tenant_id)
+        .values(version=ScimGroup.version + 1, updated_at=utcnow())
+    )
+    session.execute(
+        delete(GroupMember).where(GroupMember.member_id == group.id, GroupMember.tenant_id == group.tenant_id)
+    )
     session.execute(delete(GroupMember).where(GroupMember.group_id == group.id))
     session.execute(
         delete(GroupMapping).where(GroupMapping.tenant_id == group.tenant_id, GroupMapping.group_id == group.id)
@@ -339,14 +355,17 @@ def apply_member_changes(session: Session, group: ScimGroup, changes: MemberChan
             {"group_id": group.id, "member_id": mid, "tenant_id": group.tenant_id, "member_type": kinds[mid]}
             for mid in add
         ]
-        for chunk in _chunks(rows):
-            statement = (
-                insert_ignore(GroupMember)
-                .values(list(chunk))
-                .on_conflict_do_nothing(index_elements=["group_id", "member_id"])
-                .returning(GroupMember.member_id, GroupMember.member_type)
-            )
-            touched.extend(mid for mid, mtype in session.execute(statement) if mtype == "User")
+        # One statement shape whatever the number of rows (executemany with
+        # RETURNING): compiled once and cached, where a multi-row VALUES of a new
+        # length would be compiled again on every PATCH.
+        table = GroupMember.__table__
+        statement = (
+            insert_ignore(table)
+            .on_conflict_do_nothing(index_elements=["group_id", "member_id"])
+            .returning(table.c.member_id, table.c.member_type)
+        )
+        inserted = session.connection().execute(statement, rows)
+        touched.extend(mid for mid, mtype in inserted if mtype == "User")
     if remove:
         for chunk in _chunks(sorted(remove)):
             statement = (

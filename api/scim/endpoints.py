@@ -14,16 +14,15 @@ from starlette.routing import Route
 from api.scim import directory, discovery
 from api.scim.bulk import run_bulk
 from api.scim.errors import InvalidFilterError, InvalidValueError, MethodNotAllowedError, NotFoundError, ScimError
-from api.scim.http import Authenticator, Call, ScimResponse, contained, list_response, read_json
+from api.scim.http import AuthorizedTenant, Authenticator, Call, ScimResponse, contained, list_response, read_json
 from api.scim.patch import MemberChanges, Patcher, member_values
 from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
 from api.scim.render import etag, group_json, parse_attribute_list, project, user_json, wants
 from api.scim.schema import GROUP_RESOURCE, SEARCH_REQUEST, USER_RESOURCE, ResourceSchema, normalise_resource
 from models.db import session_scope
 from models.settings import Settings
-from models.tables import Tenant
 
-Handler = Callable[[Session, Tenant, Call], Response]
+Handler = Callable[[Session, AuthorizedTenant, Call], Response]
 
 
 class ScimApi:
@@ -147,19 +146,19 @@ class ScimApi:
 
     # ------------------------------------------------------------- users
 
-    def create_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def create_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(USER_RESOURCE, call.body)
         user = directory.create_user(session, tenant.id, doc)
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url), 201)
 
-    def get_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def get_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = directory.get_user(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(user.version):
             return Response(status_code=304, headers={"ETag": etag(user.version)})
         groups = directory.groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
-    def replace_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def replace_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(user.version)
         doc = normalise_resource(USER_RESOURCE, call.body)
@@ -167,7 +166,7 @@ class ScimApi:
         groups = directory.groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
-    def patch_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(user.version)
         doc = Patcher(USER_RESOURCE, directory.user_doc(user)).apply(call.body)
@@ -175,34 +174,34 @@ class ScimApi:
         groups = directory.groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
-    def delete_user(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def delete_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(user.version)
         directory.delete_user(session, user)
         return Response(status_code=204)
 
-    def list_users(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def list_users(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return self._list(session, tenant, call, USER_RESOURCE, call.params)
 
-    def search_users(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def search_users(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return self._list(session, tenant, call, USER_RESOURCE, _search_params(call.body))
 
     # ------------------------------------------------------------ groups
 
-    def create_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def create_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(GROUP_RESOURCE, call.body)
         members = member_values(doc.pop("members", None))
         group = directory.create_group(session, tenant.id, doc, members)
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)), 201)
 
-    def get_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def get_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = directory.get_group(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(group.version):
             return Response(status_code=304, headers={"ETag": etag(group.version)})
         members = directory.members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
-    def replace_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def replace_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(group.version)
         doc = normalise_resource(GROUP_RESOURCE, call.body)
@@ -213,7 +212,7 @@ class ScimApi:
         directory.update_group(session, group, doc, changes)
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)))
 
-    def patch_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def patch_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(group.version)
         changes = MemberChanges()
@@ -226,19 +225,19 @@ class ScimApi:
         members = directory.members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
-    def delete_group(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def delete_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(group.version)
         directory.delete_group(session, group)
         return Response(status_code=204)
 
-    def list_groups(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def list_groups(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return self._list(session, tenant, call, GROUP_RESOURCE, call.params)
 
-    def search_groups(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def search_groups(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return self._list(session, tenant, call, GROUP_RESOURCE, _search_params(call.body))
 
-    def search_all(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def search_all(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         """POST /.search at the root (RFC 7644 §3.4.3): Users, then Groups, paged together."""
         params = _search_params(call.body)
         sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
@@ -275,7 +274,7 @@ class ScimApi:
         # Entra reads groups with excludedAttributes=members: never load them then.
         return not wants(excluded, "members")
 
-    def _list(self, session: Session, tenant: Tenant, call: Call, resource: ResourceSchema, params: dict[str, Any]) -> Response:
+    def _list(self, session: Session, tenant: AuthorizedTenant, call: Call, resource: ResourceSchema, params: dict[str, Any]) -> Response:
         sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
         start_index = sub_call.int_param("startIndex", 1)
         count = sub_call.int_param("count", DEFAULT_COUNT)
@@ -301,21 +300,21 @@ class ScimApi:
 
     # --------------------------------------------------------- discovery
 
-    def service_provider_config(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def service_provider_config(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return ScimResponse(discovery.service_provider_config(call.base_url, self.settings.max_body_bytes))
 
-    def resource_types(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def resource_types(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         items = discovery.resource_types(call.base_url)
         return list_response(len(items), 1, items)
 
-    def resource_type(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def resource_type(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return ScimResponse(discovery.one_resource_type(call.base_url, call.path["id"]))
 
-    def schemas(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def schemas(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         items = discovery.schemas(call.base_url)
         return list_response(len(items), 1, items)
 
-    def schema(self, session: Session, tenant: Tenant, call: Call) -> Response:
+    def schema(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         return ScimResponse(discovery.one_schema(call.base_url, call.path["id"]))
 
 
