@@ -18,8 +18,8 @@ from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
 from api.scim.errors import ScimError
-from api.scim.ratelimit import RateLimitMiddleware
 from api.scim.http import error_response
+from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
 from models.db import make_engine
 from models.settings import Settings

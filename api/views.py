@@ -9,8 +9,16 @@ from sqlmodel import Session
 
 from api.scim.render import iso
 from models.settings import TIERS
+from models.tables import (
+    Account,
+    Invitation,
+    Purchase,
+    ScimUser,
+    SeatCount,
+    SyncEvent,
+    Tenant,
+)
 from workers.reconcile import invitation_address
-from models.tables import Account, Invitation, Purchase, ScimUser, SeatCount, SyncEvent, Tenant
 
 
 def _iso(moment: Any) -> str | None:

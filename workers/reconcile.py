@@ -19,13 +19,15 @@ from billing.seats import allocate, billed
 from models.db import session_scope
 from models.tables import (
     Account,
-    GroupMapping as MappingRow,
     GroupMember,
     Invitation,
     ScimUser,
     SyncEvent,
     Tenant,
     utcnow,
+)
+from models.tables import (
+    GroupMapping as MappingRow,
 )
 from workers.mailer import message_id
 

@@ -8,7 +8,12 @@ from typing import Any, Callable
 import orjson
 from starlette.responses import Response
 
-from api.scim.errors import InvalidSyntaxError, InvalidValueError, PayloadTooLargeError, ScimError
+from api.scim.errors import (
+    InvalidSyntaxError,
+    InvalidValueError,
+    PayloadTooLargeError,
+    ScimError,
+)
 from api.scim.http import Call, ScimResponse, error_response
 from api.scim.schema import BULK_REQUEST, BULK_RESPONSE
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-import logging
 from typing import Any, Awaitable, Callable
 
 import orjson

@@ -9,8 +9,8 @@ from api.scim.errors import InvalidValueError
 from api.scim.schema import (
     GROUP_SCHEMA,
     LEGACY_CORE_SCHEMAS,
-    ResourceSchema,
     USER_SCHEMA,
+    ResourceSchema,
 )
 
 ALWAYS = {"id", "schemas"}

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from billing.purchasing import PurchaseRunner, sync_seats
 from billing.stripe_gateway import StripeGateway
-from models.tables import Account, Invitation, Purchase, SyncEvent
+from models.tables import Invitation, Purchase, SyncEvent
 from tests.conftest import connect_tenant
 from tests.fakes.stripe_server import FakeStripe
 from workers.reconcile import Reconciler
