@@ -30,7 +30,15 @@ from api.scim.schema import (
     optional_string,
     required_string,
 )
-from models.tables import GroupMapping, GroupMember, ScimGroup, ScimUser, SyncEvent, new_id, utcnow
+from models.tables import (
+    GroupMapping,
+    GroupMember,
+    ScimGroup,
+    ScimUser,
+    SyncEvent,
+    new_id,
+    utcnow,
+)
 
 BATCH = 500
 # user_name_key / display_name_key are VARCHAR(512) (models/tables.py).

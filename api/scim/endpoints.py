@@ -13,12 +13,39 @@ from starlette.routing import Route
 
 from api.scim import directory, discovery
 from api.scim.bulk import run_bulk
-from api.scim.errors import InvalidFilterError, InvalidValueError, MethodNotAllowedError, NotFoundError, ScimError
-from api.scim.http import AuthorizedTenant, Authenticator, Call, ScimResponse, contained, list_response, read_json
+from api.scim.errors import (
+    InvalidFilterError,
+    InvalidValueError,
+    MethodNotAllowedError,
+    NotFoundError,
+    ScimError,
+)
+from api.scim.http import (
+    Authenticator,
+    AuthorizedTenant,
+    Call,
+    ScimResponse,
+    contained,
+    list_response,
+    read_json,
+)
 from api.scim.patch import MemberChanges, Patcher, member_values
 from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
-from api.scim.render import etag, group_json, parse_attribute_list, project, user_json, wants
-from api.scim.schema import GROUP_RESOURCE, SEARCH_REQUEST, USER_RESOURCE, ResourceSchema, normalise_resource
+from api.scim.render import (
+    etag,
+    group_json,
+    parse_attribute_list,
+    project,
+    user_json,
+    wants,
+)
+from api.scim.schema import (
+    GROUP_RESOURCE,
+    SEARCH_REQUEST,
+    USER_RESOURCE,
+    ResourceSchema,
+    normalise_resource,
+)
 from models.db import session_scope
 from models.settings import Settings
 

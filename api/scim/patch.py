@@ -230,17 +230,28 @@ class Patcher:
             container.pop(key, None)
             return
         coerced = self._coerce(container, attr, value, attr.name)
-        if key != attr.name:
-            container.pop(key, None)
+        current = container.pop(key, None)
         if op == "add" and attr.multi_valued:
-            current = container.get(attr.name) or []
-            merged = list(current)
+            merged = list(current or [])
             for item in coerced:
                 if item not in merged:
                     merged.append(item)
             container[attr.name] = _one_primary(merged)
-        elif op == "add" and attr.type == "complex" and isinstance(container.get(attr.name), dict):
-            container[attr.name] = {**container[attr.name], **coerced}
+        elif attr.type == "complex" and not attr.multi_valued:
+            # RFC 7644 §3.5.2.1 and §3.5.2.3: add or replace of a complex attribute sets
+            # the sub-attributes the value names; the others are left unchanged (Okta
+            # and Google replace "name" with only the sub-attribute that changed). A
+            # sub-attribute given as "" or null is cleared, as the null update expects.
+            # A reference (manager) with a new "value" is another referent: its old
+            # displayName and $ref do not carry over.
+            keep = isinstance(current, dict) and not (coerced and "value" in coerced)
+            merged = {**current, **(coerced or {})} if keep else dict(coerced or {})
+            for sub_key, sub_value in (value.items() if isinstance(value, dict) else ()):
+                if _is_empty(sub_value):
+                    sub = attr.child(sub_key)
+                    merged.pop(_existing_key(merged, sub.name if sub else sub_key), None)
+            if merged:
+                container[attr.name] = merged
         elif attr.multi_valued:
             container[attr.name] = _one_primary(coerced)
         else:
@@ -275,6 +286,7 @@ class Patcher:
         container[attr.name] = current
 
     def _filtered(self, op: str, container: dict[str, Any], attr: Attr, node: Any, sub: Attr | None, value: Any) -> None:
+        node = _typed_filter(attr, node)
         key = _existing_key(container, attr.name)
         elements = container.get(key)
         if not isinstance(elements, list):
@@ -366,6 +378,24 @@ def _one_primary(elements: list[Any]) -> list[Any]:
     for element in primaries[:-1]:
         element["primary"] = False
     return elements
+
+
+def _typed_filter(attr: Attr, node: Any) -> Any:
+    """A value filter whose booleans are booleans.
+
+    Entra's role mapping targets `roles[primary eq "True"].value`: the string
+    "True" compared with the boolean sub-attribute `primary` would match no
+    element, and create one whose primary is the string "True".
+    """
+    if isinstance(node, (scim_filter.And, scim_filter.Or)):
+        return type(node)(_typed_filter(attr, node.left), _typed_filter(attr, node.right))
+    if isinstance(node, scim_filter.Not):
+        return scim_filter.Not(_typed_filter(attr, node.node))
+    if isinstance(node, scim_filter.Compare) and isinstance(node.value, str) and node.op in ("eq", "ne"):
+        sub = attr.child(node.path.sub or node.path.attr)
+        if sub is not None and sub.type == "boolean" and node.value.strip().lower() in ("true", "false"):
+            return scim_filter.Compare(node.path, node.op, node.value.strip().lower() == "true")
+    return node
 
 
 def _element_from_filter(node: Any) -> dict[str, Any]:

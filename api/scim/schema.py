@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import orjson
+
 from api.scim.errors import InvalidSyntaxError, InvalidValueError
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -18,6 +20,8 @@ BULK_REQUEST = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
 # OneLogin still sends the pre-RFC core URN on some connectors.
 LEGACY_CORE_SCHEMAS = {"urn:scim:schemas:core:2.0", "urn:scim:schemas:core:1.0"}
+# ...and its SCIM JSON templates name the enterprise extension by its pre-RFC URN.
+LEGACY_ENTERPRISE_SCHEMAS = {"urn:scim:schemas:extension:enterprise:2.0", "urn:scim:schemas:extension:enterprise:1.0"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ ID = Attr("id", case_exact=True, mutability="readOnly", returned="always", uniqu
           description="Unique identifier issued by the service provider.")
 EXTERNAL_ID = Attr("externalId", case_exact=True, description="Identifier issued by the provisioning client.")
 
+ROLES = _multi("roles")
+
 USER_ATTRS: tuple[Attr, ...] = (
     Attr("userName", required=True, uniqueness="server", description="Unique identifier for the User."),
     Attr("name", type="complex", sub=(
@@ -119,7 +125,7 @@ USER_ATTRS: tuple[Attr, ...] = (
         Attr("type", canonical=("direct", "indirect"), mutability="readOnly"),
     )),
     _multi("entitlements"),
-    _multi("roles"),
+    ROLES,
     _multi("x509Certificates", value_type="binary"),
 )
 
@@ -253,6 +259,12 @@ def coerce_value(attr: Attr, value: Any, where: str, *, element: bool = False) -
     """Check and normalise one attribute value against its definition."""
     if value is None:
         return None
+    if attr is ROLES and not element:
+        value = _entra_roles(value)
+    if not attr.multi_valued and attr.type != "complex" and _is_value_list(value):
+        # Entra (default PATCH mode, no aadOptscim062020) adds a single-valued
+        # attribute as [{"value": "Babs"}]: the element's value is the value.
+        value = value[0]["value"]
     if attr.multi_valued and not element:
         if isinstance(value, dict):
             # A single object where a list belongs: accept it as a one-element list.
@@ -277,6 +289,69 @@ def coerce_value(attr: Attr, value: Any, where: str, *, element: bool = False) -
     return _coerce_scalar(attr, value, where)
 
 
+def _is_value_list(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and set(value[0]) == {"value"}
+
+
+# Role objects are shallow: [{"value": …, "display": …}]. Deeper JSON text is refused.
+_MAX_ROLE_JSON_DEPTH = 4
+
+
+def _json_text(text: str) -> Any:
+    """The JSON a string holds when it is a JSON array or object, else None.
+
+    The decoded value never went through the body checks (api/scim/http.py
+    `check_storable`), so it gets them here: shallow, and no U+0000.
+    """
+    stripped = text.strip()
+    if not stripped.startswith(("[", "{")):
+        return None
+    try:
+        decoded = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return None
+    stack: list[tuple[Any, int]] = [(decoded, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidValueError("Roles may not contain U+0000.")
+        if isinstance(value, (dict, list)):
+            if depth > _MAX_ROLE_JSON_DEPTH:
+                raise InvalidValueError("Roles sent as JSON text are nested too deeply.")
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+            stack.extend((key, depth) for key, _ in items if isinstance(key, str))
+            stack.extend((item, depth + 1) for _, item in items)
+    return decoded
+
+
+def _entra_roles(value: Any) -> Any:
+    """App roles as Entra's PATCH sends them, as a proper list of role objects.
+
+    Entra (default PATCH mode) sends `roles` as JSON text: the whole list
+    ("[{\"value\":\"Admin\",\"primary\":true}]"), one role name ("Admin"), or, with
+    AppRoleAssignmentsComplex, elements whose "value" is the app role serialised
+    as JSON ({"id", "value", "displayName"}).
+    """
+    if isinstance(value, str):
+        decoded = _json_text(value)
+        if decoded is None:
+            return [{"value": value}] if value.strip() else []
+        value = decoded
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return value
+    roles = []
+    for item in value:
+        inner = _json_text(item["value"]) if isinstance(item, dict) and isinstance(item.get("value"), str) else None
+        if isinstance(inner, dict) and "value" in inner:
+            item = {**{k: v for k, v in item.items() if k != "value"}, **inner}
+            if "displayName" in item and "display" not in item:
+                item["display"] = item.pop("displayName")
+        roles.append(item)
+    return roles
+
+
 def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
     """Validate a POST/PUT body; return the attributes to store (no id, meta, password)."""
     if not isinstance(body, dict):
@@ -292,13 +367,17 @@ def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
         lowered_key = key.lower()
         if lowered_key in _READ_ONLY_TOP:
             continue
+        if lowered_key in LEGACY_ENTERPRISE_SCHEMAS:
+            # OneLogin (SCIM templates "Core"/"Enterprise"): the pre-RFC URN of
+            # the enterprise extension holds the same attributes.
+            key = ENTERPRISE_SCHEMA
         ext = resource.is_extension(key)
         if ext is not None:
             if value is None:
                 continue
             if not isinstance(value, dict):
                 raise InvalidValueError(f"'{ext.id}' must be an object.")
-            ext_out = {}
+            ext_out = out.get(ext.id, {})
             for ext_key, ext_value in value.items():
                 attr = ext.attr(ext_key)
                 if attr is None:
@@ -329,6 +408,9 @@ def coerce_ext_value(attr: Attr, value: Any, where: str) -> Any:
     """Extension attributes; Entra sends `manager` as a plain id string."""
     if attr.name == "manager" and isinstance(value, str):
         return {"value": value} if value else None
+    if attr.name == "manager" and isinstance(value, dict) and "managerId" in value and "value" not in value:
+        # OneLogin's SCIM 1.1 enterprise template: {"managerId": id} (RFC 7643 calls it "value").
+        value = {("value" if k == "managerId" else k): v for k, v in value.items()}
     if attr.name == "manager" and isinstance(value, dict) and value.get("value") in ("", None):
         return None
     return coerce_value(attr, value, where)

@@ -38,7 +38,7 @@ def no_server_errors() -> Iterator[None]:
     """No test in this folder may make the server answer 500 (STYLE.md "Errors"), even one
     that only looks at a status it expected."""
     handler = _Crashes()
-    logger = logging.getLogger("api.app")
+    logger = logging.getLogger("api")
     logger.addHandler(handler)
     try:
         yield
