@@ -3,6 +3,12 @@
 The file format is documented in tests/idp/README.md; `load()` refuses a file
 that does not follow it (an unknown key is a typo that would silently test
 nothing), and `Replay.run()` fails with the step, the request and the answer.
+
+Besides SCIM requests a scenario may save the admin's group mapping
+(`save_mapping`) and run the pipeline to the end (`drain`: reconcile, the
+purchases it plans, the invitations it queues), then read what the admin sees
+(`"admin": "users" | "licenses" | "purchases" | "sync"` checks): the roles and
+licenses each IdP's flow ends in.
 """
 
 from __future__ import annotations
@@ -15,8 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
+
+from billing.purchasing import PurchaseRunner
+from models.settings import TIERS, Settings
+from models.tables import Invitation, Purchase, SyncEvent
+from workers.invitations import send_invitation
+from workers.reconcile import Reconciler
 
 ROOT = Path(__file__).parent
 IDPS = ("entra", "entra_aadoptscim062020", "okta", "onelogin", "pingone", "google")
@@ -26,11 +38,21 @@ ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 SSL_CONTEXT = ssl.create_default_context()
 
 _SCENARIO_KEYS = {"description", "sources", "covers", "provider", "steps"}
-_STEP_KEYS = {"name", "request", "expect", "then", "repeat", "switch_provider"}
+_STEP_KEYS = {"name", "request", "expect", "then", "repeat", "switch_provider", "save_mapping", "drain"}
+# Steps that are not an IdP request: what the admin or the workers do between the IdP's requests.
+_ACTION_STEPS = {"switch_provider": {"name"}, "save_mapping": {"name", "then"}, "drain": {"name", "then"}}
 _REQUEST_KEYS = {"method", "path", "headers", "body", "api"}
 _EXPECT_KEYS = {"status", "headers", "body_subset", "values", "absent", "length", "capture"}
 _THEN_KEYS = {"name", "request", "expect", "db", "text"}
 _DB_CHECKS = {"last_sync_event", "not_stored"}
+_MAPPING_KEYS = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap"}
+_ADMIN_CHECKS = {"users", "licenses", "purchases", "sync"}
+_USER_KEYS = {"role", "license", "status", "active", "status_reason", "invited", "invite_error"}
+_USER_STATUSES = {"active", "no_access", "pending_license", "deleted"}
+_SYNC_STATES = {"caught_up", "behind"}
+_PURCHASE_KEYS = {"status", "quantities_before", "quantities_after"}
+# A drain that has not settled after this many rounds never will (a worker would loop too).
+DRAIN_ROUNDS = 20
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MISSING = object()
 
@@ -88,24 +110,88 @@ def _keys(obj: Any, allowed: set[str], where: str, required: set[str] = frozense
 
 def _check_step(step: Any, where: str) -> None:
     _keys(step, _STEP_KEYS, where, required={"name"})
-    if "switch_provider" in step:
-        if set(step) - {"name", "switch_provider"}:
-            raise FixtureError(f"{where}: a switch_provider step has only a name")
-        return
-    _keys(step, _STEP_KEYS, where, required={"name", "request", "expect"})
-    _keys(step["request"], _REQUEST_KEYS, f"{where} request", required={"method", "path"})
-    _keys(step["expect"], _EXPECT_KEYS, f"{where} expect", required={"status"})
+    actions = [key for key in _ACTION_STEPS if key in step]
+    if len(actions) > 1:
+        raise FixtureError(f"{where}: one step is one of {sorted(_ACTION_STEPS)}, not {actions}")
+    if actions:
+        action = actions[0]
+        extra = set(step) - _ACTION_STEPS[action] - {action}
+        if extra:
+            raise FixtureError(f"{where}: a {action} step has only {sorted(_ACTION_STEPS[action])}, not {sorted(extra)}")
+        if action == "save_mapping":
+            _check_mapping(step["save_mapping"], f"{where} save_mapping")
+        if action == "drain" and step["drain"] is not True:
+            raise FixtureError(f"{where}: write \"drain\": true")
+    else:
+        _keys(step, _STEP_KEYS, where, required={"name", "request", "expect"})
+        _keys(step["request"], _REQUEST_KEYS, f"{where} request", required={"method", "path"})
+        _keys(step["expect"], _EXPECT_KEYS, f"{where} expect", required={"status"})
     for index, check in enumerate(step.get("then", [])):
-        check_where = f"{where} then {index}"
-        _keys(check, _THEN_KEYS, check_where, required={"name"})
-        if "db" in check:
-            if check["db"] not in _DB_CHECKS:
-                raise FixtureError(f"{check_where}: 'db' is one of {sorted(_DB_CHECKS)}")
-        else:
-            _keys(check["request"], _REQUEST_KEYS, f"{check_where} request", required={"method", "path"})
-            if check["request"]["method"] != "GET":
-                raise FixtureError(f"{check_where}: a 'then' check only reads (GET)")
-            _keys(check.get("expect"), _EXPECT_KEYS, f"{check_where} expect", required={"status"})
+        _check_then(check, f"{where} then {index}")
+
+
+def _check_then(check: Any, where: str) -> None:
+    _keys(check, _THEN_KEYS | {"admin"}, where, required={"name"})
+    if "admin" in check:
+        _keys(check, {"name", "admin", "expect"}, where, required={"name", "admin", "expect"})
+        _check_admin(check["admin"], check["expect"], where)
+    elif "db" in check:
+        if check["db"] not in _DB_CHECKS:
+            raise FixtureError(f"{where}: 'db' is one of {sorted(_DB_CHECKS)}")
+    else:
+        _keys(check, _THEN_KEYS, where, required={"name", "request", "expect"})
+        _keys(check["request"], _REQUEST_KEYS, f"{where} request", required={"method", "path"})
+        if check["request"]["method"] != "GET":
+            raise FixtureError(f"{where}: a 'then' check only reads (GET)")
+        _keys(check.get("expect"), _EXPECT_KEYS, f"{where} expect", required={"status"})
+
+
+def _check_mapping(mapping: Any, where: str) -> None:
+    _keys(mapping, _MAPPING_KEYS, where)
+    for slot in ("user_groups", "admin_groups"):
+        if not isinstance(mapping.get(slot, []), list):
+            raise FixtureError(f"{where}: '{slot}' is a list of group ids (captured variables)")
+    license_groups = mapping.get("license_groups", {})
+    _keys(license_groups, set(TIERS), f"{where} license_groups")
+    if not all(isinstance(ids, list) for ids in license_groups.values()):
+        raise FixtureError(f"{where}: each license tier holds a list of group ids")
+    if not isinstance(mapping.get("auto_invite", False), bool):
+        raise FixtureError(f"{where}: 'auto_invite' is true or false")
+    if mapping.get("seat_cap") is not None:
+        _keys(mapping["seat_cap"], set(TIERS), f"{where} seat_cap")
+
+
+def _check_admin(kind: Any, expect: Any, where: str) -> None:
+    """The admin checks state everything they look at: a half-written expectation is refused."""
+    if kind not in _ADMIN_CHECKS:
+        raise FixtureError(f"{where}: 'admin' is one of {sorted(_ADMIN_CHECKS)}")
+    if kind == "users":
+        if not isinstance(expect, dict) or not expect:
+            raise FixtureError(f"{where}: expect every user of the tenant, by userName")
+        for user_name, fields in expect.items():
+            user_where = f"{where} user {user_name!r}"
+            _keys(fields, _USER_KEYS, user_where, required={"role", "license", "status"})
+            if fields["role"] not in ("user", "admin", None):
+                raise FixtureError(f"{user_where}: role is \"user\", \"admin\" or null")
+            if fields["license"] not in (*TIERS, None):
+                raise FixtureError(f"{user_where}: license is a tier or null")
+            if fields["status"] not in _USER_STATUSES:
+                raise FixtureError(f"{user_where}: status is one of {sorted(_USER_STATUSES)}")
+            if not isinstance(fields.get("invited", False), bool):
+                raise FixtureError(f"{user_where}: 'invited' is true (invited_at set) or false")
+            if not isinstance(fields.get("invite_error", False), (bool, str)):
+                raise FixtureError(f"{user_where}: 'invite_error' is true/false (present or not) or the exact text")
+    elif kind == "licenses":
+        _keys(expect, set(TIERS), f"{where} expect", required=set(TIERS))
+        for tier, seats in expect.items():
+            _keys(seats, {"purchased", "assigned"}, f"{where} {tier}", required={"purchased", "assigned"})
+    elif kind == "purchases":
+        if not isinstance(expect, list):
+            raise FixtureError(f"{where}: expect the tenant's purchases, oldest first")
+        for index, purchase in enumerate(expect):
+            _keys(purchase, _PURCHASE_KEYS, f"{where} purchase {index}", required={"status"})
+    elif expect not in _SYNC_STATES:
+        raise FixtureError(f"{where}: a sync check expects one of {sorted(_SYNC_STATES)}")
 
 
 # --------------------------------------------------------------- JSON paths
@@ -212,23 +298,34 @@ def _short(value: Any, limit: int = 300) -> str:
 class Replay:
     """Runs a scenario's steps in order against one tenant, keeping captured variables."""
 
-    def __init__(self, scenario: Scenario, admin: httpx.Client, engine: Engine, tenant: Any) -> None:
+    def __init__(
+        self, scenario: Scenario, admin: httpx.Client, engine: Engine, tenant: Any, settings: Settings | None = None
+    ) -> None:
         self.scenario = scenario
         self.admin = admin
         self.engine = engine
+        self.settings = settings or Settings()
         self.tenant_id = tenant.tenant_id
         self.scim = tenant.client
         self.vars: dict[str, Any] = {"tenant_id": tenant.tenant_id}
         self.requests = 0
+        self.outbox = _Outbox()
 
     def run(self) -> None:
         for step in self.scenario.steps:
             if "switch_provider" in step:
                 self._switch_provider(step["switch_provider"])
+            elif "save_mapping" in step:
+                self._save_mapping(step["name"], step["save_mapping"])
+            elif "drain" in step:
+                self._drain(step["name"])
+            else:
+                for n in range(1, step.get("repeat", 1) + 1):
+                    self.vars["n"] = n
+                    self._step(step)
                 continue
-            for n in range(1, step.get("repeat", 1) + 1):
-                self.vars["n"] = n
-                self._step(step)
+            for check in step.get("then", []):
+                self._then(f"{step['name']} / then {check['name']!r}", check)
 
     def _fail(
         self, step: str, message: str, request: httpx.Request | None = None, response: httpx.Response | None = None
@@ -251,7 +348,9 @@ class Replay:
 
     def _then(self, name: str, check: dict[str, Any]) -> None:
         kind = check.get("db")
-        if kind == "last_sync_event":
+        if "admin" in check:
+            self._admin_check(name, check["admin"], self.sub(check["expect"]))
+        elif kind == "last_sync_event":
             self._last_sync_event(name, self.sub(check["expect"]))
         elif kind == "not_stored":
             self._not_stored(name, self.sub(check["text"]))
@@ -334,6 +433,107 @@ class Replay:
         assert connected.status_code == 201, connected.text
         self.scim.headers["Authorization"] = f"Bearer {connected.json()['token']}"
 
+    def _save_mapping(self, name: str, mapping: dict[str, Any]) -> None:
+        """The admin saves which groups give access, admin rights and each tier (PUT …/scim/config)."""
+        body = self.sub(mapping)
+        response = self.admin.put(f"/tenants/{self.tenant_id}/scim/config", json=body)
+        self.requests += 1
+        if response.status_code != 200:
+            self._fail(name, f"saving the mapping: status {response.status_code}", response.request, response)
+        want = _normal_mapping(body)
+        got = _normal_mapping(response.json())
+        if got != want:
+            self._fail(name, f"the saved mapping reads back as {got}, expected {want}", response.request, response)
+
+    def _drain(self, name: str) -> None:
+        """Run the pipeline for this tenant until nothing is left, as a calm worker would:
+        reconcile, every purchase it plans (no Stripe here: settled as not_billed), every
+        invitation it queues (accepted by an in-memory mail server)."""
+        reconciler = Reconciler(self.engine, billing_configured=False)
+        runner = PurchaseRunner(self.engine, None)
+        tenant = self.tenant_id
+        unapplied = select(SyncEvent.id).where(SyncEvent.tenant_id == tenant, SyncEvent.applied_at.is_(None))
+        purchases = select(Purchase.id).where(Purchase.tenant_id == tenant, Purchase.status == "pending")
+        invitations = select(Invitation.id).where(
+            Invitation.tenant_id == tenant, Invitation.status.in_(("pending", "sending"))
+        )
+        for _ in range(DRAIN_ROUNDS):
+            if reconciler.run(tenant).busy:
+                self._fail(name, "the tenant's lock is held: something else reconciles it")
+            for purchase_id in self._ids(purchases):
+                runner.run(purchase_id)
+            for invitation_id in self._ids(invitations):
+                send_invitation(self.engine, self.outbox, self.settings, invitation_id)
+            if not (self._ids(unapplied) or self._ids(purchases) or self._ids(invitations)):
+                return
+        self._fail(name, f"the pipeline did not settle in {DRAIN_ROUNDS} rounds")
+
+    def _ids(self, query: Any) -> list[str]:
+        with self.engine.connect() as connection:
+            return [value for (value,) in connection.execute(query)]
+
+    def _admin_get(self, name: str, what: str) -> Any:
+        response = self.admin.get(f"/tenants/{self.tenant_id}/{what}")
+        self.requests += 1
+        if response.status_code != 200:
+            self._fail(name, f"GET …/{what}: status {response.status_code}", response.request, response)
+        return response.json()
+
+    def _admin_check(self, name: str, kind: str, expect: Any) -> None:
+        """What the admin reads after the pipeline: users' access, seats, purchases, sync state."""
+        got = self._admin_get(name, kind)
+        if kind == "users":
+            self._check_users(name, expect, got)
+        elif kind == "licenses":
+            if got != expect:
+                self._fail(name, f"licenses {_short(got)}, expected {_short(expect)}")
+        elif kind == "purchases":
+            problems = [] if len(got) == len(expect) else [f"{len(got)} purchases, expected {len(expect)}"]
+            for index, (want, purchase) in enumerate(zip(expect, got, strict=False)):
+                problems += subset(want, purchase, f"[{index}]")
+            if problems:
+                self._fail(name, "; ".join(problems) + f" (purchases: {_short(got, 1500)})")
+        else:
+            caught_up = (
+                got["events_total"] > 0
+                and got["events_applied"] == got["events_total"]
+                and got["pending_purchases"] == 0
+                and got["pending_invitations"] == 0
+                and got["last_reconciled_at"] is not None
+            )
+            behind = got["events_applied"] < got["events_total"]
+            if (expect == "caught_up" and not caught_up) or (expect == "behind" and not behind):
+                self._fail(name, f"sync {got}: expected {expect}")
+
+    def _check_users(self, name: str, expect: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        by_name: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row["userName"] in by_name:
+                self._fail(name, f"two users named {row['userName']!r}: the check cannot tell them apart")
+            by_name[row["userName"]] = row
+        problems: list[str] = []
+        unlisted = sorted(set(by_name) - set(expect))
+        if unlisted:
+            # The check states every user: a user who gained access by mistake is seen.
+            problems.append(f"users the check does not list: {unlisted}")
+        for user_name, want in expect.items():
+            row = by_name.get(user_name)
+            if row is None:
+                problems.append(f"{user_name}: not in the admin's list")
+                continue
+            got = {key: row[key] for key in ("role", "license", "status", "active", "status_reason")}
+            got["invited"] = row["invited_at"] is not None
+            # invite_error: true/false for present or not, or the exact text.
+            error = row["invite_error"]
+            got["invite_error"] = (error is not None) if isinstance(want.get("invite_error"), bool) else error
+            for key, value in want.items():
+                if got[key] != value or isinstance(got[key], bool) != isinstance(value, bool):
+                    problems.append(f"{user_name}.{key}: {_short(got[key])}, expected {_short(value)}")
+        if problems:
+            keys = ("role", "license", "status", "invited_at", "invite_error")
+            shown = {r["userName"]: {k: r[k] for k in keys} for r in rows}
+            self._fail(name, "; ".join(problems) + f"\n  users: {_short(shown, 3000)}")
+
     def _last_sync_event(self, name: str, expected: dict[str, Any]) -> None:
         with self.engine.connect() as connection:
             row = connection.execute(
@@ -381,6 +581,28 @@ class Replay:
         if name not in self.vars:
             raise FixtureError(f"{self.scenario.id}: {{{name}}} was not captured by an earlier step")
         return self.vars[name]
+
+
+class _Outbox:
+    """The mail server of a drain: accepts every invitation, keeps it in memory."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, mail: Any) -> None:
+        self.sent.append(mail)
+
+
+def _normal_mapping(config: dict[str, Any]) -> dict[str, Any]:
+    """A mapping as sets of group ids, every tier present, defaults filled in."""
+    license_groups = config.get("license_groups") or {}
+    return {
+        "user_groups": set(config.get("user_groups") or ()),
+        "admin_groups": set(config.get("admin_groups") or ()),
+        "license_groups": {tier: set(license_groups.get(tier) or ()) for tier in TIERS},
+        "auto_invite": config.get("auto_invite", False),
+        "seat_cap": config.get("seat_cap") or None,
+    }
 
 
 def _json(response: httpx.Response) -> Any:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from tests.idp.replay import _MISSING, FixtureError, load, parse_path, resolve, subset
+from tests.idp.replay import _MISSING, FixtureError, Replay, load, parse_path, resolve, subset
 
 DOC = {
     "id": "u1",
@@ -69,3 +70,84 @@ def test_then_checks_only_read(tmp_path):
     path.write_text(json.dumps({"description": "d", "sources": ["s"], "covers": [], "steps": [step]}))
     with pytest.raises(FixtureError, match="GET"):
         load(path)
+
+
+# ------------------------------------------------- mapping, drain and admin checks
+
+
+def _load_steps(tmp_path, steps):
+    folder = tmp_path / "okta"
+    folder.mkdir(exist_ok=True)
+    path = folder / "case.json"
+    path.write_text(json.dumps({"description": "d", "sources": ["s"], "covers": [], "steps": steps}))
+    return load(path)
+
+
+USERS_OK = {"a@x": {"role": "user", "license": "starter", "status": "active", "invited": True}}
+
+
+@pytest.mark.parametrize(
+    ("step", "complaint"),
+    [
+        ({"name": "m", "save_mapping": {"user_group": ["{g}"]}}, "user_group"),  # a typo of user_groups
+        ({"name": "m", "save_mapping": {"license_groups": {"gold": ["{g}"]}}}, "gold"),  # no such tier
+        ({"name": "m", "save_mapping": {"user_groups": "{g}"}}, "list"),
+        ({"name": "d", "drain": True, "request": {"method": "GET", "path": "/Users"}}, "request"),
+        ({"name": "d", "drain": "yes"}, "drain"),
+        ({"name": "d", "drain": True, "save_mapping": {}}, "one of"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "groups", "expect": {}}]}, "admin"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "sync", "expect": "done"}]}, "caught_up"),
+        # Role, license and status are always stated: a forgotten one would check nothing.
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "users", "expect": {"a@x": {"role": "user", "status": "active"}}}]}, "license"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "users", "expect": {"a@x": {**USERS_OK["a@x"], "licence": "team"}}}]}, "licence"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "users", "expect": {"a@x": {**USERS_OK["a@x"], "invited": "yes"}}}]}, "invited"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "users", "expect": {"a@x": {**USERS_OK["a@x"], "status": "gone"}}}]}, "status"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "licenses", "expect": {"starter": {"purchased": 1, "assigned": 1}}}]}, "team"),
+        ({"name": "d", "drain": True, "then": [{"name": "t", "admin": "users", "expect": USERS_OK, "request": {}}]}, "request"),
+    ],
+)
+def test_pipeline_steps_and_admin_checks_are_refused_when_malformed(tmp_path, step, complaint):
+    with pytest.raises(FixtureError, match=complaint):
+        _load_steps(tmp_path, [step])
+
+
+def test_pipeline_steps_and_admin_checks_load(tmp_path):
+    steps = [
+        {"name": "m", "save_mapping": {"user_groups": ["{g}"], "license_groups": {"team": ["{g}"]}, "auto_invite": True, "seat_cap": {"team": 2}}},
+        {"name": "d", "drain": True, "then": [
+            {"name": "u", "admin": "users", "expect": USERS_OK},
+            {"name": "l", "admin": "licenses", "expect": {t: {"purchased": 0, "assigned": 0} for t in ("starter", "team", "enterprise")}},
+            {"name": "p", "admin": "purchases", "expect": [{"status": "not_billed"}]},
+            {"name": "s", "admin": "sync", "expect": "caught_up"},
+        ]},
+    ]
+    assert len(_load_steps(tmp_path, steps).steps) == 2
+
+
+def _users_check(tmp_path):
+    scenario = _load_steps(tmp_path, [{"name": "d", "drain": True}])
+    return Replay(scenario, None, None, SimpleNamespace(tenant_id="t", client=None))
+
+
+ROW = {"id": "1", "userName": "a@x", "role": "user", "license": "starter", "status": "active", "active": True,
+       "status_reason": None, "invited_at": "2025-01-01T00:00:00Z", "invite_error": None}
+
+
+def test_the_users_check_matches_what_it_should(tmp_path):
+    _users_check(tmp_path)._check_users("c", USERS_OK, [ROW])
+
+
+@pytest.mark.parametrize(
+    ("expect", "rows", "complaint"),
+    [
+        (USERS_OK, [ROW, {**ROW, "id": "2", "userName": "b@x"}], "does not list"),  # every user is stated
+        ({**USERS_OK, "c@x": USERS_OK["a@x"]}, [ROW], "not in the admin's list"),
+        ({"a@x": {**USERS_OK["a@x"], "invited": False}}, [ROW], "invited"),
+        ({"a@x": {**USERS_OK["a@x"], "license": None}}, [ROW], "license"),
+        ({"a@x": {**USERS_OK["a@x"], "invite_error": True}}, [ROW], "invite_error"),
+        (USERS_OK, [ROW, {**ROW, "id": "2"}], "two users"),  # a deleted user and its successor
+    ],
+)
+def test_the_users_check_refuses_what_is_not(tmp_path, expect, rows, complaint):
+    with pytest.raises(AssertionError, match=complaint):
+        _users_check(tmp_path)._check_users("c", expect, rows)

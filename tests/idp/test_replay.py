@@ -63,18 +63,25 @@ BULLETS = {
     "rfc.attributes_projection": "attributes / excludedAttributes (RFC 7644 §3.9)",
     "rfc.sort": "sortBy / sortOrder (RFC 7644 §3.4.2.3)",
     "rfc.etag_if_match": "ETag, If-Match (412) and If-None-Match (304) (RFC 7644 §3.14)",
+    # Issue 4 with the pipeline issue: "roles and licenses after each IdP's flow"
+    "e2e.entra": "Entra (default mode): roles and licenses after its provisioning and deprovisioning flow",
+    "e2e.entra_aadoptscim062020": "Entra with aadOptscim062020: roles and licenses after its flow",
+    "e2e.okta": "Okta: roles and licenses after its flow",
+    "e2e.onelogin": "OneLogin: roles and licenses after its flow",
+    "e2e.pingone": "PingOne: roles and licenses after its flow",
+    "e2e.google": "Google Workspace: roles and licenses after its flow",
 }
 
 SCENARIOS = [load(path) for path in scenario_files()]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
-def test_replay(scenario, admin, engine):
+def test_replay(scenario, admin, engine, base_settings):
     """Given a tenant connected for the scenario's IdP, when the IdP's documented requests are
     replayed in order, then each answer and the state read back are what the file says."""
     tenant = connect_tenant(admin, f"replay {scenario.id}", scenario.provider)
     try:
-        replay = Replay(scenario, admin, engine, tenant)
+        replay = Replay(scenario, admin, engine, tenant, base_settings)
         replay.run()
     finally:
         tenant.client.close()
@@ -85,6 +92,26 @@ def test_every_idp_has_scenarios():
     """Each IdP folder holds at least one scenario file."""
     found = {s.idp for s in SCENARIOS}
     assert found == set(IDPS)
+
+
+def test_every_idp_has_an_end_to_end_scenario():
+    """Each IdP folder ends its flow in roles and licenses: a scenario that saves the mapping,
+    drains the pipeline after provisioning and again after deprovisioning, and checks the
+    admin's users, licenses and sync state; its bullet is e2e.<folder>."""
+
+    def checks(step):
+        return {check["admin"] for check in step.get("then", []) if "admin" in check}
+
+    for idp in IDPS:
+        ends = [
+            s for s in SCENARIOS
+            if s.idp == idp
+            and any("save_mapping" in step for step in s.steps)
+            and sum("drain" in step for step in s.steps) >= 2
+            and {"users", "licenses", "sync"} <= set().union(*(checks(step) for step in s.steps if "drain" in step))
+        ]
+        assert ends, f"{idp}: no scenario saves a mapping, drains twice and checks users, licenses and sync"
+        assert any(f"e2e.{idp}" in s.covers for s in ends), f"{idp}: its end-to-end scenario does not cover e2e.{idp}"
 
 
 def test_every_issue_bullet_has_a_scenario():
