@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
@@ -58,8 +59,8 @@ def reconcile_tenant(tenant_id: str) -> None:
         purchase_seats.send(result.purchase_id)
     if result.needs_seat_sync:
         sync_seats.send(tenant_id)
-    for invitation_id in result.invitation_ids:
-        send_invitation.send(invitation_id)
+    for batch in invitations.batches(result.invitation_ids, spread=rt.settings.worker_threads):
+        send_invitation.send(*batch)
     if result.more:
         rt.waker.send(tenant_id)
 
@@ -116,17 +117,40 @@ def sync_seats(tenant_id: str) -> None:
     actor_name="send_invitation", queue_name=INVITE_QUEUE,
     max_retries=INVITE_RETRIES, min_backoff=1_000, max_backoff=60_000,
 )
-def send_invitation(invitation_id: str) -> None:
-    """Claim, send (stable Message-ID), record; after the last retry the error is on the row."""
+def send_invitation(*invitation_ids: str) -> None:
+    """Claim, send (stable Message-ID) and record a batch of invitations; after the last retry the error is on the rows.
+
+    Messages from before batching carry one id; they are a batch of one.
+    """
     rt = runtime.current()
     try:
-        outcome = invitations.send_invitation(rt.engine, rt.mailer, rt.settings, invitation_id)
+        result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, invitation_ids)
     except Exception as error:
+        # The database (or a bug), not the mail server: nothing says which rows were sent.
         rt.telemetry.job("send_invitation", "error")
         if _retries_so_far() >= INVITE_RETRIES:
-            # The reason, never str(error): a database error could carry SQL and addresses.
-            reason = getattr(error, "reason", type(error).__name__)
-            invitations.give_up(rt.engine, invitation_id, f"gave up after {INVITE_RETRIES + 1} attempts: {reason}")
+            _give_up(rt, invitation_ids, error)
             return
         raise
-    rt.telemetry.job("send_invitation", outcome)
+    # One count per invitation and outcome: sent, failed, already_done,
+    # claimed_elsewhere, retry (Dramatiq retries the job), postponed.
+    for outcome, count in result.counts().items():
+        for _ in range(count):
+            rt.telemetry.job("send_invitation", outcome)
+    postponed = result.ids("postponed")
+    if postponed:
+        # A slow mail server: the rows the claim's time budget did not cover, as a new job.
+        send_invitation.send(*postponed)
+    if result.error is not None:
+        # And one "error" per failed job, as for the other actors.
+        rt.telemetry.job("send_invitation", "error")
+        if _retries_so_far() >= INVITE_RETRIES:
+            _give_up(rt, result.ids("retry"), result.error)
+            return
+        raise result.error
+
+
+def _give_up(rt: runtime.Runtime, invitation_ids: Iterable[str], error: Exception) -> None:
+    # The reason, never str(error): a database error could carry SQL and addresses.
+    reason = getattr(error, "reason", type(error).__name__)
+    invitations.give_up(rt.engine, invitation_ids, f"gave up after {INVITE_RETRIES + 1} attempts: {reason}")

@@ -84,8 +84,8 @@ class Sweeper:
             if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
                 actors.sync_seats.send(tenant_id)
                 sent["seat_syncs"] += 1
-        for invitation_id in due:
-            actors.send_invitation.send(invitation_id)
+        for batch in invitations.batches(due, spread=self.rt.settings.worker_threads):
+            actors.send_invitation.send(*batch)
         sent["invitations"] = len(due)
         if any(sent.values()):
             log.info("sweep re-sent %s", sent)

@@ -9,20 +9,47 @@ server's acceptance and the commit that records it. CONTRACT.md "Invitations":
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy.engine import Engine
+from dramatiq import Message, Worker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import CurrentMessage, Middleware
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
 
 from models.db import make_engine, session_scope
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant
+from tests.conftest import wipe
+from tests.workers.support import bind_actors, drain
 from tests.workers.test_mailer import FakeSmtp
-from workers.invitations import CLAIM_LEASE, due_invitations, give_up, mark_enqueued, send_invitation
+from workers import runtime
+from workers.broker import QUEUES
+from workers.invitations import (
+    BATCH_SIZE,
+    CLAIM_LEASE,
+    DEFERRED_IN_A_ROW,
+    RECORD_EVERY,
+    SEND_BUDGET,
+    batches,
+    due_invitations,
+    give_up,
+    mark_enqueued,
+    send_invitation,
+    send_invitations,
+)
 from workers.mailer import OutboxMailer, SmtpMailer, TransientMailError, make_mailer, message_id
+from workers.sweep import Sweeper
+from workers.telemetry import Telemetry
+from workers.wakeup import Waker
 
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc)
 
@@ -61,9 +88,15 @@ def aware(value: datetime | None) -> datetime | None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    upgrade(engine)
+def engine(tmp_path: Path, database_url: str):
+    """The run's PostgreSQL database, emptied, on the second pass (TEST_DATABASE_URL); else a SQLite file."""
+    if make_url(database_url).get_backend_name() == "postgresql":
+        engine = make_engine(database_url)
+        upgrade(engine)
+        wipe(engine)
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+        upgrade(engine)
     yield engine
     engine.dispose()
 
@@ -271,7 +304,7 @@ def test_giving_up_after_the_last_retry_is_visible(engine, settings, smtp, maile
     with pytest.raises(TransientMailError):
         send_invitation(engine, mailer, settings, invitation_id, now=clock)
 
-    assert give_up(engine, invitation_id, "gave up after 5 retries") is True
+    assert give_up(engine, invitation_id, "gave up after 5 retries") == [invitation_id]
 
     invitation, account = load(engine, invitation_id)
     assert invitation.status == "failed"
@@ -288,8 +321,8 @@ def test_give_up_leaves_a_sent_or_sending_row_alone(engine, clock):
     sent = add_user(engine, user_id="u1", status="sent", sent_at=T0)
     sending = add_user(engine, user_id="u2", status="sending", claimed_at=T0)
 
-    assert give_up(engine, sent, "late") is False
-    assert give_up(engine, sending, "late") is False
+    assert give_up(engine, sent, "late") == []
+    assert give_up(engine, sending, "late") == []
     assert load(engine, sent)[0].status == "sent"
     assert load(engine, sending)[0].status == "sending"
 
@@ -384,3 +417,359 @@ def test_due_invitations_are_pending_or_abandoned_rows(engine):
     assert set(found) == due and len(found) == 3
     assert again == []
     assert set(later) == due | not_yet
+
+
+# -- batches: one claim, one record, per-row outcomes ------------------------------
+
+
+class Ticking:
+    """A mailer that takes ``seconds`` of the test clock per message (a slow server, or just distinct times)."""
+
+    def __init__(self, mailer, clock: Clock, seconds: float, *, die_after: int | None = None) -> None:
+        self.mailer, self.clock, self.seconds, self.die_after = mailer, clock, seconds, die_after
+        self.sent = 0
+
+    def send(self, msg) -> None:
+        self.clock.advance(self.seconds)
+        self.mailer.send(msg)
+        self.sent += 1
+        if self.sent == self.die_after:
+            raise WorkerDied
+
+
+def add_users(engine: Engine, count: int, **invitation: object) -> list[str]:
+    return [add_user(engine, user_id=f"u{n}", address=f"user{n}@acme.example", **invitation) for n in range(count)]
+
+
+def statuses(engine: Engine, ids: list[str]) -> list[tuple[str, int]]:
+    return [(invitation.status, invitation.attempts) for invitation, _ in (load(engine, i) for i in ids)]
+
+
+class Statements:
+    """Counts the UPDATE statements the database receives, by table."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.updates: list[str] = []
+
+    def __enter__(self) -> "Statements":
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        words = statement.split()
+        if words[:1] == ["UPDATE"]:
+            self.updates.append(words[1])
+
+
+def test_a_batch_is_claimed_in_one_statement_and_recorded_in_one_commit(engine, settings, smtp, mailer, clock):
+    """Given five pending invitations, When one job sends them as a batch (10 ms apart),
+    Then five mails arrive over one SMTP session, the rows were claimed by one UPDATE and recorded
+    by one more (plus one for the accounts), and each invited_at is the moment its own mail was accepted.
+    """
+    ids = add_users(engine, 5)
+
+    with Statements(engine) as seen:
+        result = send_invitations(engine, Ticking(mailer, clock, 0.01), settings, ids, now=clock)
+
+    assert result.outcomes == dict.fromkeys(ids, "sent") and result.error is None
+    assert smtp.message_ids() == [message_id("t1", f"u{n}") for n in range(5)]
+    assert smtp.connections == 1
+    assert seen.updates == ["invitation", "invitation", "account"]
+    for n, invitation_id in enumerate(ids):
+        invitation, account = load(engine, invitation_id)
+        accepted = T0 + timedelta(seconds=0.01 * (n + 1))
+        assert (invitation.status, invitation.attempts) == ("sent", 1)
+        assert aware(invitation.sent_at) == aware(account.invited_at) == accepted
+
+
+def test_a_refused_recipient_fails_only_its_own_row(engine, settings, smtp, mailer, clock):
+    """Given a batch of three where the server refuses the second recipient with 550,
+    When the job runs, Then that row is failed with the reply as its invite_error and the
+    other two are sent; the job does not ask for a retry.
+    """
+    ids = add_users(engine, 3)
+    refuse_second = Before(mailer, {2: lambda: smtp.fail_next(1, "550 5.1.1 <user1@acme.example>: User unknown",
+                                                               at="RCPT")})
+
+    result = send_invitations(engine, refuse_second, settings, ids, now=clock)
+
+    assert result.outcomes == {ids[0]: "sent", ids[1]: "failed", ids[2]: "sent"} and result.error is None
+    assert smtp.message_ids() == [message_id("t1", "u0"), message_id("t1", "u2")]
+    refused, account = load(engine, ids[1])
+    assert refused.status == "failed" and "550 5.1.1" in refused.error
+    assert account.invite_error == refused.error and account.invited_at is None
+    assert [load(engine, i)[1].invited_at is not None for i in ids] == [True, False, True]
+
+
+class Before:
+    """A mailer that runs ``actions[n]`` just before its n-th message (1-based): a fault injected mid-batch."""
+
+    def __init__(self, mailer, actions: dict) -> None:
+        self.mailer, self.actions, self.count = mailer, actions, 0
+
+    def send(self, msg) -> None:
+        self.count += 1
+        if self.count in self.actions:
+            self.actions[self.count]()
+        self.mailer.send(msg)
+
+
+def test_a_transient_failure_mid_batch_records_the_sent_and_releases_the_rest(engine, settings, smtp, mailer, clock):
+    """Given a batch of five and a server that answers 421 to every attempt at the third mail,
+    When the job runs, Then the first two are recorded as sent, the third is pending again with
+    the reply as its error, the last two are pending with their claim's attempt given back, and the
+    job returns the transient error (for Dramatiq's retry);
+    When the retry runs after the server recovered, Then the first two are already done and
+    the other three are sent: every Message-ID arrived exactly once.
+    """
+    ids = add_users(engine, 5)
+    fails_third = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
+
+    result = send_invitations(engine, fails_third, settings, ids, now=clock)
+
+    assert isinstance(result.error, TransientMailError)
+    assert result.outcomes == {ids[0]: "sent", ids[1]: "sent", ids[2]: "retry", ids[3]: "retry", ids[4]: "retry"}
+    assert statuses(engine, ids) == [("sent", 1), ("sent", 1), ("pending", 1), ("pending", 0), ("pending", 0)]
+    assert "421 4.3.2" in load(engine, ids[2])[0].error
+    assert [load(engine, i)[1].invited_at is not None for i in ids] == [True, True, False, False, False]
+
+    clock.advance(5)
+    again = send_invitations(engine, mailer, settings, ids, now=clock)
+
+    assert again.error is None
+    assert again.outcomes == {ids[0]: "already_done", ids[1]: "already_done", ids[2]: "sent", ids[3]: "sent",
+                              ids[4]: "sent"}
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(5))
+    assert statuses(engine, ids) == [("sent", 1), ("sent", 1), ("sent", 2), ("sent", 1), ("sent", 1)]
+
+
+def test_a_deferred_recipient_does_not_hold_back_the_others(engine, settings, smtp, mailer, clock):
+    """Given a batch of three where the server defers the first recipient (451 at RCPT, greylisting) on
+    every attempt, When the job runs, Then the other two are sent, only the deferred row is released,
+    and the job still returns the transient error so Dramatiq retries it.
+    """
+    ids = add_users(engine, 3)
+    smtp.fail_next(3, "451 4.7.1 Greylisted, try again later", at="RCPT")
+
+    result = send_invitations(engine, mailer, settings, ids, now=clock)
+
+    assert isinstance(result.error, TransientMailError) and result.error.code == 451
+    assert result.outcomes == {ids[0]: "retry", ids[1]: "sent", ids[2]: "sent"}
+    assert smtp.message_ids() == [message_id("t1", "u1"), message_id("t1", "u2")]
+    assert statuses(engine, ids) == [("pending", 1), ("sent", 1), ("sent", 1)]
+    assert smtp.connections == 1, "a deferred recipient does not cost the connection"
+
+
+def test_recipients_deferred_in_a_row_stop_the_batch(engine, settings, smtp, mailer, clock):
+    """Given a batch of five and a server that defers every recipient (451 at RCPT: its own trouble),
+    When the job runs, Then it stops after DEFERRED_IN_A_ROW deferrals instead of trying each
+    recipient in turn, and every row is pending again for the job's retry (the untried ones with
+    their attempt given back).
+    """
+    ids = add_users(engine, 5)
+    smtp.fail_next(3 * DEFERRED_IN_A_ROW, "451 4.3.0 Temporary local problem", at="RCPT")
+
+    result = send_invitations(engine, mailer, settings, ids, now=clock)
+
+    assert isinstance(result.error, TransientMailError)
+    assert result.outcomes == dict.fromkeys(ids, "retry")
+    tried = [("pending", 1)] * DEFERRED_IN_A_ROW
+    assert statuses(engine, ids) == tried + [("pending", 0)] * (5 - DEFERRED_IN_A_ROW)
+    assert smtp.rcpt_attempts == 3 * DEFERRED_IN_A_ROW and smtp.messages == []
+
+
+def test_a_batch_with_an_id_already_sent_mails_only_the_others(engine, settings, smtp, mailer, clock):
+    """Given one invitation already sent and two pending, When a batch with all three runs
+    (and names an unknown id and one id twice), Then the sent one is already_done with no second
+    mail, and the two others are sent once each.
+    """
+    ids = add_users(engine, 3)
+    assert send_invitation(engine, mailer, settings, ids[1], now=clock) == "sent"
+
+    result = send_invitations(engine, mailer, settings, [*ids, "no-such-invitation", ids[0]], now=clock)
+
+    assert result.outcomes == {ids[0]: "sent", ids[1]: "already_done", ids[2]: "sent",
+                               "no-such-invitation": "already_done"}
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(3))
+    assert statuses(engine, ids) == [("sent", 1), ("sent", 1), ("sent", 1)]
+
+
+def test_a_batch_on_a_slow_server_hands_back_what_its_claim_cannot_cover(engine, settings, smtp, mailer, clock):
+    """Given a batch of five and a server that takes 6 s per message, When the job runs,
+    Then it starts no send later than SEND_BUDGET after its claim (so every send ends inside the lease):
+    three are sent, the last two are postponed (pending, attempt given back, due for a new job at once).
+    """
+    ids = add_users(engine, 5)
+
+    result = send_invitations(engine, Ticking(mailer, clock, 6), settings, ids, now=clock)
+
+    assert SEND_BUDGET < timedelta(seconds=18) < CLAIM_LEASE
+    assert result.error is None
+    assert list(result.outcomes.values()) == ["sent", "sent", "sent", "postponed", "postponed"]
+    assert result.ids("postponed") == ids[3:]
+    assert statuses(engine, ids) == [("sent", 1)] * 3 + [("pending", 0)] * 2
+    assert send_invitations(engine, mailer, settings, result.ids("postponed"), now=clock).outcomes == dict.fromkeys(
+        ids[3:], "sent")
+    assert len(smtp.messages) == 5
+
+
+def test_a_worker_killed_mid_batch_on_a_slow_server_leaves_one_mail_unrecorded(engine, settings, smtp, mailer, clock):
+    """Given a batch of five on a server that takes 200 ms per message, When the worker is killed right
+    after the server accepted the third, Then the first two were recorded before it (RECORD_EVERY), the
+    third is the one in the resend window, and the last two, claimed but never sent, wait for the lease.
+    """
+    ids = add_users(engine, 5)
+
+    with pytest.raises(WorkerDied):
+        send_invitations(engine, Ticking(mailer, clock, 0.2, die_after=3), settings, ids, now=clock)
+
+    assert RECORD_EVERY <= timedelta(seconds=0.2)
+    assert [status for status, _ in statuses(engine, ids)] == ["sent", "sent", "sending", "sending", "sending"]
+    assert len(smtp.messages) == 3
+
+    clock.advance(CLAIM_LEASE.total_seconds())
+    with session_scope(engine) as session:
+        assert sorted(due_invitations(session, clock())) == sorted(ids[2:])
+    assert send_invitations(engine, mailer, settings, ids, now=clock).outcomes == {
+        ids[0]: "already_done", ids[1]: "already_done", ids[2]: "sent", ids[3]: "sent", ids[4]: "sent"}
+    assert sorted(smtp.message_ids()) == sorted(
+        [message_id("t1", f"u{n}") for n in range(5)] + [message_id("t1", "u2")]), "only the third twice"
+
+
+def test_batches_split_ids_for_the_worker_threads():
+    """Given ids to send, When they are split into messages, Then no message exceeds BATCH_SIZE and a small
+    burst still makes one message per worker thread (a slow mail server keeps every thread busy)."""
+    ids = [f"i{n}" for n in range(1000)]
+
+    assert [len(batch) for batch in batches(ids, spread=8)] == [BATCH_SIZE] * 10
+    assert [len(batch) for batch in batches(ids[:20], spread=8)] == [3] * 6 + [2]
+    assert [len(batch) for batch in batches(ids[:5], spread=8)] == [1] * 5
+    assert list(batches([], spread=8)) == []
+    assert [x for batch in batches(ids[:250], spread=8) for x in batch] == ids[:250]
+
+
+# -- the actor and the sweep, on a StubBroker with a Dramatiq worker ----------------
+
+
+class Sent(Middleware):
+    """Keeps the messages enqueued without a delay (not Dramatiq's retries)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def after_enqueue(self, broker, message, delay) -> None:
+        if not delay:
+            self.messages.append(message)
+
+
+@dataclasses.dataclass
+class Jobs:
+    broker: StubBroker
+    actors: Any
+    rt: runtime.Runtime
+    sent: Sent
+
+    def drain(self) -> None:
+        drain(self.broker, QUEUES)
+
+    def counts(self) -> dict[str, int]:
+        return {outcome: n for (actor, outcome), n in self.rt.telemetry.jobs().items() if actor == "send_invitation"}
+
+
+@pytest.fixture
+def jobs(engine, settings, mailer, redis_client, base_settings) -> Iterator[Jobs]:
+    """The real send_invitation actor (and the sweep) over this test's database, SMTP server and Redis."""
+    broker = StubBroker()
+    broker.add_middleware(CurrentMessage())
+    sent = Sent()
+    broker.add_middleware(sent)
+    actors = bind_actors(broker)
+    namespace = f"{base_settings.redis_namespace}inv{uuid.uuid4().hex[:8]}"
+    rt = runtime.Runtime(
+        settings=dataclasses.replace(settings, redis_namespace=namespace), engine=engine, redis=redis_client,
+        waker=Waker(broker, redis_client, namespace), gateway=None, mailer=mailer,
+        telemetry=Telemetry(redis_client, namespace),
+    )
+    runtime.install(rt)
+    worker = Worker(broker, worker_threads=2, worker_timeout=50)
+    worker.start()
+    try:
+        yield Jobs(broker, actors, rt, sent)
+    finally:
+        worker.stop()
+        broker.close()
+
+
+def test_an_old_single_id_message_still_works(engine, smtp, jobs):
+    """Given a send_invitation message as workers enqueued it before batching (one id in args),
+    When a worker takes it, Then the invitation is sent and counted once as sent.
+    """
+    invitation_id = add_user(engine)
+
+    jobs.broker.enqueue(Message(queue_name="invitations", actor_name="send_invitation",
+                                args=(invitation_id,), kwargs={}, options={}))
+    jobs.drain()
+
+    assert smtp.message_ids() == [message_id("t1", "u1")]
+    assert load(engine, invitation_id)[0].status == "sent"
+    assert jobs.counts() == {"sent": 1}
+
+
+def test_the_actor_retries_a_batch_after_a_transient_failure(engine, smtp, mailer, jobs):
+    """Given a batch job of five and a server that answers 421 to every attempt at the third mail,
+    When a worker runs it, Then Dramatiq retries the job, the retry skips the two already sent,
+    and every Message-ID arrives exactly once; the metrics count each invitation by outcome.
+    """
+    ids = add_users(engine, 5)
+    jobs.rt.mailer = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
+
+    jobs.actors.send_invitation.send(*ids)
+    jobs.drain()
+
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(5))
+    assert [status for status, _ in statuses(engine, ids)] == ["sent"] * 5
+    assert jobs.counts() == {"sent": 5, "retry": 3, "error": 1, "already_done": 2}
+
+
+def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, mailer, jobs):
+    """Given a batch job on its last retry and a server that answers 421 at the third mail,
+    When it fails, Then the first two stay sent and the three others are failed with the reason
+    the admin sees (no invited_at); nothing stays pending.
+    """
+    from workers.actors import INVITE_RETRIES
+
+    ids = add_users(engine, 5)
+    jobs.rt.mailer = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
+
+    jobs.actors.send_invitation.send_with_options(args=tuple(ids), retries=INVITE_RETRIES)
+    jobs.drain()
+
+    assert [status for status, _ in statuses(engine, ids)] == ["sent", "sent", "failed", "failed", "failed"]
+    for invitation_id in ids[2:]:
+        account = load(engine, invitation_id)[1]
+        assert account.invited_at is None
+        assert account.invite_error.startswith(f"gave up after {INVITE_RETRIES + 1} attempts: ")
+        assert "421 4.3.2" in account.invite_error
+    assert len(smtp.messages) == 2
+    assert jobs.broker.dead_letters == []
+
+
+def test_the_sweep_resends_due_invitations_in_batches(engine, smtp, jobs):
+    """Given 20 pending invitations whose messages were lost, When the sweep runs,
+    Then it sends them in batches spread over the worker threads (never one message per id),
+    and every invitation is sent once.
+    """
+    ids = add_users(engine, 20, enqueued_at=None)
+
+    swept = Sweeper(jobs.rt).run_once()
+    jobs.drain()
+
+    assert swept["invitations"] == 20
+    batches_sent = [message.args for message in jobs.sent.messages if message.actor_name == "send_invitation"]
+    assert sorted(len(args) for args in batches_sent) == [2] + [3] * 6
+    assert sorted(i for args in batches_sent for i in args) == sorted(ids)
+    assert len(smtp.messages) == 20 and [s for s, _ in statuses(engine, ids)] == ["sent"] * 20

@@ -24,6 +24,7 @@ from models.settings import Settings
 from workers.mailer import (
     OutboxMailer,
     PermanentMailError,
+    RecipientDeferredError,
     SmtpMailer,
     TransientMailError,
     build_invitation,
@@ -216,6 +217,100 @@ def test_an_unusable_address_is_refused_before_sending(address):
         invitation(to_address=address)
 
 
+def parsed(mail) -> EmailMessage:
+    return message_from_bytes(mail.as_bytes(), policy=email.policy.default)
+
+
+def test_the_message_is_7bit_rfc5322_with_non_ascii_names_encoded():
+    """Given a tenant and a user whose names are not ASCII, When the invitation is built,
+    Then the message is ASCII only with CRLF lines of at most 78 characters (no 8BITMIME or SMTPUTF8 needed,
+    RFC 5322 §2.1.1), and a reader decodes the names in the headers (RFC 2047) and in both parts.
+    """
+    mail = invitation(display_name="Zoë Ångström", tenant_name="Société Générale")
+
+    assert mail.as_bytes().isascii()
+    lines = mail.as_bytes().split(b"\r\n")
+    assert b"\n" not in b"".join(lines) and all(len(line) <= 78 for line in lines)
+    received = parsed(mail)
+    assert not received.defects
+    assert received["Subject"] == "Société Générale invited you to Sally"
+    assert received["To"] == "Zoë Ångström <user1@acme.example>"
+    text = received.get_body(("plain",)).get_content()
+    assert text.replace("\r\n", "\n").startswith("Hello Zoë Ångström,\n\nSociété Générale has given you access")
+    assert "<p>Hello Zoë Ångström,</p>" in received.get_body(("html",)).get_content()
+    assert (mail.sender, mail.recipient, mail.message_id) == ("no-reply@sally.example", "user1@acme.example",
+                                                              message_id("t1", "u1"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        'Martin, Zoë "Z" (Ops)',
+        'Martin, Zoe "Z" \\ (Ops)',
+        "=?utf-8?q?Admin?=",
+        "Zoë " + "Ångström " * 40,
+        "Zoe " + "Martin " * 40,
+        "Eve\x00\x1b[31m\x7f\x85Bcc: x@evil.example",
+    ],
+)
+def test_any_display_name_stays_one_name_of_one_recipient(name):
+    """Given a display name with specials, quotes, an encoded-word look-alike, great length or control
+    characters, When the invitation is built, Then the To field holds exactly one address, the
+    invited one, under the name as given (controls as spaces), and no line exceeds 998 characters.
+    """
+    mail = invitation(display_name=name)
+
+    received = parsed(mail)
+    assert [a.addr_spec for a in received["To"].addresses] == ["user1@acme.example"]
+    assert received["Bcc"] is None
+    shown = received["To"].addresses[0].display_name
+    expected = " ".join("".join(" " if ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in name).split())
+    # A name folded over encoded words reads back with the folding space (the email package's own folding).
+    assert shown.replace(" ", "") == expected.replace(" ", "")
+    assert all(len(line) <= 998 for line in mail.as_bytes().split(b"\r\n"))
+
+
+def test_long_lines_and_a_boundary_look_alike_stay_inside_their_part():
+    """Given a long login URL and a tenant name that spells a MIME boundary, When the invitation is built,
+    Then the parts are still exactly a text and an HTML alternative, and the URL survives intact.
+    """
+    url = "https://sally.example/" + "x" * 150
+    mail = invitation(tenant_name="--=_sally_0123 Acme", login_url=url)
+
+    received = parsed(mail)
+    assert [part.get_content_type() for part in received.iter_parts()] == ["text/plain", "text/html"]
+    assert url in received.get_body(("plain",)).get_content()
+    assert f'href="{url}"' in received.get_body(("html",)).get_content()
+    assert all(len(line) <= 78 for line in mail.as_bytes().split(b"\r\n"))
+
+
+def test_an_internationalised_domain_is_sent_in_its_ascii_form():
+    """Given an address whose domain is not ASCII, When the invitation is built,
+    Then envelope and To carry the IDNA form (RFC 5890), so no SMTPUTF8 is needed.
+    """
+    mail = invitation(to_address="zoe@bücher.example")
+
+    assert mail.recipient == "zoe@xn--bcher-kva.example"
+    assert parsed(mail)["To"].addresses[0].addr_spec == "zoe@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("mail_from", ["no address", "Sally <a@b>\r\nBcc: x@evil.example", "a@x, b@y"])
+def test_an_unusable_mail_from_is_refused(mail_from):
+    """Given a MAIL_FROM that is not one usable address, When an invitation is built, Then ValueError names it."""
+    with pytest.raises(ValueError, match="MAIL_FROM"):
+        invitation(mail_from=mail_from)
+
+
+def test_mail_from_with_a_non_ascii_name_is_encoded():
+    """Given MAIL_FROM with a non-ASCII display name, When the invitation is built,
+    Then the From field reads back as configured and the envelope sender is its address.
+    """
+    mail = invitation(mail_from="Équipe Sally <no-reply@sally.example>")
+
+    assert parsed(mail)["From"] == "Équipe Sally <no-reply@sally.example>"
+    assert mail.sender == "no-reply@sally.example" and mail.as_bytes().isascii()
+
+
 # -- SMTP: connections ------------------------------------------------------------
 
 
@@ -322,6 +417,34 @@ def test_a_refused_recipient_is_permanent_and_not_retried(smtp, mailer):
     assert smtp.rcpt_attempts == 2
     assert smtp.message_ids() == [message_id("t1", "u2")]
     assert smtp.connections == 1
+
+
+def test_a_deferred_recipient_is_transient_and_keeps_the_connection(smtp, mailer):
+    """Given the server defers the recipient (451 at RCPT, greylisting) on every attempt, When a message is sent,
+    Then RecipientDeferredError (a TransientMailError) says so after the attempts, and the same
+    SMTP session carries the next message: the deferral was about that recipient only.
+    """
+    smtp.fail_next(3, "451 4.7.1 Greylisted", at="RCPT")
+
+    with pytest.raises(RecipientDeferredError) as caught:
+        mailer.send(invitation(1))
+    mailer.send(invitation(2))
+
+    assert isinstance(caught.value, TransientMailError) and caught.value.code == 451
+    assert smtp.message_ids() == [message_id("t1", "u2")]
+    assert smtp.connections == 1
+
+
+def test_a_421_at_rcpt_is_the_server_closing_not_a_deferred_recipient(smtp, mailer):
+    """Given the server answers 421 at RCPT (it is shutting down, RFC 5321 §3.8) on every attempt,
+    When a message is sent, Then the error is transient but not RecipientDeferredError, so a batch stops.
+    """
+    smtp.fail_next(3, "421 4.3.2 Shutting down", at="RCPT")
+
+    with pytest.raises(TransientMailError) as caught:
+        mailer.send(invitation(1))
+
+    assert not isinstance(caught.value, RecipientDeferredError)
 
 
 def test_a_refused_message_is_permanent(smtp, mailer):
