@@ -135,8 +135,7 @@ def send_invitation(*invitation_ids: str) -> None:
     # One count per invitation and outcome: sent, failed, already_done,
     # claimed_elsewhere, retry (Dramatiq retries the job), postponed.
     for outcome, count in result.counts().items():
-        for _ in range(count):
-            rt.telemetry.job("send_invitation", outcome)
+        rt.telemetry.job("send_invitation", outcome, count)
     postponed = result.ids("postponed")
     if postponed:
         # A slow mail server: the rows the claim's time budget did not cover, as a new job.

@@ -17,15 +17,15 @@ class Telemetry:
         self.jobs_key = f"{namespace}:metrics:jobs"
         self.stripe_key = f"{namespace}:metrics:stripe"
 
-    def job(self, actor: str, outcome: str) -> None:
-        self._incr(self.jobs_key, f"{actor}|{outcome}")
+    def job(self, actor: str, outcome: str, count: int = 1) -> None:
+        self._incr(self.jobs_key, f"{actor}|{outcome}", count)
 
     def stripe(self, outcome: str) -> None:
         self._incr(self.stripe_key, outcome)
 
-    def _incr(self, key: str, field: str) -> None:
+    def _incr(self, key: str, field: str, count: int = 1) -> None:
         try:
-            self.client.hincrby(key, field, 1)
+            self.client.hincrby(key, field, count)
         except (redis.RedisError, OSError):
             log.debug("metrics not recorded: Redis unavailable")
 

@@ -37,12 +37,14 @@ from tests.workers.support import (
     drain,
     expected_message_id,
     intercept,
-    licenses as licenses_of,
     purchases,
     save_mapping,
     stripe_fake,
     subscription_posts,
     users_by_id,
+)
+from tests.workers.support import (
+    licenses as licenses_of,
 )
 from workers import runtime
 from workers.broker import QUEUES
