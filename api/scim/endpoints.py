@@ -104,38 +104,30 @@ class ScimApi:
             handler = handlers.get(request.method)
             if handler is None:
                 raise MethodNotAllowedError(f"{request.method} is not supported here.")
-            if any("\x00" in value for value in request.path_params.values()):
-                # No id holds U+0000, and PostgreSQL refuses it in a query parameter.
-                raise NotFoundError("Not found.")
-            body = None
-            if request.method in ("POST", "PUT", "PATCH"):
-                body = await read_json(request, self.settings.max_body_bytes)
-            call = Call(
-                tenant_id=request.path_params["tenant_id"],
-                params=dict(request.query_params),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                path=dict(request.path_params),
-                body=body,
-                base_url=f"{self.settings.public_base_url}/scim/v2/{request.path_params['tenant_id']}",
-            )
+            call = await self._call(request, with_body=request.method in ("POST", "PUT", "PATCH"))
             return await run_in_threadpool(self.run, handler, call, request.method != "GET")
 
         return contained(serve)
 
     async def bulk_endpoint(self, request: Request) -> Response:
         """POST /Bulk: each operation in its own transaction, one wake-up at the end."""
+        call = await self._call(request, with_body=True)
+        return await run_in_threadpool(self._bulk, call)
+
+    async def _call(self, request: Request, *, with_body: bool) -> Call:
+        """The request as the synchronous handlers see it (read on the event loop)."""
         if any("\x00" in value for value in request.path_params.values()):
+            # No id holds U+0000, and PostgreSQL refuses it in a query parameter.
             raise NotFoundError("Not found.")
-        body = await read_json(request, self.settings.max_body_bytes)
-        call = Call(
-            tenant_id=request.path_params["tenant_id"],
-            params={},
+        tenant_id = request.path_params["tenant_id"]
+        return Call(
+            tenant_id=tenant_id,
+            params=dict(request.query_params),
             headers={k.lower(): v for k, v in request.headers.items()},
             path=dict(request.path_params),
-            body=body,
-            base_url=f"{self.settings.public_base_url}/scim/v2/{request.path_params['tenant_id']}",
+            body=await read_json(request, self.settings.max_body_bytes) if with_body else None,
+            base_url=f"{self.settings.public_base_url}/scim/v2/{tenant_id}",
         )
-        return await run_in_threadpool(self._bulk, call)
 
     def _bulk(self, call: Call) -> Response:
         with session_scope(self.engine) as session:
