@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+
+from tests.conftest import SSL_CONTEXT
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -17,7 +18,6 @@ ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 
 # One CA bundle load for every test client (httpx loads it per client otherwise).
-SSL_CONTEXT = ssl.create_default_context()
 
 # The tables a SCIM request may write to.
 DIRECTORY_TABLES = ("scim_user", "scim_group", "group_member", "sync_event")

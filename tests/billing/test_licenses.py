@@ -61,7 +61,7 @@ def _expected(active: bool, member_of: frozenset[str]) -> tuple[str | None, str 
 def _cases():
     for active in (True, False):
         for flags in itertools.product((False, True), repeat=len(SLOTS)):
-            member_of = frozenset(slot for slot, on in zip(SLOTS, flags) if on)
+            member_of = frozenset(slot for slot, on in zip(SLOTS, flags, strict=True) if on)
             label = ("active" if active else "inactive") + ":" + ("+".join(sorted(member_of)) or "none")
             yield pytest.param(active, member_of, *_expected(active, member_of), id=label)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ IDPS = ("entra", "entra_aadoptscim062020", "okta", "onelogin", "pingone", "googl
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 
 # One CA bundle load for every client these tests open (httpx loads it per client otherwise).
-SSL_CONTEXT = ssl.create_default_context()
 
 _SCENARIO_KEYS = {"description", "sources", "covers", "provider", "steps"}
 _STEP_KEYS = {"name", "request", "expect", "then", "repeat", "switch_provider", "save_mapping", "drain"}

@@ -165,7 +165,7 @@ def changes(before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[
         if len(old_rows) != len(new_rows):
             out.append(f"{table}: {len(old_rows)} rows became {len(new_rows)}")
             continue
-        for old, new in zip(old_rows, new_rows):
+        for old, new in zip(old_rows, new_rows, strict=True):
             out.extend(f"{table}.{col}: {old[col]!r} -> {new[col]!r}" for col in old if old[col] != new[col])
     return out
 
