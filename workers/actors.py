@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
@@ -23,6 +24,20 @@ RECONCILE_RETRIES = 20
 PURCHASE_RETRIES = 12
 INVITE_RETRIES = 8
 BUSY_RETRY_MS = 250
+
+
+@contextmanager
+def _failures_counted(rt: runtime.Runtime, actor: str) -> Iterator[None]:
+    """Count a failed job (and a Stripe fault, when Stripe caused it); the error still propagates."""
+    try:
+        yield
+    except BillingError:
+        rt.telemetry.job(actor, "error")
+        rt.telemetry.stripe("transient_error")
+        raise
+    except Exception:
+        rt.telemetry.job(actor, "error")
+        raise
 
 
 def _retries_so_far() -> int:
@@ -72,15 +87,8 @@ def reconcile_tenant(tenant_id: str) -> None:
 def purchase_seats(purchase_id: str) -> None:
     """Run one purchase through the protocol (frozen body and key, Stripe, settle)."""
     rt = runtime.current()
-    try:
+    with _failures_counted(rt, "purchase_seats"):
         outcome = PurchaseRunner(rt.engine, rt.gateway).run(purchase_id)
-    except BillingError:
-        rt.telemetry.job("purchase_seats", "error")
-        rt.telemetry.stripe("transient_error")
-        raise
-    except Exception:
-        rt.telemetry.job("purchase_seats", "error")
-        raise
     rt.telemetry.job("purchase_seats", outcome.status)
     if outcome.stripe_called:
         rt.telemetry.stripe("failed" if outcome.status == "failed" else "ok")
@@ -97,15 +105,8 @@ def sync_seats(tenant_id: str) -> None:
     rt = runtime.current()
     if rt.gateway is None:
         return
-    try:
+    with _failures_counted(rt, "sync_seats"):
         allocation = sync_seats_from_stripe(rt.engine, rt.gateway, tenant_id)
-    except BillingError:
-        rt.telemetry.job("sync_seats", "error")
-        rt.telemetry.stripe("transient_error")
-        raise
-    except Exception:
-        rt.telemetry.job("sync_seats", "error")
-        raise
     rt.telemetry.job("sync_seats", "ok")
     if allocation is not None:  # None: the seats were known already, Stripe was not called
         rt.telemetry.stripe("ok")

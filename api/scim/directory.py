@@ -307,12 +307,20 @@ def delete_group(session: Session, group: ScimGroup) -> None:
 
 
 def members_of(session: Session, group_id: str) -> list[tuple[str, str]]:
-    rows = session.execute(
-        select(GroupMember.member_id, GroupMember.member_type)
-        .where(GroupMember.group_id == group_id)
-        .order_by(GroupMember.member_id)
-    )
-    return [(mid, mtype) for mid, mtype in rows]
+    return members_of_groups(session, [group_id])[group_id]
+
+
+def members_of_groups(session: Session, group_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """(member id, type) pairs of each group, in one query per chunk of groups (not one per group)."""
+    out: dict[str, list[tuple[str, str]]] = {gid: [] for gid in group_ids}
+    for chunk in _chunks(list(group_ids)):
+        for group_id, member_id, member_type in session.execute(
+            select(GroupMember.group_id, GroupMember.member_id, GroupMember.member_type)
+            .where(GroupMember.group_id.in_(chunk))
+            .order_by(GroupMember.group_id, GroupMember.member_id)
+        ):
+            out[group_id].append((member_id, member_type))
+    return out
 
 
 def _resolve_members(session: Session, tenant_id: str, wanted: dict[str, str | None]) -> dict[str, str]:
@@ -442,20 +450,22 @@ def list_resources(
     start_index = max(1, start_index)
     query = select(model).where(*where).order_by(*order)
 
-    def render(rows: list[Any]) -> list[dict[str, Any]]:
+    def render(rows: list[Any], members: bool) -> list[dict[str, Any]]:
         if is_user:
             groups = groups_of(session, [r.id for r in rows])
             return [user_json(r, base_url, groups[r.id]) for r in rows]
-        return [group_json(r, base_url, members_of(session, r.id) if with_members else None) for r in rows]
+        loaded = members_of_groups(session, [r.id for r in rows]) if members else {}
+        return [group_json(r, base_url, loaded[r.id] if members else None) for r in rows]
 
     if residual is None:
         total = session.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
         rows = list(session.execute(query.offset(start_index - 1).limit(count)).scalars()) if count else []
-        return Page(total, start_index, render(rows))
+        return Page(total, start_index, render(rows, with_members))
     # Attributes without a column are checked on the documents, so every
     # schema attribute filters correctly (at the cost of reading the candidates).
     rows = list(session.execute(query).scalars())
-    docs = render(rows) if is_user else [group_json(r, base_url, members_of(session, r.id)) for r in rows]
+    # Group filters may name members, so they are loaded to be matched.
+    docs = render(rows, members=True)
     kept = [d for d in docs if scim_filter.matches(residual, d, translator.case_exact)]
     page = kept[start_index - 1:start_index - 1 + count]
     if not is_user and not with_members:

@@ -163,6 +163,20 @@ class ScimApi:
             headers["Location"] = doc["meta"]["location"]
         return ScimResponse(project(resource, doc, attributes, excluded), status_code=status, headers=headers)
 
+    @staticmethod
+    def _locked_user(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
+        """The user a write names, locked, and still at the version If-Match asks for."""
+        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(user.version)
+        return user
+
+    @staticmethod
+    def _locked_group(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
+        """The group a write names, locked, and still at the version If-Match asks for."""
+        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        call.check_if_match(group.version)
+        return group
+
     # ------------------------------------------------------------- users
 
     def create_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -178,24 +192,21 @@ class ScimApi:
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
     def replace_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(user.version)
+        user = self._locked_user(session, tenant, call)
         doc = normalise_resource(USER_RESOURCE, call.body)
         directory.update_user(session, user, doc)
         groups = directory.groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
     def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(user.version)
+        user = self._locked_user(session, tenant, call)
         doc = Patcher(USER_RESOURCE, directory.user_doc(user)).apply(call.body)
         directory.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
         groups = directory.groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
 
     def delete_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(user.version)
+        user = self._locked_user(session, tenant, call)
         directory.delete_user(session, user)
         return Response(status_code=204)
 
@@ -221,8 +232,7 @@ class ScimApi:
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def replace_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(group.version)
+        group = self._locked_group(session, tenant, call)
         doc = normalise_resource(GROUP_RESOURCE, call.body)
         changes = MemberChanges()
         # PUT carries the whole member list (Okta, PingOne): applied as a diff,
@@ -232,8 +242,7 @@ class ScimApi:
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)))
 
     def patch_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(group.version)
+        group = self._locked_group(session, tenant, call)
         changes = MemberChanges()
         doc = Patcher(GROUP_RESOURCE, directory.group_doc(group), changes).apply(call.body)
         directory.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
@@ -245,8 +254,7 @@ class ScimApi:
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def delete_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
-        call.check_if_match(group.version)
+        group = self._locked_group(session, tenant, call)
         directory.delete_group(session, group)
         return Response(status_code=204)
 

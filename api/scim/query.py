@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Boolean, DateTime, and_, exists, not_, or_, true
@@ -97,8 +98,6 @@ def _compare(column: Any, folded: bool, op: str, value: Any) -> ColumnElement[bo
 
 
 def _datetime(value: Any) -> Any:
-    from datetime import datetime, timezone
-
     if not isinstance(value, str):
         raise InvalidFilterError("Dates are compared with an ISO 8601 string.")
     try:
