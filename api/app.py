@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
@@ -17,14 +19,19 @@ from starlette.routing import Route
 from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
-from api.scim.errors import ScimError
+from api.scim.errors import ScimError, ServiceUnavailableError
 from api.scim.http import error_response
 from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
-from models.db import make_engine
+from models.db import database_unavailable, make_engine
 from models.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
+DATABASE_RETRY_AFTER_SECONDS = 2
+# /readyz answers within this, whatever hangs behind it (a stalled Redis, a dead database host).
+READY_PROBE_SECONDS = 2.0
 
 
 class Services:
@@ -51,7 +58,7 @@ class Services:
         from workers.wakeup import Waker
 
         url = resolve_redis_url(settings)
-        client = redis_client(url)
+        client = redis_client(url, settings)
         broker = make_broker(settings, url)
         waker = Waker(broker, client, settings.redis_namespace)
         telemetry = Telemetry(client, settings.redis_namespace)
@@ -64,10 +71,7 @@ class Services:
             }
 
         def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
-                return False
+            return bool(client.ping())
 
         return cls(make_engine(settings.database_url), waker.wake, ping, stats, url)
 
@@ -84,22 +88,32 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    def _database_ok() -> bool:
+    def _ping_database() -> bool:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+
+    async def _probe(check: Callable[[], Any]) -> str | None:
+        """None when the check answers, else a short reason: an exception's class name, never its
+        text (a driver's message can hold a host, a user or SQL)."""
         try:
-            with services.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return False
+            answered = await asyncio.wait_for(run_in_threadpool(check), READY_PROBE_SECONDS)
+        except asyncio.TimeoutError:
+            return f"no answer within {READY_PROBE_SECONDS:g} s"
+        except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+            return type(error).__name__
+        return None if answered else "no answer"
 
     async def readyz(_request: Request) -> Response:
-        database = await run_in_threadpool(_database_ok)
-        broker = await run_in_threadpool(services.ping_broker)
-        ready = database and broker
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "database": database, "broker": broker},
-            status_code=200 if ready else 503,
-        )
+        database, broker = await asyncio.gather(_probe(_ping_database), _probe(services.ping_broker))
+        ready = database is None and broker is None
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not ready", "database": database is None, "broker": broker is None,
+        }
+        down = {name: reason for name, reason in (("database", database), ("broker", broker)) if reason}
+        if down:
+            body["down"] = down
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render)
@@ -120,6 +134,24 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             scim_exc.status = exc.status_code
             return error_response(scim_exc)
         return JSONResponse({"error": "http_error", "detail": exc.detail}, status_code=exc.status_code)
+
+    async def on_database_error(request: Request, exc: Exception) -> Response:
+        # The one place a database outage becomes a 503 (SCIM and admin alike): the
+        # transaction rolled back, so the client may send the same request again.
+        if not database_unavailable(exc):
+            return await on_crash(request, exc)
+        log.warning("database unavailable on %s %s (%s); answered 503", request.method, request.url.path,
+                    type(exc).__name__)
+        retry_after = {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+        if request.url.path.startswith("/scim/"):
+            return error_response(ServiceUnavailableError(
+                "The database is unavailable for a moment; nothing was changed. Retry shortly.",
+                retry_after=DATABASE_RETRY_AFTER_SECONDS,
+            ))
+        return JSONResponse(
+            {"error": "unavailable", "detail": "The database is unavailable for a moment; nothing was changed."},
+            status_code=503, headers=retry_after,
+        )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         # Never a traceback or a secret in the body; the log has the details.
@@ -143,6 +175,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             ScimError: on_scim_error,
             TenantError: on_admin_error,
             HTTPException: on_http_error,
+            sa_exc.DBAPIError: on_database_error,
+            sa_exc.TimeoutError: on_database_error,
             Exception: on_crash,
         },
     )
@@ -154,6 +188,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             limit=settings.scim_rate_limit,
             redis_url=services.redis_url,
             namespace=settings.redis_namespace,
+            connect_timeout=settings.redis_connect_timeout,
+            socket_timeout=settings.redis_socket_timeout,
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.metrics = metrics

@@ -33,7 +33,10 @@ def make_gateway(settings: Settings) -> StripeGateway | None:
     """The Stripe gateway, or None for ledger-only billing (no STRIPE_API_KEY)."""
     if not settings.stripe_api_key:
         return None
-    return StripeGateway(settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base)
+    return StripeGateway(
+        settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base,
+        timeout=settings.stripe_timeout,
+    )
 
 
 def install(runtime: Runtime) -> None:
@@ -51,7 +54,7 @@ def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
     from workers.broker import redis_client
     from workers.mailer import make_mailer
 
-    client = redis_client(redis_url)
+    client = redis_client(redis_url, settings)
     return Runtime(
         settings=settings,
         engine=make_engine(settings.database_url, pool_size=max(4, settings.worker_threads + 2)),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable
 
 import redis
 from dramatiq import Message
@@ -16,6 +18,10 @@ RECONCILE_ACTOR = "reconcile_tenant"
 # A pending flag older than this is stale (its message was lost); the sweep
 # would deliver the work anyway, this only bounds how long writes stay quiet.
 PENDING_TTL_SECONDS = 30
+# After a Redis failure, wake-ups are skipped (answered False at once) for this long:
+# a stalled Redis then costs one request per process one timeout, not every request
+# one each. The writes are committed; the sweep sends what was skipped.
+QUIET_AFTER_FAILURE_SECONDS = 5.0
 
 
 def pending_key(namespace: str, tenant_id: str) -> str:
@@ -25,13 +31,19 @@ def pending_key(namespace: str, tenant_id: str) -> str:
 class Waker:
     """Enqueue reconcile_tenant by actor name, at most one pending per tenant."""
 
-    def __init__(self, broker: Broker, client: redis.Redis, namespace: str) -> None:
+    def __init__(
+        self, broker: Broker, client: redis.Redis, namespace: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.broker = broker
         self.client = client
         self.namespace = namespace
+        self.clock = clock
+        self._quiet_until = 0.0
 
     def wake(self, tenant_id: str) -> bool:
         """Ask for a reconcile; never raises: the write is committed and the sweep is the fallback."""
+        if self.clock() < self._quiet_until:
+            return False
         key = pending_key(self.namespace, tenant_id)
         try:
             if not self.client.set(key, "1", nx=True, ex=PENDING_TTL_SECONDS):
@@ -39,11 +51,15 @@ class Waker:
             self.send(tenant_id)
             return True
         except (redis.RedisError, OSError) as exc:
+            self._quiet_until = self.clock() + QUIET_AFTER_FAILURE_SECONDS
             log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
-            try:
-                self.client.delete(key)
-            except (redis.RedisError, OSError):
-                pass
+            if not isinstance(exc, redis.TimeoutError):
+                # Redis answers but the enqueue failed: free the flag so the next write
+                # tries again. After a timeout Redis is stalled; the flag's TTL frees it.
+                try:
+                    self.client.delete(key)
+                except (redis.RedisError, OSError):
+                    pass
             return False
 
     def send(self, tenant_id: str) -> None:

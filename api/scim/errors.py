@@ -87,5 +87,14 @@ class TooManyRequestsError(ScimError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class ServiceUnavailableError(ScimError):
+    """RFC 7231 §6.6.4: a passing outage (the database restarting); the IdP retries after Retry-After."""
+
+    status = 503
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class NotImplementedScimError(ScimError):
     status = 501

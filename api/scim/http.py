@@ -24,6 +24,7 @@ from api.scim.errors import (
 from api.scim.render import etag
 from api.scim.schema import ERROR_SCHEMA, LIST_RESPONSE
 from api.tokens import bearer, token_digest
+from models.db import database_unavailable
 from models.tables import Tenant, utcnow
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def contained(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
             return await endpoint(request)
         except ScimError:
             raise
-        except Exception:
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise  # a 503 with Retry-After, answered by the app's one handler for it
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return error_response(InternalError("Internal server error."))
 

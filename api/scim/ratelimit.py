@@ -14,6 +14,9 @@ from api.scim.http import error_response
 
 log = logging.getLogger(__name__)
 PREFIX = "/scim/v2/"
+# After a Redis failure the limit is not checked for this long (fail open), so a
+# stalled Redis does not cost every request a timeout.
+SKIP_AFTER_FAILURE_SECONDS = 5.0
 
 
 class RateLimitMiddleware:
@@ -23,11 +26,19 @@ class RateLimitMiddleware:
     knows a Tenant URL cannot use up the real IdP's allowance.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, redis_url: str, namespace: str) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limit: int, redis_url: str, namespace: str,
+        connect_timeout: float = 1.0, socket_timeout: float = 2.0,
+    ) -> None:
         self.app = app
         self.limit = limit
-        self.client = aredis.Redis.from_url(redis_url, socket_timeout=2)
+        # No retries: a stalled Redis costs a request one timeout, then the limit is
+        # skipped for a few seconds (below), never a hang.
+        self.client = aredis.Redis.from_url(
+            redis_url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout, retry=None,
+        )
         self.namespace = namespace
+        self._skip_until = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
@@ -38,6 +49,9 @@ class RateLimitMiddleware:
             if name == b"authorization":
                 token = value
                 break
+        if time.monotonic() < self._skip_until:
+            await self.app(scope, receive, send)
+            return
         window = int(time.time())
         key = f"{self.namespace}:rate:{hashlib.sha256(token).hexdigest()[:32]}:{window}"
         try:
@@ -47,6 +61,7 @@ class RateLimitMiddleware:
                 count, _ = await pipe.execute()
         except (aredis.RedisError, OSError):
             # A Redis outage must not take the SCIM API down with it.
+            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE_SECONDS
             await self.app(scope, receive, send)
             return
         if count > self.limit:
