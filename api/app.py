@@ -54,7 +54,8 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
         from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.telemetry import Telemetry, queue_depths
+        from workers.deadletters import queue_counts
+        from workers.telemetry import Telemetry
         from workers.wakeup import Waker
 
         url = resolve_redis_url(settings)
@@ -64,10 +65,13 @@ class Services:
         telemetry = Telemetry(client, settings.redis_namespace)
 
         def stats() -> dict[str, Any]:
+            counts = queue_counts(client, broker.namespace, QUEUES)
             return {
                 "jobs": telemetry.jobs(),
                 "stripe": telemetry.stripe_calls(),
-                "queues": queue_depths(client, broker.namespace, QUEUES),
+                "queues": counts["waiting"],
+                "delayed": counts["delayed"],
+                "dead": counts["dead"],
             }
 
         def ping() -> bool:
