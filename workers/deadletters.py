@@ -21,6 +21,7 @@ from dramatiq.broker import Broker
 from dramatiq.brokers.redis import DEFAULT_DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import Middleware
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,15 @@ def error_key(namespace: str, redis_message_id: str) -> str:
 
 
 def safe_reason(error: BaseException) -> str:
-    """What an operator may read: the class, and our own errors' `reason` (never str() of a
-    driver's error, which can hold SQL, addresses or a key)."""
+    """What an operator may read: the class, and our own errors' `reason`, or the text of a plain
+    Python error; never str() of a database or Redis error (it can hold SQL, rows or an address)."""
     reason = getattr(error, "reason", None)
-    text = f"{type(error).__name__}: {reason}" if isinstance(reason, str) and reason else type(error).__name__
+    if isinstance(reason, str) and reason:
+        text = f"{type(error).__name__}: {reason}"
+    elif isinstance(error, (SQLAlchemyError, redis.RedisError, OSError)) or not str(error):
+        text = type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}"
     return text[:500]
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import redis
 from dramatiq.middleware import Middleware
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from models.db import session_scope
 from models.tables import Purchase, SyncEvent, Tenant, utcnow
@@ -48,7 +48,10 @@ class Sweeper:
         with session_scope(self.rt.engine) as session:
             tenants = list(session.execute(
                 select(SyncEvent.tenant_id, func.min(SyncEvent.created_at))
-                .where(SyncEvent.applied_at.is_(None))
+                .join(Tenant, Tenant.id == SyncEvent.tenant_id)
+                # A quarantined (poison) tenant is left alone until its backoff has passed.
+                .where(SyncEvent.applied_at.is_(None),
+                       or_(Tenant.quarantined_until.is_(None), Tenant.quarantined_until <= now))
                 .group_by(SyncEvent.tenant_id)
             ))
             purchases = [p for (p,) in session.execute(
