@@ -19,7 +19,12 @@ from starlette.routing import Route
 from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
-from api.scim.errors import ScimError, ServiceUnavailableError
+from api.scim.errors import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    DATABASE_UNAVAILABLE,
+    ScimError,
+    database_unavailable_error,
+)
 from api.scim.http import error_response
 from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
@@ -28,8 +33,6 @@ from models.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
-DATABASE_RETRY_AFTER_SECONDS = 2
 # /readyz answers within this, whatever hangs behind it (a stalled Redis, a dead database host).
 READY_PROBE_SECONDS = 2.0
 
@@ -146,15 +149,11 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             return await on_crash(request, exc)
         log.warning("database unavailable on %s %s (%s); answered 503", request.method, request.url.path,
                     type(exc).__name__)
-        retry_after = {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
         if request.url.path.startswith("/scim/"):
-            return error_response(ServiceUnavailableError(
-                "The database is unavailable for a moment; nothing was changed. Retry shortly.",
-                retry_after=DATABASE_RETRY_AFTER_SECONDS,
-            ))
+            return error_response(database_unavailable_error())
         return JSONResponse(
-            {"error": "unavailable", "detail": "The database is unavailable for a moment; nothing was changed."},
-            status_code=503, headers=retry_after,
+            {"error": "unavailable", "detail": DATABASE_UNAVAILABLE},
+            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
         )
 
     async def on_crash(request: Request, exc: Exception) -> Response:

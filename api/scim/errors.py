@@ -96,5 +96,15 @@ class ServiceUnavailableError(ScimError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+# What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
+DATABASE_RETRY_AFTER_SECONDS = 2
+DATABASE_UNAVAILABLE = "The database is unavailable for a moment; nothing was changed. Retry shortly."
+
+
+def database_unavailable_error() -> ServiceUnavailableError:
+    """The SCIM error for a request (or a Bulk operation) the database could not take."""
+    return ServiceUnavailableError(DATABASE_UNAVAILABLE, retry_after=DATABASE_RETRY_AFTER_SECONDS)
+
+
 class NotImplementedScimError(ScimError):
     status = 501

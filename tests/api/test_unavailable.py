@@ -105,3 +105,51 @@ def test_only_connection_level_errors_count_as_unavailable():
     assert not database_unavailable(OperationalError("x", {}, sqlite3.OperationalError("no such table: tenant")))
     assert not database_unavailable(ProgrammingError("x", {}, Exception("syntax error")))
     assert not database_unavailable(ValueError("nope"))
+
+
+def test_a_bulk_operation_the_database_cannot_take_is_its_own_503(base_settings, tenant, engine):
+    """Given a Bulk request of three creates, and the database going away for the second one
+    When it is sent, Then the first is created (201), the second answers 503 with nothing written,
+    the third is created again once the database is back (RFC 7644 §3.7.3: each operation its own status)."""
+    from sqlalchemy import event, func, select
+
+    from models.tables import ScimUser
+
+    own = make_engine(base_settings.database_url)
+    failing = {"left": 1}
+    driver_error = _driver_operational_error(own)
+
+    @event.listens_for(own, "before_cursor_execute")
+    def cut(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO SCIM_USER") and "b2@x.com" in str(parameters):
+            if failing["left"]:
+                failing["left"] -= 1
+                raise driver_error
+
+    app = create_app(base_settings, Services(own, lambda tenant_id: None, lambda: True))
+    operations = [
+        {"method": "POST", "path": "/Users", "bulkId": f"b{i}", "data": {"schemas": [USER], "userName": f"b{i}@x.com"}}
+        for i in (1, 2, 3)
+    ]
+    response = _serve(app, "POST", f"/scim/v2/{tenant.tenant_id}/Bulk",
+                      json={"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": operations},
+                      headers={"Authorization": f"Bearer {tenant.token}"})
+    own.dispose()
+    assert response.status_code == 200, response.text
+    assert [op["status"] for op in response.json()["Operations"]] == ["201", "503", "201"]
+    assert response.json()["Operations"][1]["response"]["status"] == "503"
+    with engine.connect() as connection:
+        names = set(connection.execute(select(ScimUser.user_name).where(ScimUser.tenant_id == tenant.tenant_id)).scalars())
+        assert names == {"b1@x.com", "b3@x.com"}
+        assert connection.execute(select(func.count()).select_from(ScimUser)).scalar() == 2
+
+
+def _driver_operational_error(engine) -> Exception:
+    """The driver's own "connection lost" error, as a restart makes it raise."""
+    if engine.dialect.name == "postgresql":
+        import psycopg
+
+        return psycopg.OperationalError("server closed the connection unexpectedly")
+    import sqlite3
+
+    return sqlite3.OperationalError("database is locked")
