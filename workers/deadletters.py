@@ -101,7 +101,7 @@ class DeadLetters:
             ids = [raw.decode() for raw, _ in entries]
             bodies = self.client.hmget(self._xq(queue) + ".msgs", ids)
             errors = self.client.mget([error_key(self.namespace, i) for i in ids])
-            for (message_id, (_, score)), body, error in zip(zip(ids, entries), bodies, errors):
+            for message_id, (_, score), body, error in zip(ids, entries, bodies, errors, strict=True):
                 if body is None:
                     continue
                 message = Message.decode(body)

@@ -92,8 +92,8 @@ def test_a_job_failing_its_last_retry_is_listed_counted_and_retried(failing_pipe
     assert "secret-bearing" not in out
 
     assert queue_counts(redis_client, broker.namespace, ("reconcile",))["dead"] == {"reconcile": 1}
-    snapshot = {"jobs": {}, "stripe": {}, **{k: v for k, v in zip(
-        ("queues", "delayed", "dead"), queue_counts(redis_client, broker.namespace, ("reconcile",)).values())}}
+    counts = queue_counts(redis_client, broker.namespace, ("reconcile",))
+    snapshot = {"jobs": {}, "stripe": {}, "queues": counts["waiting"], "delayed": counts["delayed"], "dead": counts["dead"]}
     families = {family.name: family for family in PipelineCollector(lambda: snapshot).collect()}
     assert [(s.labels, s.value) for s in families["sally_queue_dead_letters"].samples] == [({"queue": "reconcile"}, 1)]
     assert "sally_queue_delayed" in families
