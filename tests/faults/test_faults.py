@@ -363,23 +363,31 @@ def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing
     wait_until(lambda: len(tenant.idp.sent) >= 3 * N_USERS // 4 or not writer.is_alive(), timeout=30,
                what="the second half under way")
     stack.pg.stop("fast")
+    # Writes that start while the database is down (the in-flight ones above may or may not be cut).
+    down = names("pgdown", 0, 3)
+    during = threading.Thread(target=lambda: outcome.__setitem__("down", tenant.idp.create_users(down)))
+    during.start()
     admin_during = [stack.admin.get(f"/tenants/{tenant.id}/sync") for _ in range(3)]
-    time.sleep(1.0)
+    time.sleep(1.5)
     stack.pg.start()
     writer.join(timeout=120)
-    assert not writer.is_alive(), "the burst did not finish after PostgreSQL came back"
+    during.join(timeout=120)
+    assert not writer.is_alive() and not during.is_alive(), "the burst did not finish after PostgreSQL came back"
     if "error" in outcome:
         raise outcome["error"]
-    ids += outcome["ids"]
+    ids += outcome["ids"] + outcome["down"]
+    tenant.idp.add_members(tenant.group_id, outcome["down"])
     statuses = {s.status for s in tenant.idp.sent}
     assert statuses <= {200, 201, 204, 409, 503}, statuses
-    print(f"\nPostgreSQL restart: {sum(s.status == 503 for s in tenant.idp.sent)} SCIM answers were 503, "
+    unavailable = sum(s.status == 503 for s in tenant.idp.sent)
+    print(f"\nPostgreSQL restart: {unavailable} SCIM answers were 503, "
           f"admin during the outage: {[r.status_code for r in admin_during]}")
+    assert unavailable >= len(down), "the writes sent while PostgreSQL was down were each answered 503 first"
     for response in admin_during:
         assert response.status_code == 503 and response.headers["Retry-After"].isdigit(), response.text
         assert response.json()["error"] == "unavailable"
     admin_get(stack, f"/tenants/{tenant.id}/sync")
-    buy_and_check(stack, tenant, ids, first + rest)
+    buy_and_check(stack, tenant, ids, first + rest + down)
 
 
 def test_stripe_unanswering_during_the_burst_buys_exactly_once_when_it_answers_again(stack, tenant):
