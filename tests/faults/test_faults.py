@@ -253,12 +253,13 @@ def admin_get(stack: Stack, path: str) -> httpx.Response:
     pytest.fail(f"GET {path}: still 503")
 
 
-def buy_and_check(stack: Stack, tenant: Tenant, user_ids: list[str], all_names: list[str]) -> None:
+def buy_and_check(stack: Stack, tenant: Tenant, user_ids: list[str], all_names: list[str], mended_at: float) -> None:
     """Map the group as the starter license group, let the pipeline catch up, and check the exact
     end state: users, members, events, one purchase for all, one invitation per user."""
     save_mapping(stack.admin, tenant.id, user_groups=[tenant.group_id],
                  license_groups={"starter": [tenant.group_id]}, auto_invite=True)
     wait_caught_up(stack.admin, tenant.id, timeout=CAUGHT_UP_WITHIN, worker=stack.worker)
+    print(f"caught up {time.monotonic() - mended_at:.1f} s after the fault ended")
     expected = len(all_names)
 
     # Every user present in SCIM, once, and every one a member of the group.
@@ -318,7 +319,7 @@ def test_a_redis_stalled_for_30_s_mid_burst_costs_no_write_and_no_response_more_
         time.sleep(max(0.0, REDIS_STALL_SECONDS - (time.monotonic() - frozen_at)))
     finally:
         stack.redis.thaw()
-    buy_and_check(stack, tenant, ids, first + rest)
+    buy_and_check(stack, tenant, ids, first + rest, time.monotonic())
 
 
 def test_redis_killed_and_restarted_mid_burst_loses_nothing(stack, tenant):
@@ -338,7 +339,7 @@ def test_redis_killed_and_restarted_mid_burst_loses_nothing(stack, tenant):
         time.sleep(max(0.0, 3.0 - (time.monotonic() - killed_at)))
     finally:
         stack.redis.start()
-    buy_and_check(stack, tenant, ids, first + rest)
+    buy_and_check(stack, tenant, ids, first + rest, time.monotonic())
 
 
 def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing_partial(stack, tenant):
@@ -370,6 +371,7 @@ def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing
     admin_during = [stack.admin.get(f"/tenants/{tenant.id}/sync") for _ in range(3)]
     time.sleep(1.5)
     stack.pg.start()
+    mended_at = time.monotonic()
     writer.join(timeout=120)
     during.join(timeout=120)
     assert not writer.is_alive() and not during.is_alive(), "the burst did not finish after PostgreSQL came back"
@@ -387,7 +389,7 @@ def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing
         assert response.status_code == 503 and response.headers["Retry-After"].isdigit(), response.text
         assert response.json()["error"] == "unavailable"
     admin_get(stack, f"/tenants/{tenant.id}/sync")
-    buy_and_check(stack, tenant, ids, first + rest + down)
+    buy_and_check(stack, tenant, ids, first + rest + down, mended_at)
 
 
 def test_stripe_unanswering_during_the_burst_buys_exactly_once_when_it_answers_again(stack, tenant):
@@ -413,4 +415,4 @@ def test_stripe_unanswering_during_the_burst_buys_exactly_once_when_it_answers_a
     finally:
         stack.stripe.answer_again()
     print(f"\nStripe black hole: {stack.stripe.unanswered} calls unanswered")
-    buy_and_check(stack, tenant, ids, first + rest)
+    buy_and_check(stack, tenant, ids, first + rest, time.monotonic())
