@@ -369,6 +369,8 @@ def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing
     during = threading.Thread(target=lambda: outcome.__setitem__("down", tenant.idp.create_users(down)))
     during.start()
     admin_during = [stack.admin.get(f"/tenants/{tenant.id}/sync") for _ in range(3)]
+    ready = httpx.get(f"{stack.settings.public_base_url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["down"] == {"database": "OperationalError"}, ready.text
     time.sleep(1.5)
     stack.pg.start()
     mended_at = time.monotonic()
