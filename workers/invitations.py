@@ -42,7 +42,8 @@ from sqlmodel import Session
 
 from models.db import session_scope
 from models.settings import Settings
-from models.tables import Account, Invitation, ScimUser, Tenant, utcnow
+from models.directory import users as directory_users
+from models.tables import Account, Invitation, Tenant, utcnow
 from workers.mailer import (
     Mail,
     PermanentMailError,
@@ -324,10 +325,9 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
         ).all())
         names = {
             user_id: _display_name(display_name, data)
-            for user_id, display_name, data in session.execute(
-                select(ScimUser.id, ScimUser.display_name, ScimUser.data)
-                .where(ScimUser.id.in_([row.user_id for row in taken.values()]))
-            )
+            for user_id, (display_name, data) in directory_users.names(
+                session, [row.user_id for row in taken.values()]
+            ).items()
         }
     claims = [
         _Claim(

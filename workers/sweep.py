@@ -11,7 +11,8 @@ from dramatiq.middleware import Middleware
 from sqlalchemy import func, select, update
 
 from models.db import session_scope
-from models.tables import Purchase, SyncEvent, Tenant, utcnow
+from models.directory import events as directory_events
+from models.tables import Purchase, Tenant, utcnow
 from workers import invitations, runtime
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,7 @@ class Sweeper:
         stale = now - RESEND_AFTER
         sent = {"tenants": 0, "purchases": 0, "seat_syncs": 0, "invitations": 0}
         with session_scope(self.rt.engine) as session:
-            tenants = list(session.execute(
-                select(SyncEvent.tenant_id, func.min(SyncEvent.created_at))
-                .where(SyncEvent.applied_at.is_(None))
-                .group_by(SyncEvent.tenant_id)
-            ))
+            tenants = directory_events.oldest_unapplied(session)
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
                 .where(Purchase.status == "pending", func.coalesce(Purchase.enqueued_at, stale) <= stale)
