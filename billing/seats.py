@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from billing.gateway import Gateway
 from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
 from models.tables import Account, Purchase, SeatCount, Tenant, new_id
 
@@ -64,13 +65,8 @@ def pending_purchase(session: Session, tenant_id: str) -> Purchase | None:
     ).scalar_one_or_none()
 
 
-def billed(tenant: Tenant, billing_configured: bool) -> bool:
-    """Seats of this tenant are bought in Stripe (else purchases are recorded as not_billed)."""
-    return billing_configured and bool(tenant.stripe_subscription_id)
-
-
 def allocate(
-    session: Session, tenant: Tenant, now: datetime, *, billing_configured: bool, trigger: str
+    session: Session, tenant: Tenant, now: datetime, *, gateway: Gateway, trigger: str
 ) -> Allocation:
     """Give free seats to the longest-waiting users, mark the rest, plan one purchase if short.
 
@@ -113,7 +109,7 @@ def allocate(
         for tier in TIERS
     }
     in_flight = pending_purchase(session, tenant.id)
-    is_billed = billed(tenant, billing_configured)
+    is_billed = gateway.bills(tenant)
     blocked = tenant.billing_blocked or None
     targets = purchase_targets(purchased, plans)
     if targets is not None and blocked is not None:

@@ -92,6 +92,10 @@ class StripeGateway:
         # The default repr would be harmless today; this one can never grow the key.
         return f"StripeGateway(prices={self._prices!r})"
 
+    def bills(self, tenant: Any) -> bool:
+        """A tenant linked to a Stripe subscription has its seats bought there."""
+        return bool(tenant.stripe_subscription_id)
+
     def read_subscription(self, subscription_id: str) -> SubscriptionState:
         """Current quantity and item id per tier; items with prices that are not ours are ignored."""
         subscription = self._call(lambda: self._client.v1.subscriptions.retrieve(subscription_id))

@@ -59,7 +59,7 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
 
     try:
-        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id, on_locked=clear_pending)
+        result = Reconciler(rt.engine, rt.gateway).run(tenant_id, on_locked=clear_pending)
     except Exception:
         rt.telemetry.job("reconcile_tenant", "error")
         raise
@@ -103,8 +103,6 @@ def purchase_seats(purchase_id: str) -> None:
 def sync_seats(tenant_id: str) -> None:
     """Read the seats bought from the tenant's Stripe subscription, then allocate."""
     rt = runtime.current()
-    if rt.gateway is None:
-        return
     with _failures_counted(rt, "sync_seats"):
         allocation = sync_seats_from_stripe(rt.engine, rt.gateway, tenant_id)
     rt.telemetry.job("sync_seats", "ok")

@@ -10,9 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from billing.gateway import Gateway
 from billing.licenses import GroupMapping, entitlement
 from billing.locks import try_lock_tenant
-from billing.seats import allocate, billed
+from billing.seats import allocate
 from models.db import chunks, insert_ignore, session_scope
 from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
@@ -69,9 +70,9 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
 class Reconciler:
     """Applies a tenant's events one by one (never by watermark), under the tenant's lock."""
 
-    def __init__(self, engine: Engine, *, billing_configured: bool, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, engine: Engine, gateway: Gateway, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
-        self.billing_configured = billing_configured
+        self.gateway = gateway
         self.clock = clock
 
     def run(
@@ -111,7 +112,7 @@ class Reconciler:
             triggers = sorted({kind for _, kind, _ in events})
             allocation = allocate(
                 session, tenant, now,
-                billing_configured=self.billing_configured,
+                gateway=self.gateway,
                 trigger="SCIM sync: " + ", ".join(triggers),
             )
             result.purchase_id = allocation.purchase_id
@@ -220,6 +221,3 @@ class Reconciler:
             created.extend(inv_id for (inv_id,) in session.execute(statement))
         return created
 
-
-def seats_need_sync(tenant: Tenant, billing_configured: bool) -> bool:
-    return billed(tenant, billing_configured) and tenant.seats_synced_at is None and not tenant.billing_blocked

@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from sqlalchemy.engine import Engine
 
+from billing.gateway import Gateway, LedgerGateway
 from billing.stripe_gateway import StripeGateway
 from models.db import make_engine
 from models.settings import Settings
@@ -21,7 +22,7 @@ class Runtime:
     engine: Engine
     redis: redis.Redis
     waker: Waker
-    gateway: StripeGateway | None
+    gateway: Gateway
     mailer: Any
     telemetry: Telemetry
 
@@ -29,10 +30,10 @@ class Runtime:
 _current: Runtime | None = None
 
 
-def make_gateway(settings: Settings) -> StripeGateway | None:
-    """The Stripe gateway, or None for ledger-only billing (no STRIPE_API_KEY)."""
+def make_gateway(settings: Settings) -> Gateway:
+    """The Stripe gateway, or the ledger-only one when there is no STRIPE_API_KEY."""
     if not settings.stripe_api_key:
-        return None
+        return LedgerGateway()
     return StripeGateway(settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base)
 
 

@@ -55,15 +55,13 @@ class Sweeper:
             )]
             if purchases:
                 session.execute(update(Purchase).where(Purchase.id.in_(purchases)).values(enqueued_at=now))
-            seat_syncs: list[str] = []
-            if self.rt.gateway is not None:
-                seat_syncs = [t for (t,) in session.execute(
-                    select(Tenant.id).where(
-                        Tenant.stripe_subscription_id.is_not(None),
-                        Tenant.seats_synced_at.is_(None),
-                        Tenant.billing_blocked.is_(None),
-                    )
-                )]
+            seat_syncs = [t.id for t in session.execute(
+                select(Tenant).where(
+                    Tenant.stripe_subscription_id.is_not(None),
+                    Tenant.seats_synced_at.is_(None),
+                    Tenant.billing_blocked.is_(None),
+                )
+            ).scalars() if self.rt.gateway.bills(t)]
             due = invitations.due_invitations(session, now, limit=BATCH)
             invitations.mark_enqueued(session, due, now)
         for tenant_id, oldest in tenants:

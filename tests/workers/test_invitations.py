@@ -24,6 +24,7 @@ from dramatiq.middleware import CurrentMessage, Middleware
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
+from billing.gateway import LedgerGateway
 from models.db import make_engine, session_scope
 from models.migrate import upgrade
 from models.settings import Settings
@@ -691,7 +692,7 @@ def jobs(engine, settings, mailer, redis_client, base_settings) -> Iterator[Jobs
     namespace = f"{base_settings.redis_namespace}inv{uuid.uuid4().hex[:8]}"
     rt = runtime.Runtime(
         settings=dataclasses.replace(settings, redis_namespace=namespace), engine=engine, redis=redis_client,
-        waker=Waker(broker, redis_client, namespace), gateway=None, mailer=mailer,
+        waker=Waker(broker, redis_client, namespace), gateway=LedgerGateway(), mailer=mailer,
         telemetry=Telemetry(redis_client, namespace),
     )
     runtime.install(rt)
