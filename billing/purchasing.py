@@ -12,11 +12,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from billing.gateway import Gateway
-from billing.licenses import TIERS
+from billing.licenses import raised_to
 from billing.locks import lock_tenant
 from billing.seats import Allocation, allocate, set_purchased_seats
 from billing.stripe_gateway import PermanentBillingError
 from models.db import session_scope
+from models.settings import TIERS
 from models.tables import Purchase, Tenant, utcnow
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class PurchaseRunner:
                     return Outcome("already_settled")
                 if purchase.request_body is None:
                     before = dict(state.quantities)
-                    after = {tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS}
+                    after = raised_to(before, purchase.demand)
                     if after == before:
                         # The subscription already has the seats (finance raised it by
                         # hand, or they were simply not read yet): nothing to buy.
@@ -200,14 +201,12 @@ class PurchaseRunner:
                 return Outcome("already_settled")
             before = purchase.quantities_before or {}
             # Refused before the body was frozen: what it would have asked for (never below before).
-            after = purchase.quantities_after or {
-                tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS
-            }
+            after = purchase.quantities_after or raised_to(before, purchase.demand)
             return self._settle(session, tenant, purchase, "failed", before, after, None, reason)
 
     def _settle_not_billed(self, session: Session, tenant: Tenant, purchase: Purchase) -> Outcome:
         before = purchase.quantities_before or {}
-        after = {tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS}
+        after = raised_to(before, purchase.demand)
         log.warning(
             "tenant %s has no Stripe billing; purchase %s recorded as not_billed", tenant.id, purchase.id
         )

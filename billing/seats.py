@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from billing.gateway import Gateway
-from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
+from billing.licenses import TierPlan, plan_tier, purchase_targets
+from models.db import chunks
+from models.settings import TIERS
 from models.tables import Account, Purchase, SeatCount, Tenant, new_id
 
-BATCH = 500
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
@@ -32,9 +32,6 @@ class Allocation:
     needs_seat_sync: bool = False
 
 
-def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
@@ -128,7 +125,7 @@ def allocate(
         plan = plans[tier]
         queue = waiting[tier]
         grant, rest = queue[:plan.grant], queue[plan.grant:]
-        for chunk in _chunks(grant):
+        for chunk in chunks(grant):
             session.execute(
                 update(Account)
                 .where(Account.user_id.in_(chunk))
@@ -148,7 +145,7 @@ def allocate(
             (buying_reason, rest[:buying_count]),
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 session.execute(
                     update(Account)
                     .where(Account.user_id.in_(chunk))

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-TIERS = ("starter", "team", "enterprise")
+TIERS: tuple[str, ...] = ("starter", "team", "enterprise")
+"""License tiers, lowest first: a user in several license groups gets the first."""
 
 
 class SettingsError(ValueError):

@@ -18,6 +18,7 @@ from models.db import chunks, insert_ignore, session_scope
 from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
 from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
+from models.settings import TIERS
 from models.tables import (
     Account,
     Invitation,
@@ -61,7 +62,7 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
         {
             "user_groups": slots.get("user", []),
             "admin_groups": slots.get("admin", []),
-            "license_groups": {tier: slots.get(tier, []) for tier in ("starter", "team", "enterprise")},
+            "license_groups": {tier: slots.get(tier, []) for tier in TIERS},
         }
     )
     return tenant, mapping

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import redis
 from dramatiq.middleware import Middleware
@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 
 from models.db import session_scope
 from models.directory import events as directory_events
-from models.tables import Purchase, Tenant, utcnow
+from models.tables import Purchase, Tenant, as_utc, utcnow
 from workers import invitations, runtime
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Sweeper:
             due = invitations.due_invitations(session, now, limit=BATCH)
             invitations.mark_enqueued(session, due, now)
         for tenant_id, oldest in tenants:
-            if _aware(oldest) <= now - STALE_EVENTS:
+            if as_utc(oldest) <= now - STALE_EVENTS:
                 self.rt.waker.send(tenant_id)
                 sent["tenants"] += 1
             else:
@@ -85,11 +85,6 @@ class Sweeper:
         if any(sent.values()):
             log.info("sweep re-sent %s", sent)
         return sent
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class SweepMiddleware(Middleware):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Boolean, DateTime, and_, exists, not_, or_, true
@@ -16,7 +16,7 @@ from api.scim.render import group_json, user_json
 from api.scim.schema import EXTERNAL_ID, GROUP_RESOURCE, USER_RESOURCE, Attr, ResourceSchema
 from models.directory import lists
 from models.directory.members import groups_of, members_of_groups
-from models.tables import GroupMember, ScimGroup, ScimUser
+from models.tables import GroupMember, ScimGroup, ScimUser, as_utc
 
 MAX_RESULTS = 1000
 _META_SUBS = ("resourcetype", "created", "lastmodified", "location", "version")
@@ -108,7 +108,7 @@ def _datetime(value: Any) -> Any:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidFilterError(f"'{value}' is not an ISO 8601 date-time.") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return as_utc(parsed)
 
 
 class FilterTranslator:
@@ -279,14 +279,15 @@ def list_resources(
         return [group_json(r, base_url, loaded[r.id] if members else None) for r in rows]
 
     if residual is None:
-        total, rows = lists.page(
+        total = lists.count(session, model, tenant_id, where)
+        rows = lists.rows(
             session, model, tenant_id, where, sort_column=sort_column, descending=descending,
             offset=start_index - 1, limit=count,
-        )
+        ) if count else []
         return Page(total, start_index, render(rows, with_members))
     # Attributes without a column are checked on the documents, so every
     # schema attribute filters correctly (at the cost of reading the candidates).
-    rows = lists.every(session, model, tenant_id, where, sort_column=sort_column, descending=descending)
+    rows = lists.rows(session, model, tenant_id, where, sort_column=sort_column, descending=descending)
     # Group filters may name members, so they are loaded to be matched.
     docs = render(rows, members=True)
     kept = [d for d in docs if scim_filter.matches(residual, d, translator.case_exact)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable
 
 import orjson
@@ -14,15 +14,14 @@ from api.scim.schema import (
     USER_SCHEMA,
     ResourceSchema,
 )
+from models.tables import as_utc
 
 ALWAYS = {"id", "schemas"}
 _CORE_PREFIXES = tuple(s.lower() + ":" for s in (USER_SCHEMA, GROUP_SCHEMA, *LEGACY_CORE_SCHEMAS))
 
 
 def iso(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return as_utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def etag(version: int) -> str:

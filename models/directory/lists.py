@@ -13,50 +13,38 @@ from models.tables import ScimGroup, ScimUser
 Model = type[ScimUser] | type[ScimGroup]
 
 
-def _visible(model: Model, tenant_id: str) -> list[ColumnElement[bool]]:
+def _visible(model: Model, tenant_id: str, where: Sequence[ColumnElement[bool]]) -> list[ColumnElement[bool]]:
     """The tenant's rows a client may see: a deleted user is kept for the record, never listed."""
-    where = [model.tenant_id == tenant_id]
+    conditions = [model.tenant_id == tenant_id, *where]
     if model is ScimUser:
-        where.append(ScimUser.deleted_at.is_(None))
-    return where
+        conditions.insert(1, ScimUser.deleted_at.is_(None))
+    return conditions
 
 
-def _ordered(model: Model, sort_column: Any | None, descending: bool) -> list[Any]:
-    # Creation order by default; the id breaks ties so pages never overlap.
-    order = [model.created_at if sort_column is None else sort_column, model.id]
-    return [col.desc() for col in order] if descending else order
+def count(session: Session, model: Model, tenant_id: str, where: Sequence[ColumnElement[bool]]) -> int:
+    """How many of the tenant's visible rows match."""
+    return session.execute(select(func.count()).select_from(model).where(*_visible(model, tenant_id, where))).scalar_one()
 
 
-def page(
+def rows(
     session: Session,
     model: Model,
     tenant_id: str,
     where: Sequence[ColumnElement[bool]],
     *,
-    sort_column: Any | None,
-    descending: bool,
-    offset: int,
-    limit: int,
-) -> tuple[int, list[Any]]:
-    """(rows matching in all, `limit` of those rows from `offset`), of the tenant's visible rows."""
-    conditions = [*_visible(model, tenant_id), *where]
-    total = session.execute(select(func.count()).select_from(model).where(*conditions)).scalar_one()
-    if not limit:
-        return total, []
-    query = select(model).where(*conditions).order_by(*_ordered(model, sort_column, descending))
-    return total, list(session.execute(query.offset(offset).limit(limit)).scalars())
-
-
-def every(
-    session: Session,
-    model: Model,
-    tenant_id: str,
-    where: Sequence[ColumnElement[bool]],
-    *,
-    sort_column: Any | None,
-    descending: bool,
+    sort_column: Any | None = None,
+    descending: bool = False,
+    offset: int = 0,
+    limit: int | None = None,
 ) -> list[Any]:
-    """All the tenant's visible rows matching, in order (for a filter checked on the documents)."""
-    conditions = [*_visible(model, tenant_id), *where]
-    query = select(model).where(*conditions).order_by(*_ordered(model, sort_column, descending))
+    """The tenant's visible rows that match, in order (creation order unless a sort column is given)."""
+    # The id breaks ties, so that pages never overlap.
+    order = [model.created_at if sort_column is None else sort_column, model.id]
+    if descending:
+        order = [col.desc() for col in order]
+    query = select(model).where(*_visible(model, tenant_id, where)).order_by(*order)
+    if offset:
+        query = query.offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
     return list(session.execute(query).scalars())
