@@ -12,6 +12,8 @@ from billing.gateway import Gateway, LedgerGateway
 from billing.stripe_gateway import StripeGateway
 from models.db import make_engine
 from models.settings import Settings
+from workers.broker import redis_client
+from workers.mailer import make_mailer
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
 
@@ -49,9 +51,6 @@ def current() -> Runtime:
 
 
 def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
-    from workers.broker import redis_client
-    from workers.mailer import make_mailer
-
     client = redis_client(redis_url)
     return Runtime(
         settings=settings,

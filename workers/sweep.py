@@ -14,6 +14,7 @@ from models.db import session_scope
 from models.directory import events as directory_events
 from models.tables import Purchase, Tenant, as_utc, utcnow
 from workers import invitations, runtime
+from workers.names import PURCHASE_SEATS, SEND_INVITATION, SYNC_SEATS
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ class Sweeper:
 
     def run_once(self) -> dict[str, int]:
         """One pass, if no other worker is sweeping; returns what it re-sent."""
-        from workers import actors
-
         interval_ms = int(self.rt.settings.sweep_interval * 1000)
         try:
             if not self.rt.redis.set(self.lock_key, "1", nx=True, px=max(1000, interval_ms - 500)):
@@ -72,15 +71,15 @@ class Sweeper:
                 # Coalesced: a tenant whose message is still queued is not sent again.
                 sent["tenants"] += int(self.rt.waker.wake(tenant_id))
         for purchase_id in purchases:
-            actors.purchase_seats.send(purchase_id)
+            self.rt.waker.enqueue(PURCHASE_SEATS, purchase_id)
         sent["purchases"] = len(purchases)
         for tenant_id in seat_syncs:
             key = f"{self.rt.settings.redis_namespace}:seat-sync-sent:{tenant_id}"
             if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
-                actors.sync_seats.send(tenant_id)
+                self.rt.waker.enqueue(SYNC_SEATS, tenant_id)
                 sent["seat_syncs"] += 1
         for batch in invitations.batches(due, spread=self.rt.settings.worker_threads):
-            actors.send_invitation.send(*batch)
+            self.rt.waker.enqueue(SEND_INVITATION, *batch)
         sent["invitations"] = len(due)
         if any(sent.values()):
             log.info("sweep re-sent %s", sent)

@@ -33,7 +33,7 @@ from tests.conftest import wipe
 from tests.workers.support import bind_actors, drain
 from tests.workers.test_mailer import FakeSmtp
 from workers import runtime
-from workers.broker import QUEUES
+from workers.names import QUEUES
 from workers.invitations import (
     BATCH_SIZE,
     CLAIM_LEASE,

@@ -48,7 +48,7 @@ from tests.workers.support import (
     licenses as licenses_of,
 )
 from workers import runtime
-from workers.broker import QUEUES
+from workers.names import QUEUES
 from workers.mailer import SmtpMailer
 from workers.reconcile import Reconciler
 
