@@ -6,7 +6,7 @@ feeds them the directory and the purchased quantities and acts on the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -94,18 +94,6 @@ def entitlement(active: bool, group_ids: AbstractSet[str], mapping: GroupMapping
     # No access means no seat, even for a user still in a license group.
     tier = tier_for(group_ids, mapping) if role is not None else None
     return Entitlement(role=role, tier=tier)
-
-
-def seat_demand(tiers: Iterable[str | None]) -> dict[str, int]:
-    """Count the users per tier (None = no license); every tier is in the answer."""
-    counts = dict.fromkeys(TIERS, 0)
-    for tier in tiers:
-        if tier is None:
-            continue
-        if tier not in counts:
-            raise ValueError(f"unknown license tier: {tier!r}")
-        counts[tier] += 1
-    return counts
 
 
 def plan_tier(purchased: int, holders: int, waiting: int, cap: int | None) -> TierPlan:

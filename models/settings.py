@@ -85,10 +85,6 @@ class Settings:
         object.__setattr__(self, "var_dir", Path(self.var_dir))
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def outbox_dir(self) -> Path:
         return self.var_dir / "outbox"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
@@ -423,5 +423,3 @@ def declared_schemas(resource: ResourceSchema, data: dict[str, Any]) -> list[str
     return schemas
 
 
-def attribute_names(attrs: Iterable[Attr]) -> list[str]:
-    return [attr.name for attr in attrs]

@@ -31,7 +31,6 @@ from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
 from tests.workers.support import bind_actors, drain
-from tests.workers.test_mailer import FakeSmtp
 from workers import runtime
 from workers.names import QUEUES
 from workers.invitations import (
@@ -47,7 +46,7 @@ from workers.invitations import (
     send_invitation,
     send_invitations,
 )
-from workers.mailer import OutboxMailer, SmtpMailer, TransientMailError, make_mailer, message_id
+from workers.mailer import OutboxMailer, TransientMailError, make_mailer, message_id
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
@@ -110,18 +109,6 @@ def settings(tmp_path: Path) -> Settings:
         public_base_url="https://sally.example/",
         mail_from="Sally <no-reply@sally.example>",
     )
-
-
-@pytest.fixture
-def smtp():
-    with FakeSmtp() as server:
-        yield server
-
-
-@pytest.fixture
-def mailer(smtp):
-    with SmtpMailer(smtp.url, timeout=5, attempts=3, wait_seconds=0.01) as mailer:
-        yield mailer
 
 
 @pytest.fixture
