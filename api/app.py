@@ -30,6 +30,10 @@ from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
 from models.db import database_unavailable, make_engine
 from models.settings import Settings
+from workers.broker import make_broker, redis_client, resolve_redis_url
+from workers.names import QUEUES
+from workers.telemetry import Telemetry, queue_counts
+from workers.wakeup import Waker
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,6 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.deadletters import queue_counts
-        from workers.telemetry import Telemetry
-        from workers.wakeup import Waker
-
         url = resolve_redis_url(settings)
         client = redis_client(url, settings)
         broker = make_broker(settings, url)

@@ -253,8 +253,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
 def _with_dead_letters(settings: Settings, use):
     """Run ``use(DeadLetters)``; an embedded Redis attached for it is released after."""
-    from workers.broker import QUEUES, make_broker, redis_client, release_embedded_redis, resolve_redis_url
+    from workers.broker import make_broker, redis_client, release_embedded_redis, resolve_redis_url
     from workers.deadletters import DeadLetters
+    from workers.names import QUEUES
 
     url = resolve_redis_url(settings)
     try:

@@ -13,13 +13,9 @@ from redis.retry import Retry
 
 from models.settings import Settings
 from workers.embedded_redis import EmbeddedRedis
+from workers.names import QUEUES
 
 log = logging.getLogger(__name__)
-
-RECONCILE_QUEUE = "reconcile"
-PURCHASE_QUEUE = "purchases"
-INVITE_QUEUE = "invitations"
-QUEUES = (RECONCILE_QUEUE, PURCHASE_QUEUE, INVITE_QUEUE)
 
 _embedded: dict[str, EmbeddedRedis] = {}
 

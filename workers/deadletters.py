@@ -19,7 +19,7 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import Broker
 from dramatiq.brokers.redis import DEFAULT_DEAD_MESSAGE_TTL
-from dramatiq.common import dq_name, xq_name
+from dramatiq.common import xq_name
 from dramatiq.middleware import Middleware
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -143,18 +143,3 @@ class DeadLetters:
                 self.client.delete(error_key(self.namespace, message_id))
                 done.append(message_id)
         return done
-
-
-def queue_counts(client: redis.Redis, broker_namespace: str, queues: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Per queue: messages waiting, delayed (retry backoff, `.DQ`) and dead (`.XQ`), in one round trip."""
-    queues = tuple(queues)
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        pipe.llen(f"{broker_namespace}:{queue}")
-        pipe.llen(f"{broker_namespace}:{dq_name(queue)}")
-        pipe.zcard(f"{broker_namespace}:{xq_name(queue)}")
-    values = pipe.execute()
-    return {
-        kind: {queue: int(values[3 * i + k]) for i, queue in enumerate(queues)}
-        for k, kind in enumerate(("waiting", "delayed", "dead"))
-    }

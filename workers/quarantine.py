@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import select, update
@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from models.db import database_unavailable, session_scope
 from models.settings import Settings
-from models.tables import Tenant
+from models.tables import Tenant, as_utc
 from workers.deadletters import safe_reason
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,7 @@ class TenantHealth:
     quarantined_until: datetime | None
 
     def quarantined(self, now: datetime) -> bool:
-        return self.quarantined_until is not None and aware(self.quarantined_until) > now
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return self.quarantined_until is not None and as_utc(self.quarantined_until) > now
 
 
 def counts_as_poison(error: BaseException) -> bool:

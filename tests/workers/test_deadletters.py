@@ -15,7 +15,8 @@ from dramatiq import Worker
 from api.cli import build_parser
 from api.metrics import PipelineCollector
 from workers.broker import make_broker
-from workers.deadletters import DeadLetters, FailureRecorder, queue_counts
+from workers.deadletters import DeadLetters, FailureRecorder
+from workers.telemetry import queue_counts
 
 
 class LedgerDownError(Exception):

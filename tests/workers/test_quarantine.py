@@ -17,7 +17,7 @@ from models.tables import SyncEvent, Tenant, utcnow
 from tests.conftest import connect_tenant
 from tests.workers.support import bind_actors
 from workers import runtime
-from workers.broker import RECONCILE_QUEUE
+from workers.names import RECONCILE_QUEUE
 from workers.quarantine import QuarantinePolicy, counts_as_poison
 from workers.sweep import Sweeper
 
