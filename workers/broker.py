@@ -38,7 +38,25 @@ def release_embedded_redis() -> None:
     _embedded.clear()
 
 
-def redis_client(url: str, settings: Settings) -> redis.Redis:
+class StalledRedisError(redis.ConnectionError, redis.TimeoutError):
+    """A Redis command that timed out, told to Dramatiq as a lost connection."""
+
+
+class BrokerRedis(redis.Redis):
+    """The broker's client. Dramatiq handles a lost connection (an ack is tried again until Redis
+    answers, a consumer reconnects) but not a timeout: a timed-out ack would leave its message in
+    the worker's ack set until the worker restarts, and then run it a second time."""
+
+    def execute_command(self, *args, **options):
+        try:
+            return super().execute_command(*args, **options)
+        except redis.TimeoutError as error:
+            if isinstance(error, redis.ConnectionError):
+                raise
+            raise StalledRedisError(*error.args) from error
+
+
+def redis_client(url: str, settings: Settings, client_class: type[redis.Redis] = redis.Redis) -> redis.Redis:
     """A Redis client that gives up quickly: Settings' connect and read timeouts, one retry at most.
 
     redis-py retries a failed command three times with backoff by default, so one
@@ -46,7 +64,7 @@ def redis_client(url: str, settings: Settings) -> redis.Redis:
     restarted Redis) is retried once at once, and a timeout not at all: the caller
     falls back (the write is committed, the sweep re-sends).
     """
-    return redis.Redis.from_url(
+    return client_class.from_url(
         url,
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
@@ -59,7 +77,7 @@ def make_broker(settings: Settings, url: str, middleware: list | None = None) ->
     """A Redis broker in our namespace, with our queues declared."""
     broker = RedisBroker(
         # Our client, with timeouts: Dramatiq's own (from the URL) would wait forever on a stalled Redis.
-        client=redis_client(url, settings),
+        client=redis_client(url, settings, BrokerRedis),
         namespace=f"{settings.redis_namespace}-dramatiq",
         middleware=middleware,
         # A worker that dies without acking loses its messages for this long

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from api.app import Services, create_app
 from models.tables import ScimUser
+from tests.fakes.silent_server import SilentServer
 from workers.broker import make_broker
 from workers.names import RECONCILE_QUEUE
 from workers.wakeup import Waker, pending_key
@@ -68,49 +69,6 @@ def test_a_broker_outage_never_fails_the_write(base_settings, redis_client):
     assert waker.wake("t1") is False
 
 
-class _SilentServer:
-    """A TCP server that takes connections and reads requests but never answers (a stalled Redis)."""
-
-    def __init__(self) -> None:
-        import socket
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.received = 0
-        self.connections: list = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
-
-    def _drain(self, conn) -> None:
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self.received += len(data)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
-
-
 def test_a_stalled_redis_costs_one_timeout_then_wake_ups_skip_it_for_a_while(base_settings):
     """Given a Redis that accepts and never answers, and the client's 0.3 s read timeout
     When a write wakes its tenant, Then wake() gives up after the timeout and returns False;
@@ -119,7 +77,7 @@ def test_a_stalled_redis_costs_one_timeout_then_wake_ups_skip_it_for_a_while(bas
     from workers.broker import redis_client
     from workers.wakeup import QUIET_AFTER_FAILURE_SECONDS
 
-    silent = _SilentServer()
+    silent = SilentServer()
     try:
         settings = dataclasses.replace(base_settings, redis_url=f"redis://127.0.0.1:{silent.port}/0",
                                        redis_socket_timeout=0.3, redis_connect_timeout=0.3)
