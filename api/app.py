@@ -142,8 +142,10 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         return JSONResponse({"error": "http_error", "detail": exc.detail}, status_code=exc.status_code)
 
     async def on_database_error(request: Request, exc: Exception) -> Response:
-        # The one place a database outage becomes a 503 (SCIM and admin alike): the
-        # transaction rolled back, so the client may send the same request again.
+        # The one place a database outage becomes a 503 (SCIM and admin alike). The
+        # transaction rolled back, so the same request may be sent again; only when the
+        # connection died during COMMIT may it have landed, and a resent create then
+        # answers 409 (the IdP looks the user up, as Entra does).
         if not database_unavailable(exc):
             return await on_crash(request, exc)
         log.warning("database unavailable on %s %s (%s); answered 503", request.method, request.url.path,

@@ -100,7 +100,7 @@ class ServiceUnavailableError(ScimError):
 
 # What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
 DATABASE_RETRY_AFTER_SECONDS = 2
-DATABASE_UNAVAILABLE = "The database is unavailable for a moment; nothing was changed. Retry shortly."
+DATABASE_UNAVAILABLE = "The database is unavailable for a moment; send the request again shortly."
 
 
 def database_unavailable_error() -> ServiceUnavailableError:
