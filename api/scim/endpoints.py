@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Awaitable, Callable
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
@@ -19,8 +21,11 @@ from api.scim.errors import (
     MethodNotAllowedError,
     NotFoundError,
     ScimError,
+    UnauthorizedError,
 )
+from api.scim.fastpath import AsyncDatabase
 from api.scim.http import (
+    OFF_LOOP_BYTES,
     Authenticator,
     AuthorizedTenant,
     Call,
@@ -29,6 +34,7 @@ from api.scim.http import (
     list_response,
     read_json,
 )
+from api.scim.ratelimit import Gate, RedisPerLoop
 from api.scim.patch import MemberChanges, Patcher, member_values
 from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
 from api.scim.render import (
@@ -46,20 +52,60 @@ from api.scim.schema import (
     ResourceSchema,
     normalise_resource,
 )
-from models.db import session_scope
+from models.db import is_postgres, session_scope
 from models.settings import Settings
+from models.tables import Tenant
 
 Handler = Callable[[Session, AuthorizedTenant, Call], Response]
+_TENANT = Tenant.__table__
 
 
 class ScimApi:
-    """The SCIM receiver: one short transaction per request, a wake-up after commit."""
+    """The SCIM receiver: one short transaction per request, a wake-up after commit.
 
-    def __init__(self, settings: Settings, engine: Engine, wake: Callable[[str], Any]) -> None:
+    On PostgreSQL `POST /Users`, the hot path of an IdP's first cycle, runs on
+    the event loop through psycopg's async pool in one statement (fastpath.py);
+    everything else runs synchronously in the thread pool.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        wake: Callable[[str], Any],
+        *,
+        wake_async: Callable[[str], Awaitable[Any]] | None = None,
+        redis_url: str | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.wake = wake
+        self.wake_async = wake_async
         self.auth = Authenticator()
+        self.fast = AsyncDatabase(engine.url.render_as_string(hide_password=False)) if is_postgres(engine) else None
+        self.gate = Gate(
+            self._tenant_of_token,
+            RedisPerLoop(redis_url) if redis_url else None,
+            settings.redis_namespace,
+            rate_limit=settings.scim_rate_limit if redis_url else 0,
+            auth_failure_limit=settings.scim_auth_failure_limit,
+        )
+
+    async def _tenant_of_token(self, digest: str) -> tuple[str, bool] | None:
+        if self.fast is not None:
+            return await self.fast.tenant_of(digest)
+        return await run_in_threadpool(self._tenant_of_token_sync, digest)
+
+    def _tenant_of_token_sync(self, digest: str) -> tuple[str, bool] | None:
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                select(_TENANT.c.id, _TENANT.c.scim_enabled).where(_TENANT.c.token_hash == digest)
+            ).first()
+        return None if found is None else (found.id, bool(found.scim_enabled))
+
+    async def close(self) -> None:
+        if self.fast is not None:
+            await self.fast.close()
 
     def routes(self) -> list[Route]:
         prefix = "/scim/v2/{tenant_id}"
@@ -104,6 +150,9 @@ class ScimApi:
             handler = handlers.get(request.method)
             if handler is None:
                 raise MethodNotAllowedError(f"{request.method} is not supported here.")
+            digest = await self._admit(request)
+            if request.method == "POST" and post == self.create_user and self.fast is not None:
+                return await self._create_user_fast(request, digest)
             call = await self._call(request, with_body=request.method in ("POST", "PUT", "PATCH"))
             return await run_in_threadpool(self.run, handler, call, request.method != "GET")
 
@@ -111,14 +160,41 @@ class ScimApi:
 
     async def bulk_endpoint(self, request: Request) -> Response:
         """POST /Bulk: each operation in its own transaction, one wake-up at the end."""
+        await self._admit(request)
         call = await self._call(request, with_body=True)
         return await run_in_threadpool(self._bulk, call)
 
-    async def _call(self, request: Request, *, with_body: bool) -> Call:
-        """The request as the synchronous handlers see it (read on the event loop)."""
+    async def _admit(self, request: Request) -> str:
+        """Token, failed-auth throttle and rate, on the headers alone: a refused request's body is never read."""
         if any("\x00" in value for value in request.path_params.values()):
             # No id holds U+0000, and PostgreSQL refuses it in a query parameter.
             raise NotFoundError("Not found.")
+        client = request.client.host if request.client else None
+        return await self.gate.admit(request.path_params["tenant_id"], request.headers.get("authorization"), client)
+
+    async def _create_user_fast(self, request: Request, digest: str) -> Response:
+        """POST /Users on PostgreSQL: token, user and sync event in one statement, then the wake-up."""
+        assert self.fast is not None
+        call = await self._call(request, with_body=True)
+        large = int(request.headers.get("content-length") or 0) > OFF_LOOP_BYTES
+        doc = (await run_in_threadpool(normalise_resource, USER_RESOURCE, call.body) if large
+               else normalise_resource(USER_RESOURCE, call.body))
+        row = await self.fast.create_user(call.tenant_id, digest, doc)
+        if row is None:
+            # Revoked since the gate last saw it: revocation works at once.
+            self.gate.forget(digest)
+            raise UnauthorizedError()
+        if self.auth.due(call.tenant_id):
+            await self.fast.touch(call.tenant_id)
+        # After the commit, never inside it: a broker outage cannot fail the write.
+        if self.wake_async is not None:
+            await self.wake_async(call.tenant_id)
+        else:
+            await run_in_threadpool(self.wake, call.tenant_id)
+        return self._projected(USER_RESOURCE, call, user_json(SimpleNamespace(**row), call.base_url), 201)
+
+    async def _call(self, request: Request, *, with_body: bool) -> Call:
+        """The request as the synchronous handlers see it (read on the event loop)."""
         tenant_id = request.path_params["tenant_id"]
         return Call(
             tenant_id=tenant_id,
