@@ -267,6 +267,8 @@ class Sally:
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}",
             "SALLY_VAR_DIR": str(var_dir),
             "LOG_LEVEL": "warning",
+            # A load test is exactly what the per-token rate limit is there to stop.
+            "SCIM_RATE_LIMIT": "0",
         }
         self.web: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None

@@ -68,7 +68,8 @@ def seed_tenant(engine: Engine, size: int) -> Seeded:
             {"tenant_id": tenant_id, "group_id": license_group, "slot": "starter"},
         ])
         conn.execute(insert(SeatCount.__table__), [
-            {"tenant_id": tenant_id, "tier": tier, "purchased": size + 10 if tier == "starter" else 0, "updated_at": now}
+            {"tenant_id": tenant_id, "tier": tier, "purchased": size + 10 if tier == "starter" else 0, "updated_at": now,
+             **({"assigned": size if tier == "starter" else 0} if "assigned" in SeatCount.__table__.c else {})}
             for tier in ("starter", "team", "enterprise")
         ])
     users = [

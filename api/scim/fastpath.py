@@ -79,8 +79,9 @@ class AsyncDatabase:
                 pool = AsyncConnectionPool(
                     self._conninfo, min_size=1, max_size=self.max_size, open=False,
                     # Autocommit: each hot-path statement is its own transaction.
+                    # No check on checkout (a round trip per request): a connection
+                    # broken by a server restart is discarded when it is returned.
                     kwargs={"autocommit": True},
-                    check=AsyncConnectionPool.check_connection,
                 )
                 await pool.open()
                 self._pool = pool
