@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -86,7 +87,49 @@ class Services:
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, wake_async)
+        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
+
+
+class WakeBatcher:
+    """Concurrent wake-ups of one tenant share one Redis round trip (a group commit for wake-ups).
+
+    A request joins the batch only after its own commit, and a batch is sent
+    only after everyone in it joined, so every write in a batch committed before
+    its flag was set: the reconcile that clears the flag reads them all.
+    """
+
+    def __init__(self, wake_one: Callable[[str], Awaitable[bool]]) -> None:
+        self.wake_one = wake_one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next: dict[str, asyncio.Future[bool]] = {}
+        self._sending: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def wake(self, tenant_id: str) -> bool:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._next, self._sending, self._tasks = loop, {}, set(), set()
+        batch = self._next.get(tenant_id)
+        if batch is None:
+            batch = self._next[tenant_id] = loop.create_future()
+            if tenant_id not in self._sending:
+                self._sending.add(tenant_id)
+                task = loop.create_task(self._send(tenant_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(batch)
+
+    async def _send(self, tenant_id: str) -> None:
+        try:
+            while (batch := self._next.pop(tenant_id, None)) is not None:
+                try:
+                    woke = await self.wake_one(tenant_id)
+                except Exception:  # noqa: BLE001 - the write is committed; the sweep is the fallback
+                    log.exception("wake-up of tenant %s failed; the sweep will deliver it", tenant_id)
+                    woke = False
+                batch.set_result(woke)
+        finally:
+            self._sending.discard(tenant_id)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:

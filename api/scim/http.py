@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import select, update
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from api.scim.errors import (
@@ -67,6 +67,9 @@ def contained(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
             return await endpoint(request)
         except ScimError:
             raise
+        except ClientDisconnect:
+            # The client hung up before its body arrived: nothing was written, nobody to answer.
+            return Response(status_code=400)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return error_response(InternalError("Internal server error."))
