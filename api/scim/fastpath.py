@@ -21,8 +21,12 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
-from api.scim.directory import UserFields, _user_data, folded_key
-from api.scim.errors import UniquenessError
+from types import SimpleNamespace
+
+from api.scim.directory import _PG_ADD_MEMBERS, _PG_REMOVE_MEMBERS, UserFields, _group_data, _user_data, folded_key, group_doc
+from api.scim.errors import InvalidValueError, NotFoundError, UniquenessError
+from api.scim.patch import MemberChanges, Patcher
+from api.scim.schema import GROUP_RESOURCE, normalise_resource, optional_string, required_string
 from models.tables import new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,22 @@ SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM e)
 """
 
 TENANT_OF_TOKEN = "SELECT id, scim_enabled FROM tenant WHERE token_hash = %s"
+# The group, locked, in the same statement that checks the token (revocation at once).
+LOCK_GROUP = """
+SELECT g.version, g.display_name, g.external_id, g.data FROM scim_group g JOIN tenant t ON t.id = g.tenant_id
+WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.token_hash = %(digest)s AND t.scim_enabled
+FOR UPDATE OF g
+"""
+MEMBERS = "SELECT member_id, member_type FROM group_member WHERE group_id = %s"
+USERS_BY_ID = "SELECT id FROM scim_user WHERE id = ANY(%(ids)s) AND tenant_id = %(tenant)s AND deleted_at IS NULL"
+GROUPS_BY_ID = "SELECT id FROM scim_group WHERE id = ANY(%(ids)s) AND tenant_id = %(tenant)s"
+BUMP_GROUP = "UPDATE scim_group SET version = version + 1, updated_at = %(now)s WHERE id = %(group)s RETURNING version"
+REWRITE_GROUP = """
+UPDATE scim_group SET display_name = %(name)s, display_name_key = %(key)s, external_id = %(external_id)s,
+       data = %(data)s::json, version = version + 1, updated_at = %(now)s
+WHERE id = %(group)s RETURNING version
+"""
+GROUP_EVENT = "INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) VALUES (%s, 'group_updated', %s::json, %s)"
 TOUCH = "UPDATE tenant SET last_request_at = %s WHERE id = %s"
 
 
@@ -139,3 +159,74 @@ class AsyncDatabase:
         if not created:
             raise UniquenessError(f"userName '{fields.user_name}' is already taken in this tenant.")
         return row
+
+    async def patch_group(
+        self, tenant_id: str, digest: str, group_id: str, body: Any, check_version: Any
+    ) -> int | None:
+        """PATCH a group in one short transaction on the loop; its new version, or None when the token is refused.
+
+        The operations go through the same Patcher as everywhere; a PATCH that
+        only changes members (what IdPs send) leaves the stored document as it
+        is instead of re-normalising it, and the member rows change by the array
+        statements of api/scim/directory.py.
+        """
+        now = utcnow()
+        async with self.connection() as conn, conn.transaction():
+            row = await (await conn.execute(
+                LOCK_GROUP, {"group": group_id, "tenant": tenant_id, "digest": digest})).fetchone()
+            if row is None:
+                found = await (await conn.execute(TENANT_OF_TOKEN, (digest,))).fetchone()
+                if found is None or found[0] != tenant_id or not found[1]:
+                    return None
+                raise NotFoundError(f"Group '{group_id}' not found.")
+            version, display_name, external_id, data = row
+            check_version(version)
+            before = group_doc(SimpleNamespace(data=data, display_name=display_name, external_id=external_id))
+            changes = MemberChanges()
+            doc = Patcher(GROUP_RESOURCE, group_doc(
+                SimpleNamespace(data=data, display_name=display_name, external_id=external_id)), changes).apply(body)
+            if doc == before:
+                bumped = await (await conn.execute(BUMP_GROUP, {"now": now, "group": group_id})).fetchone()
+            else:
+                doc = normalise_resource(GROUP_RESOURCE, doc)
+                name = required_string(doc, "displayName")
+                bumped = await (await conn.execute(REWRITE_GROUP, {
+                    "name": name, "key": folded_key(name, "displayName"),
+                    "external_id": optional_string(doc, "externalId"),
+                    "data": orjson.dumps(_group_data(doc)).decode(), "now": now, "group": group_id,
+                })).fetchone()
+            touched = await self._apply_members(conn, tenant_id, group_id, changes)
+            await conn.execute(GROUP_EVENT, (tenant_id, orjson.dumps(sorted(set(touched))).decode(), now))
+        return int(bumped[0])  # type: ignore[index]
+
+    @staticmethod
+    async def _apply_members(conn: AsyncConnection[Any], tenant_id: str, group_id: str, changes: MemberChanges) -> list[str]:
+        """The member rows of a PATCH (as directory.apply_member_changes); the users whose membership changed."""
+        if changes.replace is not None:
+            current = {mid: kind for mid, kind in await (await conn.execute(MEMBERS, (group_id,))).fetchall()}
+            add = {mid: t for mid, t in changes.replace.items() if mid not in current}
+            remove = {mid for mid in current if mid not in changes.replace}
+        else:
+            add, remove = changes.add, changes.remove
+        touched: list[str] = []
+        if add:
+            if group_id in add:
+                raise InvalidValueError("A group cannot be a member of itself.")
+            ids = list(add)
+            params = {"ids": ids, "tenant": tenant_id}
+            kinds = {uid: "User" for (uid,) in await (await conn.execute(USERS_BY_ID, params)).fetchall()}
+            missing = [i for i in ids if i not in kinds]
+            if missing:
+                kinds.update((gid, "Group") for (gid,) in await (await conn.execute(
+                    GROUPS_BY_ID, {"ids": missing, "tenant": tenant_id})).fetchall())
+            unknown = [i for i in ids if i not in kinds]
+            if unknown:
+                shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+                raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
+            inserted = await conn.execute(_PG_ADD_MEMBERS, {
+                "group_id": group_id, "tenant_id": tenant_id, "ids": ids, "kinds": [kinds[m] for m in ids]})
+            touched.extend(mid for mid, kind in await inserted.fetchall() if kind == "User")
+        if remove:
+            removed = await conn.execute(_PG_REMOVE_MEMBERS, {"group_id": group_id, "ids": sorted(remove)})
+            touched.extend(mid for mid, kind in await removed.fetchall() if kind == "User")
+        return touched
