@@ -534,8 +534,10 @@ def summarise(report: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     rows.append(("memberships/s in 1,000-member PATCHes vs scim2-server", ours.rate / ref.rate if ref.rate else float("nan"),
                  15.0, f"{ours.rate * 1000:,.0f} vs {ref.rate * 1000:,.0f} memberships/s"))
     if "burst" in report:
+        # An absolute goal (4x the 80/s of issue 7's measurement), not a same-run ratio.
         rate = report["burst"].get("memberships", float("nan"))
-        rows.append(("100-member PATCHes/s in bench/burst.py (absolute, vs 80/s before)", rate / 80, 4.0, f"{rate:.0f}/s"))
+        rows.append(("100-member PATCHes/s in bench/burst.py, in units of 80/s", rate / 80, 4.0,
+                     f"{rate:.0f}/s (goal 320/s)"))
         rss = report["web_rss_after_burst_kib"] / report["web_rss_idle_kib"]
         rows.append(("web RSS after a 10k burst / idle (at most)", rss, 2.0,
                      f"{report['web_rss_after_burst_kib'] / 1024:.0f} MiB vs {report['web_rss_idle_kib'] / 1024:.0f} MiB"))
