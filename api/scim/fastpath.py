@@ -17,19 +17,27 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import orjson
+import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.engine import make_url
 
 from types import SimpleNamespace
 
 from api.scim.directory import _PG_ADD_MEMBERS, _PG_REMOVE_MEMBERS, UserFields, _group_data, _user_data, folded_key, group_doc
-from api.scim.errors import InvalidValueError, NotFoundError, UniquenessError
+from api.scim.errors import InvalidValueError, NotFoundError, ScimError, UniquenessError
 from api.scim.patch import MemberChanges, Patcher
 from api.scim.schema import GROUP_RESOURCE, normalise_resource, optional_string, required_string
 from models.tables import new_id, utcnow
 
 log = logging.getLogger(__name__)
+
+CHECKOUT_TIMEOUT_SECONDS = 5.0
+RETRY_AFTER_SECONDS = 2
+
+
+class DatabaseUnavailableError(ScimError):
+    status = 503
 
 # The token, the user and its event in one statement. The partial unique index
 # (tenant, case-folded userName) WHERE deleted_at IS NULL decides uniqueness:
@@ -80,9 +88,11 @@ def conninfo(database_url: str) -> str:
 class AsyncDatabase:
     """A psycopg async pool per event loop, opened on first use (nothing connects at import or build time)."""
 
-    def __init__(self, database_url: str, *, max_size: int = 20) -> None:
+    def __init__(self, database_url: str, *, max_size: int = 20,
+                 checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS) -> None:
         self._conninfo = conninfo(database_url)
         self.max_size = max_size
+        self.checkout_timeout = checkout_timeout
         self._pool: AsyncConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = asyncio.Lock()
@@ -109,9 +119,17 @@ class AsyncDatabase:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        pool = await self._current()
-        async with pool.connection() as conn:
-            yield conn
+        try:
+            pool = await self._current()
+            async with pool.connection(timeout=self.checkout_timeout) as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # The server restarts or is gone: a retryable answer, never a 500 or a hang.
+            # (The pool drops the broken connection and reconnects by itself.)
+            log.warning("database unavailable on the SCIM hot path (%s)", type(exc).__name__)
+            raise DatabaseUnavailableError(
+                "The database is unavailable; retry shortly.", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+            ) from None
 
     async def close(self) -> None:
         if self._pool is not None and self._loop is asyncio.get_running_loop():
