@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from types import SimpleNamespace
 
-from api.scim.directory import _PG_ADD_MEMBERS, _PG_REMOVE_MEMBERS, UserFields, _group_data, _user_data, folded_key, group_doc
+from api.scim.directory import _PG_REMOVE_MEMBERS, UserFields, _group_data, _user_data, folded_key, group_doc
 from api.scim.errors import InvalidValueError, NotFoundError, ScimError, UniquenessError
 from api.scim.patch import MemberChanges, Patcher
 from api.scim.schema import GROUP_RESOURCE, normalise_resource, optional_string, required_string
@@ -61,20 +61,36 @@ SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM e)
 """
 
 TENANT_OF_TOKEN = "SELECT id, scim_enabled FROM tenant WHERE token_hash = %s"
-# The group, locked, in the same statement that checks the token (revocation at once).
-LOCK_GROUP = """
-SELECT g.version, g.display_name, g.external_id, g.data FROM scim_group g JOIN tenant t ON t.id = g.tenant_id
-WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.token_hash = %(digest)s AND t.scim_enabled
-FOR UPDATE OF g
+# The group locked and its version bumped in ONE statement that also checks the
+# token (revocation at once); RETURNING gives what the PATCH needs. A refused
+# PATCH (412, 400) rolls the bump back with everything else.
+LOCK_AND_BUMP_GROUP = """
+UPDATE scim_group g SET version = g.version + 1, updated_at = %(now)s FROM tenant t
+WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.id = g.tenant_id AND t.token_hash = %(digest)s AND t.scim_enabled
+RETURNING g.version, g.display_name, g.external_id, g.data
 """
 MEMBERS = "SELECT member_id, member_type FROM group_member WHERE group_id = %s"
-USERS_BY_ID = "SELECT id FROM scim_user WHERE id = ANY(%(ids)s) AND tenant_id = %(tenant)s AND deleted_at IS NULL"
-GROUPS_BY_ID = "SELECT id FROM scim_group WHERE id = ANY(%(ids)s) AND tenant_id = %(tenant)s"
-BUMP_GROUP = "UPDATE scim_group SET version = version + 1, updated_at = %(now)s WHERE id = %(group)s RETURNING version"
+# Lookup of the wanted members (Users of the tenant not deleted, else its Groups)
+# and the insert of the known ones in one statement; the caller refuses the PATCH
+# (and so rolls the insert back) when some id is unknown.
+ADD_KNOWN_MEMBERS = """
+WITH w AS (SELECT DISTINCT unnest(%(ids)s::varchar[]) AS id),
+known AS (
+    SELECT w.id, 'User'::varchar AS kind FROM w JOIN scim_user u ON u.id = w.id
+     WHERE u.tenant_id = %(tenant)s AND u.deleted_at IS NULL
+    UNION ALL
+    SELECT w.id, 'Group'::varchar FROM w JOIN scim_group g ON g.id = w.id WHERE g.tenant_id = %(tenant)s
+), ins AS (
+    INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
+    SELECT %(group)s, id, %(tenant)s, kind FROM known
+    ON CONFLICT (group_id, member_id) DO NOTHING RETURNING member_id, member_type
+)
+SELECT (SELECT array_agg(id) FROM known), (SELECT array_agg(member_id) FROM ins WHERE member_type = 'User')
+"""
 REWRITE_GROUP = """
 UPDATE scim_group SET display_name = %(name)s, display_name_key = %(key)s, external_id = %(external_id)s,
-       data = %(data)s::json, version = version + 1, updated_at = %(now)s
-WHERE id = %(group)s RETURNING version
+       data = %(data)s::json
+WHERE id = %(group)s
 """
 GROUP_EVENT = "INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) VALUES (%s, 'group_updated', %s::json, %s)"
 TOUCH = "UPDATE tenant SET last_request_at = %s WHERE id = %s"
@@ -189,33 +205,32 @@ class AsyncDatabase:
         statements of api/scim/directory.py.
         """
         now = utcnow()
-        async with self.connection() as conn, conn.transaction():
+        # Pipeline mode: BEGIN goes with the first statement, the event with COMMIT:
+        # three round trips for the whole PATCH.
+        async with self.connection() as conn, conn.pipeline(), conn.transaction():
             row = await (await conn.execute(
-                LOCK_GROUP, {"group": group_id, "tenant": tenant_id, "digest": digest})).fetchone()
+                LOCK_AND_BUMP_GROUP, {"now": now, "group": group_id, "tenant": tenant_id, "digest": digest})).fetchone()
             if row is None:
                 found = await (await conn.execute(TENANT_OF_TOKEN, (digest,))).fetchone()
                 if found is None or found[0] != tenant_id or not found[1]:
                     return None
                 raise NotFoundError(f"Group '{group_id}' not found.")
             version, display_name, external_id, data = row
-            check_version(version)
-            before = group_doc(SimpleNamespace(data=data, display_name=display_name, external_id=external_id))
+            check_version(version - 1)
+            stored = SimpleNamespace(data=data, display_name=display_name, external_id=external_id)
             changes = MemberChanges()
-            doc = Patcher(GROUP_RESOURCE, group_doc(
-                SimpleNamespace(data=data, display_name=display_name, external_id=external_id)), changes).apply(body)
-            if doc == before:
-                bumped = await (await conn.execute(BUMP_GROUP, {"now": now, "group": group_id})).fetchone()
-            else:
+            doc = Patcher(GROUP_RESOURCE, group_doc(stored), changes).apply(body)
+            if doc != group_doc(stored):
                 doc = normalise_resource(GROUP_RESOURCE, doc)
                 name = required_string(doc, "displayName")
-                bumped = await (await conn.execute(REWRITE_GROUP, {
+                await conn.execute(REWRITE_GROUP, {
                     "name": name, "key": folded_key(name, "displayName"),
                     "external_id": optional_string(doc, "externalId"),
-                    "data": orjson.dumps(_group_data(doc)).decode(), "now": now, "group": group_id,
-                })).fetchone()
+                    "data": orjson.dumps(_group_data(doc)).decode(), "group": group_id,
+                })
             touched = await self._apply_members(conn, tenant_id, group_id, changes)
             await conn.execute(GROUP_EVENT, (tenant_id, orjson.dumps(sorted(set(touched))).decode(), now))
-        return int(bumped[0])  # type: ignore[index]
+        return int(version)
 
     @staticmethod
     async def _apply_members(conn: AsyncConnection[Any], tenant_id: str, group_id: str, changes: MemberChanges) -> list[str]:
@@ -231,19 +246,14 @@ class AsyncDatabase:
             if group_id in add:
                 raise InvalidValueError("A group cannot be a member of itself.")
             ids = list(add)
-            params = {"ids": ids, "tenant": tenant_id}
-            kinds = {uid: "User" for (uid,) in await (await conn.execute(USERS_BY_ID, params)).fetchall()}
-            missing = [i for i in ids if i not in kinds]
-            if missing:
-                kinds.update((gid, "Group") for (gid,) in await (await conn.execute(
-                    GROUPS_BY_ID, {"ids": missing, "tenant": tenant_id})).fetchall())
-            unknown = [i for i in ids if i not in kinds]
+            known, users = await (await conn.execute(
+                ADD_KNOWN_MEMBERS, {"ids": ids, "tenant": tenant_id, "group": group_id})).fetchone()  # type: ignore[misc]
+            known = set(known or ())
+            unknown = [i for i in ids if i not in known]
             if unknown:
                 shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
                 raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
-            inserted = await conn.execute(_PG_ADD_MEMBERS, {
-                "group_id": group_id, "tenant_id": tenant_id, "ids": ids, "kinds": [kinds[m] for m in ids]})
-            touched.extend(mid for mid, kind in await inserted.fetchall() if kind == "User")
+            touched.extend(users or ())
         if remove:
             removed = await conn.execute(_PG_REMOVE_MEMBERS, {"group_id": group_id, "ids": sorted(remove)})
             touched.extend(mid for mid, kind in await removed.fetchall() if kind == "User")
