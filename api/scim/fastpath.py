@@ -70,16 +70,21 @@ WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.id = g.tenant_id AND t
 RETURNING g.version, g.display_name, g.external_id, g.data
 """
 MEMBERS = "SELECT member_id, member_type FROM group_member WHERE group_id = %s"
-# Lookup of the wanted members (Users of the tenant not deleted, else its Groups)
+# Lookup of the wanted members (Users of the tenant not deleted, or its Groups)
 # and the insert of the known ones in one statement; the caller refuses the PATCH
 # (and so rolls the insert back) when some id is unknown.
 ADD_KNOWN_MEMBERS = """
-WITH w AS (SELECT DISTINCT unnest(%(ids)s::varchar[]) AS id),
+WITH
+-- Looked up by primary key alone (MATERIALIZED keeps the planner from merging
+-- the tenant and deletion checks into the scan): without statistics (a new
+-- tenant, autovacuum behind) PostgreSQL may otherwise pick the partial userName
+-- index and read every user of the tenant for each id.
+users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY(%(ids)s::varchar[])),
+groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group WHERE id = ANY(%(ids)s::varchar[])),
 known AS (
-    SELECT w.id, 'User'::varchar AS kind FROM w JOIN scim_user u ON u.id = w.id
-     WHERE u.tenant_id = %(tenant)s AND u.deleted_at IS NULL
+    SELECT id, 'User'::varchar AS kind FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL
     UNION ALL
-    SELECT w.id, 'Group'::varchar FROM w JOIN scim_group g ON g.id = w.id WHERE g.tenant_id = %(tenant)s
+    SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
 ), ins AS (
     INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
     SELECT %(group)s, id, %(tenant)s, kind FROM known
