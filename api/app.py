@@ -25,6 +25,10 @@ from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
 from models.db import make_engine
 from models.settings import Settings
+from workers.broker import make_broker, redis_client, resolve_redis_url
+from workers.names import QUEUES
+from workers.telemetry import Telemetry, queue_depths
+from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +55,6 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.telemetry import Telemetry, queue_depths
-        from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
-
         url = resolve_redis_url(settings)
         client = redis_client(url)
         broker = make_broker(settings, url)

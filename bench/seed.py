@@ -104,9 +104,11 @@ def seed_tenant(engine: Engine, size: int) -> Seeded:
 
 
 def _reconciler(engine: Engine) -> Any:
+    from billing.gateway import LedgerGateway
     from workers.reconcile import Reconciler
 
-    return Reconciler(engine, billing_configured=False)
+    # Ledger-only billing: the seeded tenants have no Stripe subscription.
+    return Reconciler(engine, LedgerGateway())
 
 
 def _change(engine: Engine, seeded: Seeded, add: bool) -> None:

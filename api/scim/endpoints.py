@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.scim import directory, discovery
+from api.scim import discovery
 from api.scim.bulk import run_bulk
 from api.scim.errors import (
     InvalidFilterError,
@@ -22,8 +22,9 @@ from api.scim.errors import (
     NotFoundError,
     ScimError,
     UnauthorizedError,
+    from_directory,
 )
-from api.scim.fastpath import AsyncDatabase
+from api.scim.fastpath import patch_group
 from api.scim.http import (
     OFF_LOOP_BYTES,
     Authenticator,
@@ -34,14 +35,16 @@ from api.scim.http import (
     list_response,
     read_json,
 )
+from api.scim.patch import Patcher, member_values
+from api.scim.query import DEFAULT_COUNT, MAX_RESULTS, list_resources
 from api.scim.ratelimit import Gate, RedisPerLoop
-from api.scim.patch import MemberChanges, Patcher, member_values
-from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
 from api.scim.render import (
     etag,
+    group_doc,
     group_json,
     parse_attribute_list,
     project,
+    user_doc,
     user_json,
     wants,
 )
@@ -53,6 +56,10 @@ from api.scim.schema import (
     normalise_resource,
 )
 from models.db import is_postgres, session_scope
+from models.directory import groups, users
+from models.directory.errors import DirectoryError
+from models.directory.hotpath import AsyncDatabase
+from models.directory.members import MemberChanges, groups_of, members_of
 from models.settings import Settings
 from models.tables import Tenant
 
@@ -93,7 +100,10 @@ class ScimApi:
 
     async def _tenant_of_token(self, digest: str) -> tuple[str, bool] | None:
         if self.fast is not None:
-            return await self.fast.tenant_of(digest)
+            try:
+                return await self.fast.tenant_of(digest)
+            except DirectoryError as exc:
+                raise from_directory(exc) from None
         return await run_in_threadpool(self._tenant_of_token_sync, digest)
 
     def _tenant_of_token_sync(self, digest: str) -> tuple[str, bool] | None:
@@ -182,13 +192,16 @@ class ScimApi:
         large = int(request.headers.get("content-length") or 0) > OFF_LOOP_BYTES
         doc = (await run_in_threadpool(normalise_resource, USER_RESOURCE, call.body) if large
                else normalise_resource(USER_RESOURCE, call.body))
-        row = await self.fast.create_user(call.tenant_id, digest, doc)
+        try:
+            row = await self.fast.create_user(call.tenant_id, digest, doc)
+        except DirectoryError as exc:
+            raise from_directory(exc) from None
         if row is None:
             # Revoked since the gate last saw it: revocation works at once.
             self.gate.forget(digest)
             raise UnauthorizedError()
         if self.auth.due(call.tenant_id):
-            await self.fast.touch(call.tenant_id)
+            await self._touch(call.tenant_id)
         await self._wake_after_commit(call.tenant_id)
         return self._projected(USER_RESOURCE, call, user_json(SimpleNamespace(**row), call.base_url), 201)
 
@@ -196,16 +209,26 @@ class ScimApi:
         """PATCH /Groups/{id} on PostgreSQL (an IdP's membership changes): one short transaction on the loop."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
-        version = await self.fast.patch_group(call.tenant_id, digest, call.path["id"], call.body, call.check_if_match)
+        try:
+            version = await patch_group(self.fast, call.tenant_id, digest, call.path["id"], call.body, call.check_if_match)
+        except DirectoryError as exc:
+            raise from_directory(exc) from None
         if version is None:
             self.gate.forget(digest)
             raise UnauthorizedError()
         if self.auth.due(call.tenant_id):
-            await self.fast.touch(call.tenant_id)
+            await self._touch(call.tenant_id)
         await self._wake_after_commit(call.tenant_id)
         # RFC 7644 §3.5.2 allows 204: a 1-member PATCH on a 20,000-member group
         # must not cost a 20,000-member answer.
         return Response(status_code=204, headers={"ETag": etag(version)})
+
+    async def _touch(self, tenant_id: str) -> None:
+        assert self.fast is not None
+        try:
+            await self.fast.touch(tenant_id)
+        except DirectoryError:
+            pass  # last_request_at is for the admin's eyes; the write itself is committed
 
     async def _wake_after_commit(self, tenant_id: str) -> None:
         # After the commit, never inside it: a broker outage cannot fail the write.
@@ -238,7 +261,11 @@ class ScimApi:
         try:
             with session_scope(self.engine) as session:
                 tenant, touched = self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
-                response = handler(session, tenant, call)
+                try:
+                    response = handler(session, tenant, call)
+                except DirectoryError as exc:
+                    # Every SCIM call (Bulk operations too) passes here: the one translation.
+                    raise from_directory(exc) from None
         except ScimError:
             if touched:
                 # The refused request rolled back its last_request_at, yet the
@@ -263,14 +290,14 @@ class ScimApi:
     @staticmethod
     def _locked_user(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
         """The user a write names, locked, and still at the version If-Match asks for."""
-        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        user = users.get_user(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(user.version)
         return user
 
     @staticmethod
     def _locked_group(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
         """The group a write names, locked, and still at the version If-Match asks for."""
-        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        group = groups.get_group(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(group.version)
         return group
 
@@ -278,33 +305,33 @@ class ScimApi:
 
     def create_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(USER_RESOURCE, call.body)
-        user = directory.create_user(session, tenant.id, doc)
+        user = users.create_user(session, tenant.id, doc)
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url), 201)
 
     def get_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        user = directory.get_user(session, tenant.id, call.path["id"])
+        user = users.get_user(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(user.version):
             return Response(status_code=304, headers={"ETag": etag(user.version)})
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def replace_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
         doc = normalise_resource(USER_RESOURCE, call.body)
-        directory.update_user(session, user, doc)
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        users.update_user(session, user, doc)
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        doc = Patcher(USER_RESOURCE, directory.user_doc(user)).apply(call.body)
-        directory.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        doc = Patcher(USER_RESOURCE, user_doc(user)).apply(call.body)
+        users.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def delete_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        directory.delete_user(session, user)
+        users.delete_user(session, user)
         return Response(status_code=204)
 
     def list_users(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -318,14 +345,14 @@ class ScimApi:
     def create_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(GROUP_RESOURCE, call.body)
         members = member_values(doc.pop("members", None))
-        group = directory.create_group(session, tenant.id, doc, members)
-        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)), 201)
+        group = groups.create_group(session, tenant.id, doc, members)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members_of(session, group.id)), 201)
 
     def get_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        group = directory.get_group(session, tenant.id, call.path["id"])
+        group = groups.get_group(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(group.version):
             return Response(status_code=304, headers={"ETag": etag(group.version)})
-        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        members = members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def replace_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -335,24 +362,24 @@ class ScimApi:
         # PUT carries the whole member list (Okta, PingOne): applied as a diff,
         # so only real changes become membership events.
         changes.replace_all(member_values(doc.pop("members", None)))
-        directory.update_group(session, group, doc, changes)
-        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)))
+        groups.update_group(session, group, doc, changes)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members_of(session, group.id)))
 
     def patch_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
         changes = MemberChanges()
-        doc = Patcher(GROUP_RESOURCE, directory.group_doc(group), changes).apply(call.body)
-        directory.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
+        doc = Patcher(GROUP_RESOURCE, group_doc(group), changes).apply(call.body)
+        groups.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
         if not call.params.get("attributes"):
             # RFC 7644 §3.5.2 allows 204: a 1-member PATCH on a 20,000-member
             # group must not cost a 20,000-member answer.
             return Response(status_code=204, headers={"ETag": etag(group.version)})
-        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        members = members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def delete_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
-        directory.delete_group(session, group)
+        groups.delete_group(session, group)
         return Response(status_code=204)
 
     def list_groups(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -371,7 +398,7 @@ class ScimApi:
         errors: list[InvalidFilterError] = []
         for resource in (USER_RESOURCE, GROUP_RESOURCE):
             try:
-                page = directory.list_resources(
+                page = list_resources(
                     session, tenant.id, resource.name, call.base_url,
                     filter_text=params.get("filter"), start_index=1, count=MAX_RESULTS,
                     sort_by=None, descending=False,
@@ -405,7 +432,7 @@ class ScimApi:
         sort_order = str(params.get("sortOrder") or "ascending").lower()
         if sort_order not in ("ascending", "descending"):
             raise InvalidValueError("'sortOrder' must be 'ascending' or 'descending'.")
-        page = directory.list_resources(
+        page = list_resources(
             session,
             tenant.id,
             resource.name,
