@@ -189,7 +189,8 @@ class ScimApi:
         """POST /Users on PostgreSQL: token, user and sync event in one statement, then the wake-up."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
-        large = int(request.headers.get("content-length") or 0) > OFF_LOOP_BYTES
+        declared = request.headers.get("content-length") or ""
+        large = not declared.isdigit() or int(declared) > OFF_LOOP_BYTES
         doc = (await run_in_threadpool(normalise_resource, USER_RESOURCE, call.body) if large
                else normalise_resource(USER_RESOURCE, call.body))
         try:

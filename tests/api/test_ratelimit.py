@@ -80,3 +80,17 @@ def test_a_known_token_is_looked_up_once_per_moment_and_a_wrong_one_every_time()
 
     asyncio.run(run())
     assert len(lookups) == 1 + 3 + 1 + 1
+
+
+def test_a_cached_token_on_a_non_ascii_tenant_url_is_a_401():
+    """Given a good token the gate remembers, when it comes on a Tenant URL with non-ASCII characters,
+    then the answer is a 401 (not a crash comparing the ids)."""
+    clock, lookups = Clock(), []
+    gate = _gate(None, "x", clock, lookups, limit=0)
+
+    async def run() -> None:
+        await gate.admit("t1", "Bearer good", None)
+        with pytest.raises(UnauthorizedError):
+            await gate.admit("tü", "Bearer good", None)
+
+    asyncio.run(run())
