@@ -509,11 +509,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{size:,} users {median(v):.2f}" for size, v in report["reconcile_ms"].items()), flush=True)
     finally:
         procs.stop_all()
+        _forget_namespace(args.redis_url, f"compare{os.getpid()}")
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"logs kept in {workdir}")
     return report
+
+
+def _forget_namespace(redis_url: str, namespace: str) -> None:
+    """Delete this run's Redis keys (queues, flags, counters): the server may be shared."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        for key in client.scan_iter(f"{namespace}*"):
+            client.delete(key)
+    except (redis.RedisError, OSError):
+        pass
 
 
 def summarise(report: dict[str, Any]) -> list[tuple[str, float, float, str]]:
