@@ -39,27 +39,42 @@ class Waker:
         self.clock = clock
         self._quiet_until = 0.0
 
+    def available(self) -> bool:
+        """False for a few seconds after a Redis failure: wake-ups are skipped meanwhile."""
+        return self.clock() >= self._quiet_until
+
     def wake(self, tenant_id: str) -> bool:
         """Ask for a reconcile; never raises: the write is committed and the sweep is the fallback."""
-        if self.clock() < self._quiet_until:
+        if not self.available():
             return False
         key = pending_key(self.namespace, tenant_id)
         try:
             if not self.client.set(key, "1", nx=True, ex=PENDING_TTL_SECONDS):
                 return False
+        except (redis.RedisError, OSError) as exc:
+            self._failed(tenant_id, exc)
+            return False
+        return self.send_claimed(tenant_id)
+
+    def send_claimed(self, tenant_id: str) -> bool:
+        """Send the message whose pending flag the caller just set; never raises (the flag is released on failure)."""
+        try:
             self.send(tenant_id)
             return True
         except (redis.RedisError, OSError) as exc:
-            self._quiet_until = self.clock() + QUIET_AFTER_FAILURE_SECONDS
-            log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
+            self._failed(tenant_id, exc)
             if not isinstance(exc, redis.TimeoutError):
                 # Redis answers but the enqueue failed: free the flag so the next write
                 # tries again. After a timeout Redis is stalled; the flag's TTL frees it.
                 try:
-                    self.client.delete(key)
+                    self.client.delete(pending_key(self.namespace, tenant_id))
                 except (redis.RedisError, OSError):
                     pass
             return False
+
+    def _failed(self, tenant_id: str, exc: BaseException) -> None:
+        self._quiet_until = self.clock() + QUIET_AFTER_FAILURE_SECONDS
+        log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
 
     def send(self, tenant_id: str) -> None:
         """Enqueue a reconcile of the tenant, coalesced or not."""

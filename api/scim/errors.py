@@ -89,27 +89,28 @@ class TooManyRequestsError(ScimError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class NotImplementedScimError(ScimError):
+    status = 501
+
+
 class ServiceUnavailableError(ScimError):
-    """RFC 7231 §6.6.4: a passing outage (the database restarting); the IdP retries after Retry-After."""
+    """503 with Retry-After (RFC 7231 §6.6.4): the database does not answer; the client retries."""
 
     status = 503
+    RETRY_AFTER_SECONDS = 2
 
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)})
 
 
 # What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
-DATABASE_RETRY_AFTER_SECONDS = 2
+DATABASE_RETRY_AFTER_SECONDS = ServiceUnavailableError.RETRY_AFTER_SECONDS
 DATABASE_UNAVAILABLE = "The database is unavailable for a moment; send the request again shortly."
 
 
 def database_unavailable_error() -> ServiceUnavailableError:
     """The SCIM error for a request (or a Bulk operation) the database could not take."""
-    return ServiceUnavailableError(DATABASE_UNAVAILABLE, retry_after=DATABASE_RETRY_AFTER_SECONDS)
-
-
-class NotImplementedScimError(ScimError):
-    status = 501
+    return ServiceUnavailableError(DATABASE_UNAVAILABLE)
 
 
 # The one place the directory's domain errors become SCIM errors (RFC 7644 §3.12).
@@ -117,6 +118,7 @@ _FROM_DIRECTORY: dict[type[directory.DirectoryError], type[ScimError]] = {
     directory.NotFoundError: NotFoundError,
     directory.UniquenessError: UniquenessError,
     directory.InvalidValueError: InvalidValueError,
+    directory.UnavailableError: ServiceUnavailableError,
     directory.DirectoryError: InvalidValueError,
 }
 

@@ -98,7 +98,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         app = create_app(settings)
         cleanup.callback(lambda: app.state.services.engine.dispose())
-        server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+        # lifespan on: shutting down closes the SCIM hot path's async PostgreSQL pool, whose
+        # reconnect tasks after the restart test would otherwise outlive the loop; the plain
+        # asyncio loop, as uvloop refuses to close (EBUSY) while a cut connection lingers.
+        server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                        loop="asyncio"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
 
