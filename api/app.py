@@ -21,7 +21,7 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
-from models.db import make_engine
+from models.db import engine_from_settings
 from models.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Services:
             except Exception:  # noqa: BLE001 - any failure means "not ready"
                 return False
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url)
+        return cls(engine_from_settings(settings), waker.wake, ping, stats, url)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:

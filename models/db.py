@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
+if TYPE_CHECKING:
+    from models.settings import Settings
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(database_url: str, *, pool_size: int = 20) -> Engine:
-    """Build the engine; SQLite gets WAL, a busy timeout and immediate write locks."""
+def engine_from_settings(settings: "Settings", *, pool_size: int = 20) -> Engine:
+    """The engine every process uses, with the statement and connect timeouts of its settings."""
+    return make_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        statement_timeout=settings.database_statement_timeout,
+        connect_timeout=settings.database_connect_timeout,
+    )
+
+
+def make_engine(
+    database_url: str,
+    *,
+    pool_size: int = 20,
+    statement_timeout: float | None = None,
+    connect_timeout: float | None = None,
+) -> Engine:
+    """Build the engine; SQLite gets WAL, a busy timeout and immediate write locks;
+    PostgreSQL gets a statement timeout and a connect timeout when given (seconds)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -29,11 +50,26 @@ def make_engine(database_url: str, *, pool_size: int = 20) -> Engine:
         return engine
     return create_engine(
         url,
+        connect_args=_postgres_connect_args(statement_timeout, connect_timeout),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
     )
+
+
+def _postgres_connect_args(statement_timeout: float | None, connect_timeout: float | None) -> dict[str, object]:
+    args: dict[str, object] = {}
+    if connect_timeout:
+        # libpq counts whole seconds (and treats 1 as 2); it bounds the TCP
+        # connect and the start-up handshake, so a server that accepts and
+        # never answers cannot hold a request thread forever.
+        args["connect_timeout"] = max(1, math.ceil(connect_timeout))
+    if statement_timeout:
+        # Set at connection start (no extra round trip per checkout): a runaway
+        # query is cancelled by the server and its locks are released.
+        args["options"] = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+    return args
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.scim import filter as scim_filter
-from api.scim.errors import InvalidValueError, NotFoundError, UniquenessError
+from api.scim.errors import InvalidValueError, NotFoundError, TooManyError, UniquenessError
 from api.scim.patch import MemberChanges
 from api.scim.query import (
     GROUP_COLUMNS,
@@ -30,6 +30,7 @@ from api.scim.schema import (
     optional_string,
     required_string,
 )
+from models.settings import ScimLimits
 from models.tables import (
     GroupMapping,
     GroupMember,
@@ -44,6 +45,11 @@ BATCH = 500
 # user_name_key / display_name_key are VARCHAR(512) (models/tables.py).
 KEY_LENGTH = 512
 USER_FILTERS = FilterTranslator(USER_RESOURCE, USER_COLUMNS, ScimUser)
+# What the tooMany answer of a residual filter suggests (the columns of api/scim/query.py).
+INDEXED_FILTER_ATTRIBUTES = {
+    "User": "id, userName, externalId, active, meta.created or meta.lastModified",
+    "Group": "id, displayName, externalId, members.value, meta.created or meta.lastModified",
+}
 GROUP_FILTERS = FilterTranslator(GROUP_RESOURCE, GROUP_COLUMNS, ScimGroup)
 
 
@@ -425,6 +431,7 @@ def list_resources(
     sort_by: str | None,
     descending: bool,
     with_members: bool,
+    limits: ScimLimits,
 ) -> Page:
     """One page of Users or Groups, filtered and sorted (RFC 7644 §3.4.2)."""
     is_user = resource_type == "User"
@@ -435,7 +442,7 @@ def list_resources(
         where.append(ScimUser.deleted_at.is_(None))
     residual = None
     if filter_text:
-        plan = translator.plan(filter_text)
+        plan = translator.plan(filter_text, limits)
         where.append(plan.where)
         residual = plan.residual
     order = [model.created_at, model.id]
@@ -462,8 +469,16 @@ def list_resources(
         rows = list(session.execute(query.offset(start_index - 1).limit(count)).scalars()) if count else []
         return Page(total, start_index, render(rows, with_members))
     # Attributes without a column are checked on the documents, so every
-    # schema attribute filters correctly (at the cost of reading the candidates).
-    rows = list(session.execute(query).scalars())
+    # schema attribute filters correctly (at the cost of reading the candidates),
+    # up to a cap: past it a 400 tooMany, never a silently partial answer.
+    cap = limits.max_filter_candidates
+    rows = list(session.execute(query.limit(cap + 1)).scalars())
+    if len(rows) > cap:
+        raise TooManyError(
+            f"The filter would check more than {cap} {resource_type}s one by one "
+            f"(SCIM_MAX_FILTER_CANDIDATES). Filter on an indexed attribute too, joined with 'and': "
+            f"{INDEXED_FILTER_ATTRIBUTES[resource_type]}."
+        )
     # Group filters may name members, so they are loaded to be matched.
     docs = render(rows, members=True)
     kept = [d for d in docs if scim_filter.matches(residual, d, translator.case_exact)]

@@ -10,8 +10,9 @@ from sqlalchemy import Boolean, DateTime, and_, exists, not_, or_, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from api.scim import filter as scim_filter
-from api.scim.errors import InvalidFilterError
+from api.scim.errors import InvalidFilterError, TooManyError
 from api.scim.schema import EXTERNAL_ID, Attr, ResourceSchema
+from models.settings import ScimLimits
 from models.tables import GroupMember, ScimGroup, ScimUser
 
 MAX_RESULTS = 1000
@@ -147,9 +148,16 @@ class FilterTranslator:
         attr = self.known(key)
         return bool(attr and attr.case_exact)
 
-    def plan(self, text: str) -> Plan:
+    def plan(self, text: str, limits: ScimLimits) -> Plan:
+        """Parse and split a filter; past the limits' length or comparisons a 400 tooMany."""
         try:
-            node = scim_filter.parse_filter(text)
+            node = scim_filter.parse_filter(
+                text, max_length=limits.max_filter_length, max_terms=limits.max_filter_terms
+            )
+        except scim_filter.FilterTooLargeError as exc:
+            raise TooManyError(
+                f"The filter is too large: {exc.detail} (SCIM_MAX_FILTER_LENGTH / SCIM_MAX_FILTER_TERMS)."
+            ) from None
         except scim_filter.FilterError as exc:
             raise InvalidFilterError(f"Invalid filter: {exc}") from None
         for path in scim_filter.walk_paths(node):
