@@ -17,7 +17,15 @@ from api.scim.errors import (
     NoTargetError,
     TooManyError,
 )
-from api.scim.schema import EXTERNAL_ID, PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
+from api.scim.schema import (
+    EXTERNAL_ID,
+    PATCH_OP,
+    Attr,
+    ResourceSchema,
+    check_value_count,
+    coerce_ext_value,
+    coerce_value,
+)
 from models.settings import ScimLimits
 
 # Attributes a client may echo back but never change: silently ignored in
@@ -254,6 +262,8 @@ class Patcher:
             # Entra's "null update": replacing with "" or null clears the attribute.
             container.pop(key, None)
             return
+        # Refused before any work on the values (the result is checked again when stored).
+        check_value_count(self.resource, attr.name, value, self.limits)
         coerced = self._coerce(container, attr, value, attr.name)
         current = container.pop(key, None)
         if op == "add" and attr.multi_valued:
@@ -404,9 +414,17 @@ class Patcher:
                 self.members.remove_member(member_id)
 
 
-def _identity(value: Any) -> bytes:
-    """A hashable canonical form of a JSON value: equal for equal values, whatever their key order."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+def _identity(value: Any) -> Any:
+    """A hashable stand-in for a JSON value: equal for equal values, whatever their key order."""
+    if isinstance(value, dict):
+        try:
+            # The usual element ({"value", "type", "primary"}) holds only scalars.
+            return frozenset(value.items())
+        except TypeError:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if isinstance(value, list):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return value
 
 
 def _existing_key(container: dict[str, Any], name: str) -> str:
