@@ -584,7 +584,10 @@ class _Parser:
             else:
                 try:
                     value = _JSON.decode(text)
-                except ValueError:
+                    # A \uD800-style escape alone is no character: no database or
+                    # JSON encoder can take it (it would surface as a 500).
+                    value.encode("utf-8")
+                except ValueError:  # UnicodeEncodeError is a ValueError
                     raise self._error(f"invalid escape in the string at position {token[2] + 1}", token[2]) from None
         elif kind == "num":
             value = self._number(token)

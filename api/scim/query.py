@@ -105,7 +105,13 @@ def _datetime(value: Any) -> Any:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidFilterError(f"'{value}' is not an ISO 8601 date-time.") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    try:
+        # The columns hold UTC: 9999-12-31T23:59:59-14:00 is past year 9999 there.
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidFilterError(f"'{value}' is outside the years 1 to 9999 in UTC.") from None
 
 
 class FilterTranslator:
