@@ -705,12 +705,13 @@ def run_fuzz(world: World, strategy: st.SearchStrategy[Req], surface: str, examp
 
     SENT[surface] = 0
     TIMES.clear()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     one()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     with capsys.disabled():
-        print(f"\n[fuzz] {surface}: {SENT[surface]} requests in {elapsed:.1f} s (app {TIMES['request']:.1f} s, "
-              f"state checks {TIMES['fingerprint']:.1f} s): none answered 5xx, none refused changed data")
+        print(f"\n[fuzz] {surface}: {SENT[surface]} requests in {elapsed:.1f} s, {cpu:.1f} s of CPU (waiting on the "
+              f"app {TIMES['request']:.1f} s, state checks {TIMES['fingerprint']:.1f} s): none answered 5xx, "
+              "none refused changed data")
     assert SENT[surface] >= examples, f"only {SENT[surface]} {surface} requests ran"
 
 

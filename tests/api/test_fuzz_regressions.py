@@ -54,3 +54,17 @@ def test_a_date_outside_the_utc_range_is_400_invalid_filter(tenant, clean_db, te
     body = assert_scim_error(tenant.client.get("/Users", params={"filter": text}), 400, "invalidFilter")
     assert "9999" in body["detail"]
     assert_scim_error(tenant.client.get("/Groups", params={"filter": text}), 400, "invalidFilter")
+
+
+def test_remove_by_a_value_list_holding_objects_is_not_a_500(tenant, clean_db):
+    """Remove by value list compared element values in a set: a `value` that is itself an object or a
+    list (unhashable) raised a TypeError (a 500). Such a value matches no element: nothing is removed."""
+    user = create_user(tenant.client, "r@example.com", emails=[{"value": "a@example.com", "type": "work"}])
+    for odd in ({"a": 1}, ["a@example.com"]):
+        response = tenant.client.patch(f"/Users/{user['id']}", json=patch_body(
+            {"op": "remove", "path": "emails", "value": [{"value": odd}]}))
+        assert response.status_code == 200, response.text
+        assert [e["value"] for e in response.json()["emails"]] == ["a@example.com"]
+    gone = tenant.client.patch(f"/Users/{user['id']}", json=patch_body(
+        {"op": "remove", "path": "emails", "value": [{"value": "a@example.com"}]}))
+    assert gone.status_code == 200 and "emails" not in gone.json()
