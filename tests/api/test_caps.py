@@ -198,8 +198,8 @@ def test_filter_terms_at_the_cap_pass_one_more_is_refused(capped, engine):
     three = " or ".join(f'userName eq "u{i}"' for i in range(3))
     assert capped.get("/Users", params={"filter": three}).status_code == 200
     assert_scim_error(capped.get("/Users", params={"filter": three + ' or title pr'}), 400, "tooMany")
-    assert_scim_error(capped.get("/Groups", params={"filter": f'members[value eq "a" or value eq "b"] and '
-                                                              f'displayName pr and id pr'}), 400, "tooMany")
+    assert_scim_error(capped.get("/Groups", params={"filter": 'members[value eq "a" or value eq "b"] and '
+                                                              'displayName pr and id pr'}), 400, "tooMany")
     user = created(post(capped, "/Users", user_body("path@example.com", emails=emails(1))))
     before = snapshot(engine)
     path = "emails[" + " or ".join(f'type eq "t{i}"' for i in range(4)) + "].value"

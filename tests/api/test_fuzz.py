@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import hashlib
 import json
+import os
 import random
 import re
 import time
@@ -601,6 +601,7 @@ query_params = st.lists(st.tuples(
 ), max_size=3)
 
 
+OWN_TENANT = st.just("@A@")
 # (body kind, path, methods it serves)
 _SCIM_ROUTES = st.sampled_from((
     ("users", "/Users", ("GET", "POST")), ("users", "/Users/{id}", ("GET", "PUT", "PATCH", "DELETE")),
@@ -616,7 +617,7 @@ _METHODS = st.sampled_from(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OP
 
 
 @st.composite
-def scim_requests(draw: st.DrawFn, tenant: st.SearchStrategy[str] = st.just("@A@")) -> Req:
+def scim_requests(draw: st.DrawFn, tenant: st.SearchStrategy[str] = OWN_TENANT) -> Req:
     """One SCIM request: route, method, params, headers and a body fit (or not) for that route."""
     route, suffix, methods = draw(_SCIM_ROUTES)
     while "{id}" in suffix:
