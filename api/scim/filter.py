@@ -39,9 +39,11 @@ import operator
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Union
+
+from models.tables import as_utc
 
 __all__ = [
     "MAX_DEPTH",
@@ -367,7 +369,11 @@ def _parse_datetime_uncached(text: str) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    try:
+        return as_utc(value)
+    except OverflowError:
+        # 9999-12-31T23:59:59-14:00 is past year 9999 in UTC; aware, it still compares right.
+        return value
 
 
 _parse_datetime_cached = lru_cache(maxsize=256)(_parse_datetime_uncached)
