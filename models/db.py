@@ -54,7 +54,7 @@ def make_engine(
         return engine
     return create_engine(
         url,
-        connect_args=_postgres_connect_args(statement_timeout, connect_timeout),
+        connect_args=postgres_connect_args(statement_timeout, connect_timeout),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
@@ -62,7 +62,8 @@ def make_engine(
     )
 
 
-def _postgres_connect_args(statement_timeout: float | None, connect_timeout: float | None) -> dict[str, object]:
+def postgres_connect_args(statement_timeout: float | None, connect_timeout: float | None) -> dict[str, object]:
+    """psycopg connection arguments for the two timeouts (seconds; None or 0 leaves one unset)."""
     args: dict[str, object] = {}
     if connect_timeout:
         # libpq counts whole seconds (and treats 1 as 2); it bounds the TCP

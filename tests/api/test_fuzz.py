@@ -217,19 +217,23 @@ class InProcess:
     def __init__(self, app: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fuzz.test")
+        # The app's lifespan (the transport does not run it): its shutdown closes the async pool.
+        self.lifespan = app.router.lifespan_context(app)
+        self.loop.run_until_complete(self.lifespan.__aenter__())
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         return self.loop.run_until_complete(self.client.request(method, url, **kwargs))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.aclose())
+        self.loop.run_until_complete(self.lifespan.__aexit__(None, None, None))
         self.loop.close()
 
 
 @pytest.fixture(scope="module")
 def world(base_settings, engine) -> Iterator[World]:
-    # No rate limit: the fuzz must reach the handlers, not a 429.
-    settings = dataclasses.replace(base_settings, scim_rate_limit=0)
+    # No rate limit and no failed-auth throttle: the fuzz must reach the handlers, not a 429.
+    settings = dataclasses.replace(base_settings, scim_rate_limit=0, scim_auth_failure_limit=0)
     services = Services.from_settings(settings)
     services.engine.dispose()
     services.engine = engine
