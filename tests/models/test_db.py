@@ -73,3 +73,23 @@ def test_a_server_that_never_answers_is_given_up_on_after_the_connect_timeout():
     finally:
         silent.close()
         engine.dispose()
+
+
+def test_the_async_hot_path_pool_has_the_same_timeouts(base_settings, engine):
+    """The PostgreSQL hot path's psycopg pool (models/directory/hotpath.py) gets the engine's timeouts."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: the async hot path exists on PostgreSQL alone")
+    import asyncio
+
+    from models.directory.hotpath import AsyncDatabase
+
+    async def shown() -> str:
+        database = AsyncDatabase(base_settings.database_url, statement_timeout=0.2, connect_timeout=3)
+        try:
+            async with database.connection() as conn:
+                cursor = await conn.execute("SHOW statement_timeout")
+                return (await cursor.fetchone())[0]
+        finally:
+            await database.close()
+
+    assert asyncio.run(shown()) == "200ms"
