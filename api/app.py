@@ -23,7 +23,7 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
-from models.db import make_engine
+from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import QUEUES
@@ -87,7 +87,7 @@ class Services:
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
+        return cls(engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
 
 
 class WakeBatcher:

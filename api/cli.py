@@ -37,7 +37,8 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from models.db import make_engine
     from models.migrate import upgrade
 
-    engine = make_engine(settings.database_url)
+    # No statement timeout here: a migration may rewrite a large table.
+    engine = make_engine(settings.database_url, connect_timeout=settings.database_connect_timeout)
     upgrade(engine)
     engine.dispose()
     print("database schema is up to date")
@@ -48,9 +49,9 @@ def create_tenant_with_scim(
     settings: Settings, name: str, provider: str, customer: str | None, subscription: str | None
 ) -> dict[str, str]:
     from api import tenants
-    from models.db import make_engine, session_scope
+    from models.db import engine_from_settings, session_scope
 
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     try:
         with session_scope(engine) as session:
             tenant = tenants.create_tenant(session, name, customer, subscription)
@@ -154,12 +155,12 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
 def _demo_credentials(settings: Settings) -> dict[str, str]:
     """The embedded default's demo tenant, kept in SALLY_VAR_DIR so a restart keeps it."""
     from api import tenants
-    from models.db import make_engine, session_scope
+    from models.db import engine_from_settings, session_scope
 
     path = settings.var_dir / "demo-tenant.json"
     if path.exists():
         stored = json.loads(path.read_text())
-        engine = make_engine(settings.database_url)
+        engine = engine_from_settings(settings)
         try:
             with session_scope(engine) as session:
                 try:
