@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -19,6 +19,7 @@ from billing.seats import allocate, billed
 from models.db import session_scope
 from models.tables import (
     Account,
+    AccountHistory,
     GroupMember,
     Invitation,
     ScimUser,
@@ -57,6 +58,15 @@ def invitation_address(user: ScimUser) -> str | None:
         if email["value"].strip():
             return email["value"].strip()
     return user.user_name if EMAIL.match(user.user_name) else None
+
+
+def history_row(account: Account, now: datetime) -> dict[str, Any]:
+    """One AccountHistory row: the account's outcome as the pipeline just left it."""
+    return {
+        "tenant_id": account.tenant_id, "user_id": account.user_id, "created_at": now,
+        "role": account.role, "license": account.license, "status": account.status,
+        "status_reason": account.status_reason,
+    }
 
 
 def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
@@ -190,6 +200,7 @@ class Reconciler:
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
         invitations: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
         for user in users.values():
             deleted = user.deleted_at is not None
             ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
@@ -235,7 +246,13 @@ class Reconciler:
             if after != before or account.user_id not in accounts:
                 account.updated_at = now
                 session.add(account)
+                outcome = (account.role, account.license, account.status, account.status_reason)
+                # A user now waiting for a seat is written by allocate(), which decides grant or reason.
+                if account.status != "pending_license" and outcome != (before[0], before[2], before[3], before[4]):
+                    history.append(history_row(account, now))
         session.flush()
+        if history:
+            session.execute(insert(AccountHistory), history)
         return self._queue_invitations(session, tenant.id, invitations, now)
 
     def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:
