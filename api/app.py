@@ -21,6 +21,7 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
+from api.web.pages import WebPages
 from models.db import make_engine
 from models.settings import Settings
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         metrics.registry.register(PipelineCollector(services.pipeline_stats))
     scim = ScimApi(settings, services.engine, services.wake)
     admin = AdminApi(settings, services.engine, services.wake)
+    pages = WebPages(settings, services.engine, services.wake)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -136,6 +138,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         Route("/metrics", metrics_endpoint),
         *scim.routes(),
         *admin.routes(),
+        *pages.routes(),
     ]
     app = Starlette(
         routes=routes,
