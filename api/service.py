@@ -27,6 +27,7 @@ from models.tables import (
     AuditLog,
     GroupMapping,
     GroupMember,
+    Invitation,
     Purchase,
     ScimGroup,
     ScimUser,
@@ -312,11 +313,14 @@ def preview_json(session: Session, preview: Preview) -> dict[str, Any]:
         return {"id": c.user_id, "userName": names.get(c.user_id), "role_before": c.role_before,
                 "role_after": c.role_after, "license_before": c.tier_before, "license_after": c.tier_after}
 
+    def changes(rows: list[Any]) -> list[dict[str, Any]]:
+        return sorted((change(c) for c in rows), key=lambda c: ((c["userName"] or "").casefold(), c["id"]))
+
     return {
-        "gains_access": [change(c) for c in preview.gains],
-        "loses_access": [change(c) for c in preview.loses],
-        "role_changes": [change(c) for c in preview.role_changes],
-        "license_changes": [change(c) for c in preview.tier_changes],
+        "gains_access": changes(preview.gains),
+        "loses_access": changes(preview.loses),
+        "role_changes": changes(preview.role_changes),
+        "license_changes": changes(preview.tier_changes),
         "seats": {
             t.tier: {"demand": t.demand, "purchased": t.purchased, "cap": t.cap, "to_buy": t.to_buy,
                      "over_cap": t.over_cap, "unit_amount": t.unit_amount, "currency": t.currency, "cost": t.cost}
@@ -400,7 +404,25 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
         .order_by(AccountHistory.id.desc())
         .limit(limit)
     ).scalars().all()
+    invitation = session.execute(
+        select(Invitation).where(Invitation.tenant_id == tenant_id, Invitation.user_id == user_id)
+    ).scalar_one_or_none()
     entries: list[tuple[datetime, int, dict[str, Any]]] = []
+    if invitation is not None:
+        entries.append((_aware(invitation.created_at), 2, {
+            "at": _iso(invitation.created_at), "source": "invitation", "kind": "invitation_queued",
+            "text": f"Invitation queued for {invitation.address}",
+        }))
+        if invitation.sent_at is not None:
+            entries.append((_aware(invitation.sent_at), 3, {
+                "at": _iso(invitation.sent_at), "source": "invitation", "kind": "invitation_sent",
+                "text": f"Invitation sent to {invitation.address}",
+            }))
+        elif invitation.status == "failed" and invitation.error:
+            entries.append((_aware(invitation.created_at), 3, {
+                "at": _iso(invitation.created_at), "source": "invitation", "kind": "invitation_failed",
+                "text": "Invitation failed", "status_reason": invitation.error,
+            }))
     for event_id, kind, created_at, applied_at in events:
         entries.append((_aware(created_at), 0, {
             "at": _iso(created_at), "source": "scim", "kind": kind,
