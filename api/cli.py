@@ -222,11 +222,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         print(
             "\n"
             f"  Sally SCIM is running at http://{settings.host}:{settings.port}\n"
-            f"  Admin page:       {settings.public_base_url}/  (sign in with the admin token)\n"
+            f"  Admin page:       {settings.public_base_url}/\n"
             f"  Admin token:      {admin_token}\n"
             f"  Demo Tenant URL:  {demo['tenant_url']}\n"
             f"  Demo Token:       {demo['token']}\n"
-            f"  (kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
+            f"  (sign in to the admin page with the admin token;\n"
+            f"   kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
             flush=True,
         )
         while not stopping:

@@ -374,7 +374,8 @@ class WebPages:
     async def users(self, request: Request, session: WebSession) -> Response:
         query = request.query_params.get("q", "")[:200].replace("\x00", "")
         try:
-            page = max(1, int(request.query_params.get("page", "1")))
+            # Bounded: an absurd page number is the last page's neighbour, not a database error.
+            page = min(max(1, int(request.query_params.get("page", "1")[:12])), 10**9)
         except ValueError:
             page = 1
         size = self.settings.web_page_size
