@@ -448,5 +448,9 @@ class WebPages:
 
     async def audit(self, request: Request, session: WebSession) -> Response:
         return await self.tenant_page(
-            request, session, "audit.html", "audit", lambda db, tenant: {"entries": service.audit_rows(db, tenant)}
+            request, session, "audit.html", "audit",
+            lambda db, tenant: {
+                "entries": service.audit_rows(db, tenant),
+                "names": {g["id"]: g["displayName"] for g in service.group_rows(db, tenant)},
+            },
         )

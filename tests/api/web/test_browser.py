@@ -230,7 +230,9 @@ def test_the_seed_flow_in_chromium(billed_stack, browser_page):
     # 10. The audit log names every action, by the admin's session.
     page.get_by_role("link", name="Audit log").click()
     actions = page.locator("tbody tr td:nth-child(3)").all_inner_texts()
-    assert actions == ["scim disconnected", "mapping saved", "scim connected", "billing linked", "tenant created"]
+    assert actions == ["SCIM disconnected", "Mapping saved", "SCIM connected", "Billing linked", "Tenant created"]
+    saved = page.locator("tbody tr").nth(1).inner_text()
+    assert "User groups: Sally Users" in saved and "Admin groups: Sally Admins" in saved and "Team: Team" in saved
     assert token not in page.content()
     shot("audit")
 

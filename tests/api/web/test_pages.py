@@ -136,7 +136,7 @@ def test_remove_a_user_after_a_confirmation(signed_in, clean_db):
     assert removed.status_code == 303 and removed.headers["location"].endswith("/users?done=removed")
     assert count_rows(clean_db, "scim_user", "deleted_at IS NOT NULL") == 1
     audit = client.get(f"/tenants/{tenant_id}/audit").text
-    assert "user removed" in audit and "admin session" in audit
+    assert "User removed" in audit and "admin session" in audit and "userName: ada@example.com" in audit
     assert client.post(f"/tenants/{tenant_id}/users/nope/remove", data={"csrf": csrf}).status_code == 404
 
 
