@@ -297,6 +297,12 @@ def preview_config(session: Session, settings: Settings, tenant: Tenant, body: d
         purchased[tier] = bought
         if amount is not None or currency is not None:
             prices[tier] = Price(amount, currency)
+    in_flight = session.execute(
+        select(Purchase.demand).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
+    ).scalar_one_or_none()
+    if in_flight:
+        # Seats a pending purchase is buying now count as bought: a Save would not buy them twice.
+        purchased = {tier: max(purchased[tier], int(in_flight.get(tier, 0))) for tier in TIERS}
     billed = bool(settings.stripe_api_key and tenant.stripe_subscription_id)
     return preview_mapping(members, rule, purchased, wanted["seat_cap"], prices, billed=billed)
 

@@ -181,3 +181,17 @@ def test_tenants_are_listed(admin, clean_db):
     ]
     a.client.close()
     b.client.close()
+
+
+def test_seats_a_pending_purchase_is_buying_are_not_counted_twice(tenant, admin, clean_db):
+    """Given a saved mapping whose purchase (1 starter, 1 team) is planned but not settled yet
+    When the admin previews the same mapping
+    Then no seat is to buy: the purchase in flight already covers them."""
+    d = _directory(tenant)
+    body = {"user_groups": [d["staff"]], "license_groups": {"starter": [d["starter"]], "team": [d["team"]]}}
+    assert admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json=body).status_code == 200
+    planned = Reconciler(clean_db, billing_configured=False).run(tenant.tenant_id)
+    assert planned.purchase_id is not None
+    preview = admin.post(f"/tenants/{tenant.tenant_id}/scim/config/preview", json=body).json()
+    assert {tier: s["to_buy"] for tier, s in preview["seats"].items()} == {"starter": 0, "team": 0, "enterprise": 0}
+    assert preview["gains_access"] == [] and preview["loses_access"] == []
