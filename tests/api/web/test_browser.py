@@ -184,8 +184,15 @@ def test_the_seed_flow_in_chromium(billed_stack, browser_page):
     shot("preview")
     page.get_by_role("button", name="Save").click()
 
-    # 6. Watch the sync finish (the page refreshes itself while work is pending).
+    # 6. Watch the sync finish: while work is pending the live part refreshes in place (no reload).
+    page.wait_for_url(f"**/tenants/{tenant_id}/sync?done=saved")
+    page.evaluate("window.stillTheSamePage = true")
+    working = page.get_by_role("heading", name="Working…").count() == 1
+    if working:
+        shot("sync-working")
     page.get_by_role("heading", name="Up to date").wait_for(timeout=60_000)
+    if working:
+        assert page.evaluate("window.stillTheSamePage === true"), "the sync page reloaded instead of refreshing in place"
     assert page.inner_text("#pending-purchases") == "0" and page.inner_text("#pending-invitations") == "0"
     shot("sync-done")
 
