@@ -104,6 +104,7 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     # with the default action that would kill the process before `finally`
     # releases the embedded Redis, leaving a redis-server behind.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    log.info("admin page at %s/ (sign in with the admin token)", settings.public_base_url)
     try:
         if not settings.redis_url:
             # Attach here so the embedded Redis outlives uvicorn's worker processes.

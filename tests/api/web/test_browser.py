@@ -33,6 +33,13 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
 
+# Form controls (and buttons) without a label, aria-label or text: each would be a nameless stop for a screen reader.
+UNLABELLED = """() => Array.from(document.querySelectorAll('input:not([type=hidden]), select, textarea, button'))
+  .filter(el => !el.hidden && !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
+
 class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the test runner owns signals
         pass
@@ -101,6 +108,9 @@ def test_the_seed_flow_in_chromium(billed_stack, browser_page):
     shots: list[str] = []
 
     def shot(name: str, full_page: bool = True) -> None:
+        """Save a screenshot, after checking that every control on the page has an accessible name."""
+        unlabelled = page.evaluate(UNLABELLED)
+        assert unlabelled == [], f"controls without a label on {page.url}: {unlabelled}"
         shots.append(name)
         page.screenshot(path=str(SHOTS / f"{len(shots):02d}-{name}.png"), full_page=full_page)
 
