@@ -396,7 +396,7 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
     # user_ids is a JSON list of hex ids: its text holds the id in quotes.
     # The tenant's index narrows the scan; this is a read for one admin page.
     events = session.execute(
-        select(SyncEvent.id, SyncEvent.kind, SyncEvent.created_at, SyncEvent.applied_at)
+        select(SyncEvent.kind, SyncEvent.created_at, SyncEvent.applied_at)
         .where(
             SyncEvent.tenant_id == tenant_id,
             cast(SyncEvent.user_ids, String).like(f'%"{like_escape(user_id)}"%', escape="\\"),
@@ -429,7 +429,7 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
                 "at": _iso(invitation.created_at), "source": "invitation", "kind": "invitation_failed",
                 "text": "Invitation failed", "status_reason": invitation.error,
             }))
-    for event_id, kind, created_at, applied_at in events:
+    for kind, created_at, applied_at in events:
         entries.append((_aware(created_at), 0, {
             "at": _iso(created_at), "source": "scim", "kind": kind,
             "text": EVENT_TEXT.get(kind, kind.replace("_", " ")), "applied_at": _iso(applied_at),

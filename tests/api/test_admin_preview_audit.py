@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from billing.purchasing import PurchaseRunner
 from tests.api.helpers import (
     assert_admin_error,
     count_rows,
@@ -12,7 +13,6 @@ from tests.api.helpers import (
     snapshot,
 )
 from tests.conftest import connect_tenant
-from billing.purchasing import PurchaseRunner
 from workers.reconcile import Reconciler
 
 PIPELINE_TABLES = ("group_mapping", "sync_event", "account", "purchase", "seat_count", "audit_log", "tenant")
