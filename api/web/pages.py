@@ -101,8 +101,8 @@ class WebPages:
         t = "/tenants/{t}"
         return [
             Route("/", self.page(self.home, auth=False), methods=["GET"]),
-            Route("/login", self.page(self.login, auth=False), methods=["POST"]),
-            Route("/logout", self.page(self.logout, auth=False), methods=["POST"]),
+            Route("/login", self.page(self.login, auth=False), methods=["GET", "POST"]),
+            Route("/logout", self.page(self.logout, auth=False), methods=["GET", "POST"]),
             Route("/tenants", self.page(self.create_tenant), methods=["POST"]),
             Route(t, self.page(self.tenant_home), methods=["GET"]),
             Route(t + "/scim", self.page(self.scim), methods=["GET"]),
@@ -248,6 +248,8 @@ class WebPages:
         return self.render(request, session, "tenants.html", {"tenants": rows})
 
     async def login(self, request: Request, session: WebSession) -> Response:
+        if request.method == "GET":
+            return RedirectResponse("/", status_code=303)
         token = self._one(request.state.form, "token").strip()
         # Constant-time compare (hmac.compare_digest), like the admin API's bearer check.
         if not same_secret(token, self.settings.admin_token):
@@ -260,6 +262,9 @@ class WebPages:
         return RedirectResponse("/", status_code=303)
 
     async def logout(self, request: Request, session: WebSession) -> Response:
+        if request.method == "GET":
+            # Signing out changes state: only a POST with the CSRF token does it.
+            return RedirectResponse("/", status_code=303)
         request.state.new_session = WebSession.fresh(self.codec.lifetime)
         return RedirectResponse("/", status_code=303)
 

@@ -113,6 +113,9 @@ def test_a_tampered_or_expired_cookie_is_a_signed_out_session(page, base_setting
 
 def test_sign_out(page):
     csrf = sign_in(page)
+    # A GET (a link, a prefetch) neither signs in nor out: it leads to the page.
+    assert page.get("/logout").status_code == 303 and "New tenant" in page.get("/").text
+    assert page.get("/login").headers["location"] == "/"
     response = page.post("/logout", data={"csrf": csrf})
     assert response.status_code == 303
     assert page.get("/tenants/x/audit").status_code == 303
