@@ -150,7 +150,7 @@ class AdminApi:
         return service.save_config(session, service.API_ACTOR, tenant, body)
 
     def preview_config(self, session: Session, tenant: Tenant, _path: dict, body: dict) -> dict[str, Any]:
-        return service.preview_json(session, service.preview_config(session, self.settings, tenant, body))
+        return service.preview_json(*service.preview_config(session, self.settings, tenant, body))
 
     def groups(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
         return service.group_rows(session, tenant)

@@ -253,8 +253,13 @@ def save_config(session: Session, actor: str, tenant: Tenant, body: dict[str, An
     return saved
 
 
-def preview_config(session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any]) -> Preview:
-    """What saving ``body`` would do, computed over the current directory; nothing is written."""
+def preview_config(
+    session: Session, settings: Settings, tenant: Tenant, body: dict[str, Any]
+) -> tuple[Preview, dict[str, str]]:
+    """What saving ``body`` would do, computed over the current directory; nothing is written.
+
+    Returns the preview and the userName of every user in the directory (for showing the changes).
+    """
     wanted = parse_config(body)
     _check_groups(session, tenant, wanted["slots"])
     slots = wanted["slots"]
@@ -263,31 +268,32 @@ def preview_config(session: Session, settings: Settings, tenant: Tenant, body: d
         admin_groups=frozenset(slots["admin"]),
         license_groups={tier: frozenset(slots[tier]) for tier in TIERS},
     )
+    # Core rows, not ORM entities: a tenant of 10,000 users is read in three plain queries.
+    connection = session.connection()
     memberships: dict[str, set[str]] = {}
-    for member_id, group_id in session.execute(
+    for member_id, group_id in connection.execute(
         select(GroupMember.member_id, GroupMember.group_id).where(
             GroupMember.tenant_id == tenant.id, GroupMember.member_type == "User"
         )
-    ):
+    ).all():
         memberships.setdefault(member_id, set()).add(group_id)
     accounts = {
         user_id: (role, tier)
-        for user_id, role, tier in session.execute(
+        for user_id, role, tier in connection.execute(
             select(Account.user_id, Account.role, Account.wanted_tier).where(Account.tenant_id == tenant.id)
-        )
+        ).all()
     }
-    members = [
-        Member(
-            user_id=user_id,
-            active=bool(active) and deleted_at is None,
-            group_ids=frozenset(memberships.get(user_id, ())),
-            role=accounts.get(user_id, (None, None))[0],  # type: ignore[arg-type]
-            tier=accounts.get(user_id, (None, None))[1],
-        )
-        for user_id, active, deleted_at in session.execute(
-            select(ScimUser.id, ScimUser.active, ScimUser.deleted_at).where(ScimUser.tenant_id == tenant.id)
-        )
-    ]
+    no_account = (None, None)
+    names: dict[str, str] = {}
+    members = []
+    for user_id, user_name, active, present in connection.execute(
+        select(ScimUser.id, ScimUser.user_name, ScimUser.active, ScimUser.deleted_at.is_(None))
+        .where(ScimUser.tenant_id == tenant.id)
+    ).all():
+        names[user_id] = user_name
+        role, tier = accounts.get(user_id, no_account)
+        members.append(Member(user_id, bool(active) and bool(present), frozenset(memberships.get(user_id, ())),
+                              role, tier))
     purchased = dict.fromkeys(TIERS, 0)
     prices: dict[str, Price] = {}
     for tier, bought, amount, currency in session.execute(
@@ -304,16 +310,11 @@ def preview_config(session: Session, settings: Settings, tenant: Tenant, body: d
         # Seats a pending purchase is buying now count as bought: a Save would not buy them twice.
         purchased = {tier: max(purchased[tier], int(in_flight.get(tier, 0))) for tier in TIERS}
     billed = bool(settings.stripe_api_key and tenant.stripe_subscription_id)
-    return preview_mapping(members, rule, purchased, wanted["seat_cap"], prices, billed=billed)
+    return preview_mapping(members, rule, purchased, wanted["seat_cap"], prices, billed=billed), names
 
 
-def preview_json(session: Session, preview: Preview) -> dict[str, Any]:
+def preview_json(preview: Preview, names: dict[str, str]) -> dict[str, Any]:
     """The preview as the admin API answers it, with user names for the changed users."""
-    ids = sorted({c.user_id for group in (preview.gains, preview.loses, preview.role_changes, preview.tier_changes)
-                  for c in group})
-    names: dict[str, str] = {}
-    for chunk in _chunks(ids):
-        names.update(session.execute(select(ScimUser.id, ScimUser.user_name).where(ScimUser.id.in_(chunk))).all())
 
     def change(c: Any) -> dict[str, Any]:
         return {"id": c.user_id, "userName": names.get(c.user_id), "role_before": c.role_before,

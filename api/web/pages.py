@@ -356,8 +356,7 @@ class WebPages:
         def work(db: Session, tenant: Tenant) -> dict[str, Any]:
             context: dict[str, Any] = {}
             if action == "preview" and config is not None:
-                preview = service.preview_config(db, self.settings, tenant, config)
-                context["preview"] = service.preview_json(db, preview)
+                context["preview"] = service.preview_json(*service.preview_config(db, self.settings, tenant, config))
             elif config is not None:
                 raise PageError(400, "Choose Preview or Save.")
             context.update(
