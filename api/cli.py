@@ -47,14 +47,15 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 def create_tenant_with_scim(
     settings: Settings, name: str, provider: str, customer: str | None, subscription: str | None
 ) -> dict[str, str]:
-    from api import tenants
+    from api import service
     from models.db import make_engine, session_scope
 
     engine = make_engine(settings.database_url)
     try:
         with session_scope(engine) as session:
-            tenant = tenants.create_tenant(session, name, customer, subscription)
-            credentials = tenants.connect_scim(session, tenant, provider, settings.public_base_url)
+            # Audited like the admin API and the page, by who did it.
+            tenant = service.create_tenant(session, service.CLI_ACTOR, name, customer, subscription)
+            credentials = service.connect_scim(session, settings, service.CLI_ACTOR, tenant, provider)
             return {"tenant_id": tenant.id, "tenant_url": credentials.tenant_url, "token": credentials.token}
     finally:
         engine.dispose()

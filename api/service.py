@@ -40,6 +40,7 @@ from models.tables import (
 SLOTS = ("user", "admin", *TIERS)
 API_ACTOR = "admin token"
 PAGE_ACTOR = "admin session"
+CLI_ACTOR = "command line"
 CHUNK = 500
 
 # What a sync event that names a user means, for the user's provisioning history.

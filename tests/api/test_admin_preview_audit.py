@@ -195,3 +195,15 @@ def test_seats_a_pending_purchase_is_buying_are_not_counted_twice(tenant, admin,
     preview = admin.post(f"/tenants/{tenant.tenant_id}/scim/config/preview", json=body).json()
     assert {tier: s["to_buy"] for tier, s in preview["seats"].items()} == {"starter": 0, "team": 0, "enterprise": 0}
     assert preview["gains_access"] == [] and preview["loses_access"] == []
+
+
+def test_the_command_line_is_audited_too(admin, base_settings, clean_db):
+    """`sally-scim tenant create` writes the same audit rows, by "command line"."""
+    from api.cli import create_tenant_with_scim
+
+    created = create_tenant_with_scim(base_settings, "Cli Co", "okta", None, None)
+    entries = admin.get(f"/tenants/{created['tenant_id']}/audit").json()
+    assert [(e["action"], e["actor"]) for e in entries] == [
+        ("scim_connected", "command line"), ("tenant_created", "command line")
+    ]
+    assert created["token"] not in str(entries)
