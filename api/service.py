@@ -10,29 +10,30 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import String, cast, delete, func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlmodel import Session
 
 from api import tenants, views
-from api.scim import directory
 from api.scim.render import iso
 from api.tenants import TenantError
 from billing.licenses import GroupMapping as MappingRule
 from billing.licenses import role_for, tier_for
 from billing.preview import Member, Preview, Price, format_money, preview_mapping
+from models.directory import events as directory_events
+from models.directory import groups as directory_groups
+from models.directory import users as directory_users
+from models.directory.events import record_event
+from models.directory.members import group_ids_of_users, groups_of, member_counts
 from models.settings import TIERS, Settings
 from models.tables import (
     Account,
     AccountHistory,
     AuditLog,
     GroupMapping,
-    GroupMember,
     Invitation,
     Purchase,
-    ScimGroup,
     ScimUser,
     SeatCount,
-    SyncEvent,
     Tenant,
     utcnow,
 )
@@ -41,7 +42,6 @@ SLOTS = ("user", "admin", *TIERS)
 API_ACTOR = "admin token"
 PAGE_ACTOR = "admin session"
 CLI_ACTOR = "command line"
-CHUNK = 500
 
 # What a sync event that names a user means, for the user's provisioning history.
 EVENT_TEXT = {
@@ -65,11 +65,6 @@ def _iso(moment: datetime | None) -> str | None:
 def _aware(moment: datetime) -> datetime:
     # SQLite hands datetimes back naive; they were stored as UTC.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
-def _chunks(items: list[str], size: int = CHUNK):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 # ------------------------------------------------------------------- audit
@@ -140,7 +135,7 @@ def link_billing(session: Session, actor: str, tenant: Tenant, customer: Any, su
     tenant.billing_blocked = None
     session.add(tenant)
     session.flush()
-    directory.record_event(session, tenant.id, "billing_linked", None)
+    record_event(session, tenant.id, "billing_linked", None)
     audit(session, tenant.id, actor, "billing_linked",
           {"stripe_customer_id": tenant.stripe_customer_id, "stripe_subscription_id": tenant.stripe_subscription_id})
     return {"stripe_customer_id": tenant.stripe_customer_id, "stripe_subscription_id": tenant.stripe_subscription_id}
@@ -188,12 +183,8 @@ def disconnect_scim(session: Session, actor: str, tenant: Tenant) -> None:
 
 
 def group_rows(session: Session, tenant: Tenant) -> list[dict[str, Any]]:
-    rows = list(
-        session.execute(
-            select(ScimGroup).where(ScimGroup.tenant_id == tenant.id).order_by(ScimGroup.display_name_key, ScimGroup.id)
-        ).scalars()
-    )
-    counts = directory.member_counts(session, [g.id for g in rows])
+    rows = directory_groups.groups_by_name(session, tenant.id)
+    counts = member_counts(session, [g.id for g in rows])
     return [
         {"id": g.id, "displayName": g.display_name, "externalId": g.external_id, "members": counts[g.id]}
         for g in rows
@@ -219,13 +210,7 @@ def get_config(session: Session, tenant: Tenant) -> dict[str, Any]:
 
 def _check_groups(session: Session, tenant: Tenant, slots: dict[str, list[str]]) -> None:
     group_ids = sorted({gid for ids in slots.values() for gid in ids})
-    known: set[str] = set()
-    for chunk in _chunks(group_ids):
-        known.update(
-            gid for (gid,) in session.execute(
-                select(ScimGroup.id).where(ScimGroup.tenant_id == tenant.id, ScimGroup.id.in_(chunk))
-            )
-        )
+    known = directory_groups.known_group_ids(session, tenant.id, group_ids)
     unknown = [gid for gid in group_ids if gid not in known]
     if unknown:
         raise AdminError(400, "unknown_group", f"Unknown group id(s) for this tenant: {', '.join(unknown[:10])}.")
@@ -247,7 +232,7 @@ def save_config(session: Session, actor: str, tenant: Tenant, body: dict[str, An
     tenant.seat_cap = wanted["seat_cap"]
     session.add(tenant)
     # A mapping change re-evaluates everyone it touches: the whole tenant.
-    directory.record_event(session, tenant.id, "config_changed", None)
+    record_event(session, tenant.id, "config_changed", None)
     session.flush()
     saved = get_config(session, tenant)
     audit(session, tenant.id, actor, "mapping_saved", saved)
@@ -271,13 +256,7 @@ def preview_config(
     )
     # Core rows, not ORM entities: a tenant of 10,000 users is read in three plain queries.
     connection = session.connection()
-    memberships: dict[str, set[str]] = {}
-    for member_id, group_id in connection.execute(
-        select(GroupMember.member_id, GroupMember.group_id).where(
-            GroupMember.tenant_id == tenant.id, GroupMember.member_type == "User"
-        )
-    ).all():
-        memberships.setdefault(member_id, set()).add(group_id)
+    memberships = group_ids_of_users(session, tenant.id, None)
     accounts = {
         user_id: (role, tier)
         for user_id, role, tier in connection.execute(
@@ -346,11 +325,11 @@ def preview_json(preview: Preview, names: dict[str, str]) -> dict[str, Any]:
 
 def remove_user(session: Session, actor: str, tenant: Tenant, user_id: str) -> None:
     """Remove a user by hand (after a disconnect); the pipeline frees the license."""
-    user = directory.get_user_any(session, tenant.id, user_id)
+    user = directory_users.get_user_any(session, tenant.id, user_id)
     if user is None:
         raise AdminError(404, "not_found", f"User '{user_id}' not found.")
     if user.deleted_at is None:
-        directory.delete_user(session, user, kind="user_removed")
+        directory_users.delete_user(session, user, kind="user_removed")
         audit(session, tenant.id, actor, "user_removed", {"user_id": user.id, "userName": user.user_name})
 
 
@@ -365,11 +344,11 @@ def user_page(
 
 def user_detail(session: Session, settings: Settings, tenant: Tenant, user_id: str) -> dict[str, Any]:
     """A user: access, the groups they are in, which gave the role and the tier, history newest first."""
-    user = directory.get_user_any(session, tenant.id, user_id)
+    user = directory_users.get_user_any(session, tenant.id, user_id)
     if user is None:
         raise AdminError(404, "not_found", f"User '{user_id}' not found.")
     row = next(r for r in views.user_rows(session, tenant.id, user_ids=[user.id]))
-    groups = directory.groups_of(session, [user.id])[user.id]
+    groups = groups_of(session, [user.id])[user.id]
     config = get_config(session, tenant)
     rule = MappingRule.from_config(config)
     group_ids = frozenset(gid for gid, _ in groups)
@@ -397,15 +376,7 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
     """SCIM writes (sync events naming the user) and pipeline outcomes, newest first, at most ``limit``."""
     # user_ids is a JSON list of hex ids: its text holds the id in quotes.
     # The tenant's index narrows the scan; this is a read for one admin page.
-    events = session.execute(
-        select(SyncEvent.kind, SyncEvent.created_at, SyncEvent.applied_at)
-        .where(
-            SyncEvent.tenant_id == tenant_id,
-            cast(SyncEvent.user_ids, String).like(f'%"{like_escape(user_id)}"%', escape="\\"),
-        )
-        .order_by(SyncEvent.id.desc())
-        .limit(limit)
-    ).all()
+    events = directory_events.naming_user(session, tenant_id, user_id, limit)
     outcomes = session.execute(
         select(AccountHistory)
         .where(AccountHistory.user_id == user_id, AccountHistory.tenant_id == tenant_id)
@@ -445,11 +416,6 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
     # Newest first; at the same moment the pipeline's outcome comes after the write that caused it.
     entries.sort(key=lambda e: (e[0], e[1]), reverse=True)
     return [entry for _, _, entry in entries[:limit]]
-
-
-def like_escape(value: str) -> str:
-    """``value`` as a literal inside a LIKE pattern whose escape character is a backslash."""
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _outcome_text(role: str | None, license: str | None, status: str) -> str:

@@ -8,6 +8,8 @@ from sqlalchemy import func, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
+from models.directory import events
+from models.directory.users import invitation_address
 from models.settings import TIERS
 from models.tables import (
     Account,
@@ -15,10 +17,8 @@ from models.tables import (
     Purchase,
     ScimUser,
     SeatCount,
-    SyncEvent,
     Tenant,
 )
-from workers.reconcile import invitation_address
 
 
 def _iso(moment: Any) -> str | None:
@@ -134,9 +134,7 @@ def purchases(session: Session, tenant_id: str) -> list[dict[str, Any]]:
 
 
 def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
-    total, applied = session.execute(
-        select(func.count(), func.count(SyncEvent.applied_at)).where(SyncEvent.tenant_id == tenant.id)
-    ).one()
+    total, applied = events.counts(session, tenant.id)
     pending_purchases = session.execute(
         select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
     ).scalar_one()

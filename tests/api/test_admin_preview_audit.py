@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
+from billing.gateway import LedgerGateway
 from billing.purchasing import PurchaseRunner
 from tests.api.helpers import (
     assert_admin_error,
@@ -65,9 +66,9 @@ def test_preview_after_the_pipeline_ran_shows_losses_and_tier_changes(tenant, ad
         json={"user_groups": [d["staff"]], "license_groups": {"starter": [d["starter"]], "team": [d["team"]]}},
     )
     assert saved.status_code == 200, saved.text
-    planned = Reconciler(clean_db, billing_configured=False).run(tenant.tenant_id)
+    planned = Reconciler(clean_db, LedgerGateway()).run(tenant.tenant_id)
     # The purchase it planned settles as not_billed (no Stripe here): 1 starter and 1 team seat bought.
-    assert PurchaseRunner(clean_db, None).run(planned.purchase_id).status == "not_billed"
+    assert PurchaseRunner(clean_db, LedgerGateway()).run(planned.purchase_id).status == "not_billed"
     admin_only = create_group(tenant.client, "Admins", [d["ada"], d["bob"]])["id"]
     preview = admin.post(
         f"/tenants/{tenant.tenant_id}/scim/config/preview",
@@ -102,7 +103,7 @@ def test_a_user_shows_groups_what_gave_role_and_tier_and_history_newest_first(te
         f"/tenants/{tenant.tenant_id}/scim/config",
         json={"user_groups": [d["staff"]], "license_groups": {"starter": [d["starter"]], "team": [d["team"]]}},
     )
-    Reconciler(clean_db, billing_configured=False).run(tenant.tenant_id)
+    Reconciler(clean_db, LedgerGateway()).run(tenant.tenant_id)
     response = admin.get(f"/tenants/{tenant.tenant_id}/users/{d['bob']}")
     assert response.status_code == 200, response.text
     bob = response.json()
@@ -190,7 +191,7 @@ def test_seats_a_pending_purchase_is_buying_are_not_counted_twice(tenant, admin,
     d = _directory(tenant)
     body = {"user_groups": [d["staff"]], "license_groups": {"starter": [d["starter"]], "team": [d["team"]]}}
     assert admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json=body).status_code == 200
-    planned = Reconciler(clean_db, billing_configured=False).run(tenant.tenant_id)
+    planned = Reconciler(clean_db, LedgerGateway()).run(tenant.tenant_id)
     assert planned.purchase_id is not None
     preview = admin.post(f"/tenants/{tenant.tenant_id}/scim/config/preview", json=body).json()
     assert {tier: s["to_buy"] for tier, s in preview["seats"].items()} == {"starter": 0, "team": 0, "enterprise": 0}

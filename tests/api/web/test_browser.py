@@ -21,7 +21,8 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.conftest import ADMIN_TOKEN, LiveServer, free_port
+from tests.conftest import ADMIN_TOKEN, LiveServer
+from tests.fakes.ports import free_port
 from tests.workers.support import PRICES, ROOT, Idp, SlowSmtp, WorkerProcess, stripe_fake
 
 CHROMIUM = Path("/usr/bin/chromium")
