@@ -7,7 +7,7 @@ and every change that can alter access appends a sync event there too.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
@@ -35,6 +35,7 @@ from models.tables import (
     ScimUser,
     SeatCount,
     Tenant,
+    as_utc,
     utcnow,
 )
 
@@ -60,11 +61,6 @@ class AdminError(TenantError):
 
 def _iso(moment: datetime | None) -> str | None:
     return iso(moment) if moment is not None else None
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands datetimes back naive; they were stored as UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 # ------------------------------------------------------------------- audit
@@ -149,7 +145,7 @@ def scim_state(settings: Settings, tenant: Tenant, now: datetime | None = None) 
     now = now or utcnow()
     silent_hours = None
     if tenant.last_request_at is not None:
-        silent_hours = (now - _aware(tenant.last_request_at)).total_seconds() / 3600
+        silent_hours = (now - as_utc(tenant.last_request_at)).total_seconds() / 3600
     return {
         "enabled": tenant.scim_enabled,
         "provider": tenant.provider,
@@ -388,27 +384,27 @@ def user_history(session: Session, tenant_id: str, user_id: str, limit: int) -> 
     ).scalar_one_or_none()
     entries: list[tuple[datetime, int, dict[str, Any]]] = []
     if invitation is not None:
-        entries.append((_aware(invitation.created_at), 2, {
+        entries.append((as_utc(invitation.created_at), 2, {
             "at": _iso(invitation.created_at), "source": "invitation", "kind": "invitation_queued",
             "text": f"Invitation queued for {invitation.address}",
         }))
         if invitation.sent_at is not None:
-            entries.append((_aware(invitation.sent_at), 3, {
+            entries.append((as_utc(invitation.sent_at), 3, {
                 "at": _iso(invitation.sent_at), "source": "invitation", "kind": "invitation_sent",
                 "text": f"Invitation sent to {invitation.address}",
             }))
         elif invitation.status == "failed" and invitation.error:
-            entries.append((_aware(invitation.created_at), 3, {
+            entries.append((as_utc(invitation.created_at), 3, {
                 "at": _iso(invitation.created_at), "source": "invitation", "kind": "invitation_failed",
                 "text": "Invitation failed", "status_reason": invitation.error,
             }))
     for kind, created_at, applied_at in events:
-        entries.append((_aware(created_at), 0, {
+        entries.append((as_utc(created_at), 0, {
             "at": _iso(created_at), "source": "scim", "kind": kind,
             "text": EVENT_TEXT.get(kind, kind.replace("_", " ")), "applied_at": _iso(applied_at),
         }))
     for h in outcomes:
-        entries.append((_aware(h.created_at), 1, {
+        entries.append((as_utc(h.created_at), 1, {
             "at": _iso(h.created_at), "source": "pipeline", "kind": "outcome",
             "text": _outcome_text(h.role, h.license, h.status),
             "role": h.role, "license": h.license, "status": h.status, "status_reason": h.status_reason,

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from billing.licenses import TIERS, GroupMapping, Role, entitlement
+from billing.licenses import GroupMapping, Role, entitlement, raised_to
+from models.settings import TIERS
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,14 @@ def preview_mapping(
     tiers: dict[str, TierPreview] = {}
     totals: dict[str, int] = {}
     unpriced: list[str] = []
+    # The seats needed within the cap; a purchase raises each tier to max(bought, needed) (raised_to).
+    needed = {tier: demand[tier] if caps.get(tier) is None else min(demand[tier], caps[tier]) for tier in TIERS}
+    targets = raised_to(purchased, needed)
     for tier in TIERS:
         bought = int(purchased.get(tier, 0))
         cap = caps.get(tier)
-        allowed = demand[tier] if cap is None else min(demand[tier], cap)
-        to_buy = max(0, allowed - bought)
+        allowed = needed[tier]
+        to_buy = targets[tier] - bought
         price = prices.get(tier)
         unit_amount = price.unit_amount if price else None
         currency = price.currency if price else None

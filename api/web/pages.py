@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, quote, urlencode
@@ -31,7 +31,7 @@ from api.web.session import COOKIE, SessionCodec, WebSession
 from billing.preview import format_money
 from models.db import session_scope
 from models.settings import TIERS, Settings
-from models.tables import Tenant
+from models.tables import Tenant, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ def _when(value: str | datetime | None) -> str:
     if value is None:
         return "—"
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return as_utc(moment).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class PageError(Exception):
