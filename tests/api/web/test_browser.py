@@ -244,6 +244,10 @@ def test_the_seed_flow_in_chromium(billed_stack, browser_page):
     assert "SCIM is disconnected" in page.get_by_role("status").first.inner_text()
     assert httpx.get(f"{tenant_url}/Users", headers={"Authorization": f"Bearer {token}"}).status_code == 401
     shot("disconnected")
+    # The users stay, with their access and licenses, until removed by hand.
+    page.get_by_role("link", name="Users", exact=True).click()
+    assert page.locator("tbody tr").count() == 6
+    assert "starter" in page.locator("tbody tr", has_text="p0@acme.example").inner_text()
 
     # 10. The audit log names every action, by the admin's session.
     page.get_by_role("link", name="Audit log").click()
