@@ -1,14 +1,14 @@
 """admin audit log, per-user pipeline history, seat prices
 
 Revision ID: 0003
-Revises: 0002
+Revises: p001 (re-chained after main's p001, which also alters seat_count)
 Create Date: 2026-12-02
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0003'
-down_revision = '0002'
+down_revision = 'p001'
 branch_labels = None
 depends_on = None
 
