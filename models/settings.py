@@ -121,6 +121,13 @@ class Settings:
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
+    # The admin web page: how long a sign-in lasts, when the SCIM page warns that
+    # the IdP has not synced, rows per page of the user list, and how many
+    # entries of a user's provisioning history are shown (newest first).
+    web_session_hours: int = 12
+    scim_stale_hours: int = 2
+    web_page_size: int = 50
+    user_history_limit: int = 200
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -168,4 +175,8 @@ class Settings:
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
+            web_session_hours=_int(env, "WEB_SESSION_HOURS", 12, 1),
+            scim_stale_hours=_int(env, "SCIM_STALE_HOURS", 2, 1),
+            web_page_size=_int(env, "WEB_PAGE_SIZE", 50, 1),
+            user_history_limit=_int(env, "USER_HISTORY_LIMIT", 200, 1),
         )
