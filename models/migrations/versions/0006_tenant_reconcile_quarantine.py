@@ -1,14 +1,14 @@
 """tenant reconcile quarantine: consecutive failures, backoff, last error
 
 Revision ID: 0006
-Revises: p001
+Revises: 0003
 Create Date: 2026-12-02
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0006'
-down_revision = 'p001'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
