@@ -257,7 +257,8 @@ def admin_get(stack: Stack, path: str) -> httpx.Response:
     pytest.fail(f"GET {path}: still 503")
 
 
-def buy_and_check(stack: Stack, tenant: Tenant, user_ids: list[str], all_names: list[str], mended_at: float) -> None:
+def buy_and_check(stack: Stack, tenant: Tenant, user_ids: list[str], all_names: list[str], mended_at: float,
+                  resend_allowed: bool = False) -> None:
     """Map the group as the starter license group, let the pipeline catch up, and check the exact
     end state: users, members, events, one purchase for all, one invitation per user."""
     save_mapping(stack.admin, tenant.id, user_groups=[tenant.group_id],
@@ -289,7 +290,15 @@ def buy_and_check(stack: Stack, tenant: Tenant, user_ids: list[str], all_names: 
     # One invitation per user, each mail once (its Message-ID derived from tenant and user).
     wanted = {expected_message_id(tenant.id, uid) for uid in user_ids}
     sent = stack.smtp.by_message_id()
-    assert {mid: sent[mid] for mid in wanted} == dict.fromkeys(wanted, 1)
+    if resend_allowed:
+        # CONTRACT.md "Invitations": a commit lost between the mail server's acceptance and
+        # the row's record (here: PostgreSQL cut at that moment) resends with the same
+        # Message-ID. Every user gets theirs; a repeat is only ever that same Message-ID.
+        assert {mid for mid in sent if mid.startswith(f"<invite.{tenant.id}.")} == wanted
+        resent = {mid: n for mid, n in sent.items() if mid in wanted and n > 1}
+        print(f"invitations resent with the same Message-ID after the cut: {len(resent)}")
+    else:
+        assert {mid: sent[mid] for mid in wanted} == dict.fromkeys(wanted, 1)
     assert all(u["invited_at"] for u in users.values())
 
 
@@ -395,7 +404,7 @@ def test_postgresql_restarted_mid_burst_answers_503_never_500_and_writes_nothing
         assert response.status_code == 503 and response.headers["Retry-After"].isdigit(), response.text
         assert response.json()["error"] == "unavailable"
     admin_get(stack, f"/tenants/{tenant.id}/sync")
-    buy_and_check(stack, tenant, ids, first + rest + down, mended_at)
+    buy_and_check(stack, tenant, ids, first + rest + down, mended_at, resend_allowed=True)
 
 
 def test_stripe_unanswering_during_the_burst_buys_exactly_once_when_it_answers_again(stack, tenant):
