@@ -17,7 +17,7 @@ from api import service, tenants, views
 from api.service import AdminError
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
-from models.db import session_scope
+from models.db import database_unavailable, session_scope
 from models.settings import Settings
 from models.tables import Tenant
 
@@ -87,7 +87,9 @@ class AdminApi:
                 result, tenant_id = await run_in_threadpool(self.run, handler, request.path_params, body)
             except TenantError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if database_unavailable(exc):
+                    raise  # a 503 with Retry-After, answered by the app's one handler for it
                 # Answered here: Starlette's outer handler would reset the connection.
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)

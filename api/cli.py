@@ -1,4 +1,4 @@
-"""The `sally-scim` command: dev, migrate, tenant create, web, worker."""
+"""The `sally-scim` command: dev, migrate, tenant create, web, worker, jobs."""
 
 from __future__ import annotations
 
@@ -256,6 +256,50 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     return exit_code
 
 
+def _with_dead_letters(settings: Settings, use):
+    """Run ``use(DeadLetters)``; an embedded Redis attached for it is released after."""
+    from workers.broker import make_broker, redis_client, release_embedded_redis, resolve_redis_url
+    from workers.deadletters import DeadLetters
+    from workers.names import QUEUES
+
+    url = resolve_redis_url(settings)
+    try:
+        return use(DeadLetters(make_broker(settings, url), redis_client(url, settings), settings.redis_namespace, QUEUES))
+    finally:
+        if not settings.redis_url:
+            release_embedded_redis()
+
+
+def cmd_jobs_failed(settings: Settings, args: argparse.Namespace) -> int:
+    """List the dead letters: jobs given up after their last retry (actor, args, when, error)."""
+    letters = _with_dead_letters(settings, lambda dead: dead.list())
+    if args.json:
+        print(json.dumps([letter.as_dict() for letter in letters]))
+        return 0
+    if not letters:
+        print("no failed jobs")
+        return 0
+    for letter in letters:
+        arguments = ", ".join(map(str, letter.args))
+        print(f"{letter.id}  {letter.failed_at:%Y-%m-%d %H:%M:%S}Z  {letter.actor}({arguments})  {letter.error}")
+    print(f"{len(letters)} failed job(s); `sally-scim jobs retry --all` or `... retry ID` re-queues them")
+    return 0
+
+
+def cmd_jobs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-queue dead letters (all, or the given ids) with a fresh set of retries."""
+    if args.all == bool(args.ids):
+        print("sally-scim: give either --all or one or more job ids (see `sally-scim jobs failed`)", file=sys.stderr)
+        return 2
+    retried = _with_dead_letters(settings, lambda dead: dead.retry(None if args.all else args.ids))
+    missing = sorted(set(args.ids) - set(retried))
+    print(f"re-queued {len(retried)} job(s)")
+    if missing:
+        print(f"sally-scim: not a failed job (any more): {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sally-scim", description="SCIM 2.0 provisioning for Sally.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--stripe-subscription", dest="stripe_subscription")
     create.add_argument("--json", action="store_true", help="print one JSON line")
     create.set_defaults(func=cmd_tenant_create)
+    jobs = commands.add_parser("jobs", help="inspect and re-queue failed jobs").add_subparsers(
+        dest="jobs_command", required=True)
+    failed = jobs.add_parser("failed", help="list the jobs given up after their last retry (dead letters)")
+    failed.add_argument("--json", action="store_true", help="print one JSON array")
+    failed.set_defaults(func=cmd_jobs_failed)
+    retry = jobs.add_parser("retry", help="re-queue failed jobs with a fresh set of retries")
+    retry.add_argument("--all", action="store_true", help="every failed job")
+    retry.add_argument("ids", nargs="*", help="ids from `sally-scim jobs failed`")
+    retry.set_defaults(func=cmd_jobs_retry)
     return parser
 
 

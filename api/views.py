@@ -147,4 +147,9 @@ def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
         "pending_purchases": pending_purchases,
         "pending_invitations": pending_invitations,
         "last_reconciled_at": _iso(tenant.last_reconciled_at),
+        # A poison tenant (reconcile failed SALLY_QUARANTINE_AFTER times in a row) waits until
+        # quarantined_until; last_error says why (a class and a safe reason, never SQL).
+        "reconcile_failures": tenant.reconcile_failures or 0,
+        "quarantined_until": _iso(tenant.quarantined_until),
+        "last_error": tenant.last_error,
     }

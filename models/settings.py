@@ -121,6 +121,20 @@ class Settings:
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
+    # Every Redis client (broker, wake-ups, locks, telemetry, rate limit): how long to
+    # wait for a connection and for an answer. A stalled Redis must cost a request at
+    # most this, never a hang (the database is the truth; the sweep re-sends).
+    redis_connect_timeout: float = 1.0
+    redis_socket_timeout: float = 2.0
+    # How long one Stripe HTTP call may take before it counts as lost (the library's
+    # default is 80 s, which would hold a worker thread that long per attempt).
+    stripe_timeout: float = 20.0
+    # A tenant whose reconcile fails this many times in a row is quarantined: the
+    # sweep leaves it alone for a backoff that doubles from quarantine_backoff up to
+    # quarantine_max_backoff (seconds); a success clears it.
+    quarantine_after: int = 5
+    quarantine_backoff: float = 60.0
+    quarantine_max_backoff: float = 3600.0
     # The admin web page: how long a sign-in lasts, when the SCIM page warns that
     # the IdP has not synced, rows per page of the user list, and how many
     # entries of a user's provisioning history are shown (newest first).
@@ -175,6 +189,12 @@ class Settings:
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
+            redis_connect_timeout=_seconds(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.05),
+            redis_socket_timeout=_seconds(env, "REDIS_SOCKET_TIMEOUT", 2.0, 0.05),
+            stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0),
+            quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
+            quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),
+            quarantine_max_backoff=_seconds(env, "SALLY_QUARANTINE_MAX_BACKOFF", 3600.0, 1.0),
             web_session_hours=_int(env, "WEB_SESSION_HOURS", 12, 1),
             scim_stale_hours=_int(env, "SCIM_STALE_HOURS", 2, 1),
             web_page_size=_int(env, "WEB_PAGE_SIZE", 50, 1),

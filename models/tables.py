@@ -54,6 +54,11 @@ class Tenant(SQLModel, table=True):
     # When the seats bought were last read from the Stripe subscription.
     seats_synced_at: Optional[datetime] = None
     last_reconciled_at: Optional[datetime] = None
+    # Poison tenants: reconciles failed in a row; past SALLY_QUARANTINE_AFTER the sweep
+    # leaves the tenant alone until quarantined_until. A success clears all three.
+    reconcile_failures: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    quarantined_until: Optional[datetime] = None
+    last_error: Optional[str] = Field(default=None, max_length=1024)
 
 
 class GroupMapping(SQLModel, table=True):

@@ -153,7 +153,7 @@ def clean_db(engine: Engine) -> Engine:
 def redis_client(base_settings: Settings):
     from workers.broker import redis_client
 
-    client = redis_client(base_settings.redis_url)
+    client = redis_client(base_settings.redis_url, base_settings)
     yield client
     for key in client.scan_iter(f"{base_settings.redis_namespace}*"):
         client.delete(key)

@@ -59,7 +59,8 @@ class EmbeddedRedis:
         # No retries: redis-py (6+) retries a refused connection with backoff
         # for seconds, which would stall "is it running?" before every first
         # start, and SHUTDOWN, which ends in a closed connection by design.
-        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5, socket_connect_timeout=2,
+                           retry=Retry(NoBackoff(), 0))
 
     def _alive(self) -> bool:
         try:

@@ -8,6 +8,7 @@ from dramatiq.middleware import CurrentMessage
 from models.settings import Settings
 from workers import runtime
 from workers.broker import resolve_redis_url, setup_worker_broker
+from workers.deadletters import FailureRecorder
 from workers.sweep import SweepMiddleware
 
 
@@ -17,6 +18,7 @@ def setup(settings: Settings) -> dramatiq.Broker:
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(SweepMiddleware(settings.sweep_interval))
     runtime.install(runtime.build(settings, broker, resolve_redis_url(settings)))
+    broker.add_middleware(FailureRecorder(runtime.current().redis, settings.redis_namespace))
     return broker
 
 

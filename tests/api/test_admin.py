@@ -338,7 +338,7 @@ def test_sync_counts(tenant, admin, clean_db):
     """Given writes through SCIM and no worker
     When the admin GETs …/sync
     Then it has the contract's fields; events_total counts the writes, events_applied is 0,
-    nothing is pending and the tenant was never reconciled."""
+    nothing is pending, the tenant was never reconciled and is not quarantined (issue 8's additive fields)."""
     create_user(tenant.client, "s1@example.com")
     create_user(tenant.client, "s2@example.com")
     assert sync_counts(admin, tenant.tenant_id) == {
@@ -347,6 +347,9 @@ def test_sync_counts(tenant, admin, clean_db):
         "pending_purchases": 0,
         "pending_invitations": 0,
         "last_reconciled_at": None,
+        "reconcile_failures": 0,
+        "quarantined_until": None,
+        "last_error": None,
     }
 
 
