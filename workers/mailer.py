@@ -122,13 +122,28 @@ class SmtpMailer:
     message: a refusal is reported for the message as a whole.
     """
 
-    def __init__(self, url: str, timeout: float = 20, attempts: int = 3, wait_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 20,
+        attempts: int = 3,
+        wait_seconds: float = 0.5,
+        *,
+        allow_plaintext_auth: bool = False,
+    ) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
             raise ValueError(f"SMTP_URL must start with smtp://, smtp+starttls:// or smtps://, got {scheme!r}")
         if not parts.hostname:
             raise ValueError("SMTP_URL has no host")
+        if scheme == "smtp" and (parts.username or parts.password) and not allow_plaintext_auth:
+            # AUTH PLAIN/LOGIN over a clear connection hands the password to
+            # anyone on the path (RFC 4954 §4 asks for TLS first).
+            raise ValueError(
+                "SMTP_URL carries credentials but no TLS: use smtp+starttls:// or smtps://, "
+                "or set SMTP_ALLOW_PLAINTEXT_AUTH=true"
+            )
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         self._scheme = scheme
@@ -350,7 +365,7 @@ class OutboxMailer:
             raise PermanentMailError("the message has no Message-ID")
         target = self.path_for(mail.message_id)
         if not self._made:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._made = True
         fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
         try:
@@ -370,7 +385,9 @@ class OutboxMailer:
 def make_mailer(settings: Settings) -> SmtpMailer | OutboxMailer:
     """SMTP when SMTP_URL is set, else the outbox folder of SALLY_VAR_DIR."""
     if settings.smtp_url:
-        return SmtpMailer(settings.smtp_url, timeout=SMTP_TIMEOUT_SECONDS)
+        return SmtpMailer(
+            settings.smtp_url, timeout=SMTP_TIMEOUT_SECONDS, allow_plaintext_auth=settings.smtp_allow_plaintext_auth
+        )
     return OutboxMailer(settings.outbox_dir)
 
 
