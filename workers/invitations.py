@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 
@@ -147,68 +147,95 @@ def send_invitations(
     ids = list(dict.fromkeys(invitation_ids))
     claimed_at = _utc(now())
     claims, outcomes = _claim(engine, ids, claimed_at)
-    result = BatchResult(outcomes)
-    if not claims:
-        return _in_order(result, ids)
-
-    sent: list[tuple[_Claim, datetime]] = []
-    failed: list[tuple[_Claim, str]] = []
-    retry: list[tuple[_Claim, str | None]] = []
-    postponed: list[_Claim] = []
-    last_record = claimed_at
-    deferred_in_a_row = 0
+    batch = _Batch(engine, claimed_at, BatchResult(outcomes))
     for index, claim in enumerate(claims):
         moment = _utc(now())
         if moment - claimed_at > SEND_BUDGET:
             # A slow server: the rest would be sent after their lease ran out.
-            postponed = claims[index:]
+            batch.postponed = claims[index:]
             break
-        if (sent or failed) and moment - last_record >= RECORD_EVERY:
-            _record(engine, sent, failed, moment)
-            _note(result, sent, failed)
-            sent, failed, last_record = [], [], moment
+        batch.record_if_due(moment)
+        if not batch.attempt(mailer, settings, claim, claims[index + 1:], now):
+            break
+    batch.finish(_utc(now()))
+    return _in_order(batch.result, ids)
+
+
+@dataclass
+class _Batch:
+    """One job's progress: rows sent, failed for good or to give back, and when they were last recorded."""
+
+    engine: Engine
+    claimed_at: datetime
+    result: BatchResult
+    sent: list[tuple[_Claim, datetime]] = field(default_factory=list)
+    failed: list[tuple[_Claim, str]] = field(default_factory=list)
+    retry: list[tuple[_Claim, str | None]] = field(default_factory=list)
+    postponed: list[_Claim] = field(default_factory=list)
+    deferred_in_a_row: int = 0
+    last_record: datetime | None = None
+
+    def record_if_due(self, moment: datetime) -> None:
+        """On a slow server, record what was accepted before the next send (bounds the resend window)."""
+        if (self.sent or self.failed) and moment - (self.last_record or self.claimed_at) >= RECORD_EVERY:
+            _record(self.engine, self.sent, self.failed, moment)
+            _note(self.result, self.sent, self.failed)
+            self.sent, self.failed, self.last_record = [], [], moment
+
+    def attempt(
+        self, mailer: Mailer, settings: Settings, claim: _Claim, rest: Sequence[_Claim], now: Callable[[], datetime]
+    ) -> bool:
+        """Build and send one claim's mail; False when the batch must stop (the rest released for a retry)."""
         try:
             mail = _mail(settings, claim)
             if isinstance(mail, str):
-                failed.append((claim, mail))
-                continue
+                self.failed.append((claim, mail))
+                return True
             mailer.send(mail)
         except PermanentMailError as error:
             log.warning("invitation %s refused for good (%s)", claim.invitation_id, error.code or type(error).__name__)
-            failed.append((claim, error.reason))
-            continue
+            self.failed.append((claim, error.reason))
+            return True
         except RecipientDeferredError as error:
-            deferred_in_a_row += 1
-            if deferred_in_a_row < DEFERRED_IN_A_ROW:
-                # This recipient only (greylisting, a full mailbox): the others of the batch still go.
-                retry.append((claim, error.reason))
-                result.error = result.error or error
-                continue
-            retry.append((claim, error.reason))
-            retry.extend((untried, None) for untried in claims[index + 1:])
-            result.error = error
-            log.info("%d recipients in a row deferred; %d of the batch released for a retry",
-                     deferred_in_a_row, len(claims) - index - 1)
-            break
+            return self._deferred(claim, rest, error)
         except Exception as error:
             reason = error.reason if isinstance(error, TransientMailError) else f"unexpected {type(error).__name__}"
-            retry.append((claim, reason))
-            retry.extend((untried, None) for untried in claims[index + 1:])
-            result.error = error
+            self._stop(claim, reason, rest, error)
             log.info("invitation %s not sent this time (%s); %d of its batch released for a retry",
-                     claim.invitation_id, type(error).__name__, len(claims) - index)
-            break
+                     claim.invitation_id, type(error).__name__, len(rest) + 1)
+            return False
         # A crash from here to the commit that records it is the one resend window.
-        sent.append((claim, _utc(now())))
-        deferred_in_a_row = 0
+        self.sent.append((claim, _utc(now())))
+        self.deferred_in_a_row = 0
+        return True
 
-    _record(engine, sent, failed, _utc(now()), release=retry, postpone=postponed, claimed_at=claimed_at)
-    _note(result, sent, failed)
-    result.outcomes.update((claim.invitation_id, "retry") for claim, _ in retry)
-    result.outcomes.update((claim.invitation_id, "postponed") for claim in postponed)
-    if postponed:
-        log.info("%d invitations of a batch postponed: the mail server is slow", len(postponed))
-    return _in_order(result, ids)
+    def _deferred(self, claim: _Claim, rest: Sequence[_Claim], error: RecipientDeferredError) -> bool:
+        self.deferred_in_a_row += 1
+        if self.deferred_in_a_row < DEFERRED_IN_A_ROW:
+            # This recipient only (greylisting, a full mailbox): the others of the batch still go.
+            self.retry.append((claim, error.reason))
+            self.result.error = self.result.error or error
+            return True
+        self._stop(claim, error.reason, rest, error)
+        log.info("%d recipients in a row deferred; %d of the batch released for a retry",
+                 self.deferred_in_a_row, len(rest))
+        return False
+
+    def _stop(self, claim: _Claim, reason: str, rest: Sequence[_Claim], error: Exception) -> None:
+        """The server's trouble, not this recipient's: this row and the untried rest go back for the job's retry."""
+        self.retry.append((claim, reason))
+        self.retry.extend((untried, None) for untried in rest)
+        self.result.error = error
+
+    def finish(self, at: datetime) -> None:
+        """Record the rest in one transaction and fill in every claimed row's outcome."""
+        _record(self.engine, self.sent, self.failed, at,
+                release=self.retry, postpone=self.postponed, claimed_at=self.claimed_at)
+        _note(self.result, self.sent, self.failed)
+        self.result.outcomes.update((claim.invitation_id, "retry") for claim, _ in self.retry)
+        self.result.outcomes.update((claim.invitation_id, "postponed") for claim in self.postponed)
+        if self.postponed:
+            log.info("%d invitations of a batch postponed: the mail server is slow", len(self.postponed))
 
 
 def give_up(
@@ -374,67 +401,90 @@ def _record(
     if not (sent or failed or release or postpone):
         return
     with session_scope(engine) as session:
-        if sent:
-            accepted = {claim.invitation_id: when for claim, when in sent}
-            # Whoever holds the row now, the mail server accepted this message:
-            # "sent" is the truth (the first recorded sent_at stays).
-            recorded = session.execute(
-                update(Invitation)
-                .where(Invitation.id.in_(list(accepted)), Invitation.status != "sent")
-                .values(status="sent", sent_at=_per_row(Invitation.id, accepted), error=None)
-                .returning(Invitation.id, Invitation.user_id)
-                .execution_options(synchronize_session=False)
-            ).all()
-            invited = {user_id: accepted[invitation_id] for invitation_id, user_id in recorded}
-            if invited:
-                moments = _per_row(Account.user_id, invited)
-                session.execute(
-                    update(Account)
-                    .where(Account.user_id.in_(list(invited)))
-                    .values(invited_at=moments, invite_error=None, updated_at=moments)
-                    .execution_options(synchronize_session=False)
-                )
-        if failed:
-            reasons = {claim.invitation_id: reason[:MAX_ERROR] for claim, reason in failed}
-            marked = session.execute(
-                update(Invitation)
-                .where(Invitation.id.in_(list(reasons)), Invitation.status != "sent")
-                .values(status="failed", error=_per_row(Invitation.id, reasons))
-                .returning(Invitation.id, Invitation.user_id)
-                .execution_options(synchronize_session=False)
-            ).all()
-            by_user = {user_id: reasons[invitation_id] for invitation_id, user_id in marked}
-            if by_user:
-                session.execute(
-                    update(Account)
-                    .where(Account.user_id.in_(list(by_user)))
-                    .values(invite_error=_per_row(Account.user_id, by_user), updated_at=at)
-                    .execution_options(synchronize_session=False)
-                )
-        # Give back only our own claims (a re-claim after our lease is not ours);
-        # enqueued_at: a message is on its way (Dramatiq's retry, or the new one
-        # for postponed rows), so the sweep waits its grace before adding another.
-        ours = (Invitation.status == "sending", Invitation.claimed_at == claimed_at)
-        tried = {claim.invitation_id: reason[:MAX_ERROR] for claim, reason in release if reason is not None}
-        if tried:
-            session.execute(
-                update(Invitation)
-                .where(Invitation.id.in_(list(tried)), *ours)
-                .values(status="pending", claimed_at=None, error=_per_row(Invitation.id, tried), enqueued_at=at)
-                .execution_options(synchronize_session=False)
-            )
-        untried = [claim.invitation_id for claim, reason in release if reason is None]
-        untried += [claim.invitation_id for claim in postpone]
-        if untried:
-            # Never handed to the mail server this time: the claim's attempt is given back.
-            session.execute(
-                update(Invitation)
-                .where(Invitation.id.in_(untried), *ours)
-                .values(status="pending", claimed_at=None, attempts=Invitation.attempts - 1, enqueued_at=at)
-                .execution_options(synchronize_session=False)
-            )
+        _record_sent(session, sent)
+        _record_failed(session, failed, at)
+        _release(session, release, postpone, claimed_at, at)
     if sent:
         log.info("%d invitation(s) sent", len(sent))
+
+
+def _record_sent(session: Session, sent: list[tuple[_Claim, datetime]]) -> None:
+    """Rows the mail server accepted become "sent", and their accounts invited, each at its own moment."""
+    if not sent:
+        return
+    accepted = {claim.invitation_id: when for claim, when in sent}
+    # Whoever holds the row now, the mail server accepted this message:
+    # "sent" is the truth (the first recorded sent_at stays).
+    recorded = session.execute(
+        update(Invitation)
+        .where(Invitation.id.in_(list(accepted)), Invitation.status != "sent")
+        .values(status="sent", sent_at=_per_row(Invitation.id, accepted), error=None)
+        .returning(Invitation.id, Invitation.user_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    invited = {user_id: accepted[invitation_id] for invitation_id, user_id in recorded}
+    if invited:
+        moments = _per_row(Account.user_id, invited)
+        session.execute(
+            update(Account)
+            .where(Account.user_id.in_(list(invited)))
+            .values(invited_at=moments, invite_error=None, updated_at=moments)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _record_failed(session: Session, failed: list[tuple[_Claim, str]], at: datetime) -> None:
+    """Rows refused for good become "failed", the reason on the row and on the account."""
+    if not failed:
+        return
+    reasons = {claim.invitation_id: reason[:MAX_ERROR] for claim, reason in failed}
+    marked = session.execute(
+        update(Invitation)
+        .where(Invitation.id.in_(list(reasons)), Invitation.status != "sent")
+        .values(status="failed", error=_per_row(Invitation.id, reasons))
+        .returning(Invitation.id, Invitation.user_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    by_user = {user_id: reasons[invitation_id] for invitation_id, user_id in marked}
+    if by_user:
+        session.execute(
+            update(Account)
+            .where(Account.user_id.in_(list(by_user)))
+            .values(invite_error=_per_row(Account.user_id, by_user), updated_at=at)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _release(
+    session: Session,
+    release: Sequence[tuple[_Claim, str | None]],
+    postpone: Sequence[_Claim],
+    claimed_at: datetime | None,
+    at: datetime,
+) -> None:
+    """Give our claims back as "pending": tried rows keep their error, untried rows their attempt."""
+    # Give back only our own claims (a re-claim after our lease is not ours);
+    # enqueued_at: a message is on its way (Dramatiq's retry, or the new one
+    # for postponed rows), so the sweep waits its grace before adding another.
+    ours = (Invitation.status == "sending", Invitation.claimed_at == claimed_at)
+    tried = {claim.invitation_id: reason[:MAX_ERROR] for claim, reason in release if reason is not None}
+    if tried:
+        session.execute(
+            update(Invitation)
+            .where(Invitation.id.in_(list(tried)), *ours)
+            .values(status="pending", claimed_at=None, error=_per_row(Invitation.id, tried), enqueued_at=at)
+            .execution_options(synchronize_session=False)
+        )
+    untried = [claim.invitation_id for claim, reason in release if reason is None]
+    untried += [claim.invitation_id for claim in postpone]
+    if untried:
+        # Never handed to the mail server this time: the claim's attempt is given back.
+        session.execute(
+            update(Invitation)
+            .where(Invitation.id.in_(untried), *ours)
+            .values(status="pending", claimed_at=None, attempts=Invitation.attempts - 1, enqueued_at=at)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _per_row(key, values: dict[str, Any]):
