@@ -19,13 +19,17 @@ from api.scim import directory
 from api.scim.render import iso
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
+from billing.locks import lock_tenant
 from models.db import session_scope
 from models.settings import TIERS, Settings
-from models.tables import GroupMapping, ScimGroup, Tenant
+from models.tables import GroupMapping, ScimGroup, Tenant, utcnow
+from workers import deprovision
 
 log = logging.getLogger(__name__)
 
 MAX_ADMIN_BODY = 1024 * 1024
+# Per-tenant limits in the SCIM config: name → (lowest, highest) value.
+LIMITS = {"invite_daily_cap": (1, 10_000_000), "hold_min_users": (0, 10_000_000), "hold_percent": (0, 100)}
 SLOTS = ("user", "admin", *TIERS)
 
 AdminHandler = Callable[..., Any]
@@ -63,6 +67,9 @@ class AdminApi:
             Route(p + "/tenants/{t}/licenses", self.endpoint(self.licenses), methods=["GET"]),
             Route(p + "/tenants/{t}/purchases", self.endpoint(self.purchases), methods=["GET"]),
             Route(p + "/tenants/{t}/sync", self.endpoint(self.sync), methods=["GET"]),
+            Route(p + "/tenants/{t}/holds", self.endpoint(self.holds), methods=["GET"]),
+            Route(p + "/tenants/{t}/holds/confirm", self.endpoint(self.confirm_holds, wakes=True), methods=["POST"]),
+            Route(p + "/tenants/{t}/holds/revert", self.endpoint(self.revert_holds), methods=["POST"]),
         ]
 
     def endpoint(self, handler: AdminHandler, *, status: int = 200, wakes: bool = False) -> Callable[[Request], Any]:
@@ -152,6 +159,16 @@ class AdminApi:
             "license_groups": {tier: slots[tier] for tier in TIERS},
             "auto_invite": tenant.auto_invite,
             "seat_cap": tenant.seat_cap,
+            # Per-tenant limits; null = the deployment's default (INVITE_DAILY_CAP,
+            # DEPROVISION_HOLD_MIN_USERS, DEPROVISION_HOLD_PERCENT), shown in `effective`.
+            "invite_daily_cap": tenant.invite_daily_cap,
+            "hold_min_users": tenant.hold_min_users,
+            "hold_percent": tenant.hold_percent,
+            "effective": {
+                "invite_daily_cap": tenant.invite_daily_cap or self.settings.invite_daily_cap,
+                "hold_min_users": _or(tenant.hold_min_users, self.settings.hold_min_users),
+                "hold_percent": _or(tenant.hold_percent, self.settings.hold_percent),
+            },
         }
 
     def put_config(self, session: Session, tenant: Tenant, path: dict, body: dict) -> dict[str, Any]:
@@ -177,6 +194,9 @@ class AdminApi:
             session.execute(insert(GroupMapping), rows)
         tenant.auto_invite = wanted["auto_invite"]
         tenant.seat_cap = wanted["seat_cap"]
+        tenant.invite_daily_cap = wanted["invite_daily_cap"]
+        tenant.hold_min_users = wanted["hold_min_users"]
+        tenant.hold_percent = wanted["hold_percent"]
         session.add(tenant)
         # A mapping change re-evaluates everyone it touches: the whole tenant.
         directory.record_event(session, tenant.id, "config_changed", None)
@@ -216,6 +236,20 @@ class AdminApi:
     def sync(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.sync_state(session, tenant)
 
+    # ---------------------------------------------- mass-deprovision holds
+
+    def holds(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
+        return deprovision.holds(session, tenant.id)
+
+    def confirm_holds(self, session: Session, tenant: Tenant, _path: dict, _body: dict) -> dict[str, Any]:
+        # Under the tenant's lock: a reconcile in flight finishes (or starts) on either side of the decision.
+        lock_tenant(session, tenant.id)
+        return {"confirmed": len(deprovision.confirm(session, tenant.id, utcnow()))}
+
+    def revert_holds(self, session: Session, tenant: Tenant, _path: dict, _body: dict) -> dict[str, Any]:
+        lock_tenant(session, tenant.id)
+        return {"reverted": len(deprovision.revert(session, tenant.id, utcnow()))}
+
 
 def _holds_nul(value: Any) -> bool:
     """Whether any string (or key) in a JSON value holds U+0000, which PostgreSQL text cannot store."""
@@ -247,7 +281,7 @@ def _id_list(value: Any, where: str) -> list[str]:
 
 
 def _parse_config(body: dict[str, Any]) -> dict[str, Any]:
-    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap"}
+    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", *LIMITS, "effective"}
     extra = sorted(set(body) - known)
     if extra:
         raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
@@ -276,5 +310,18 @@ def _parse_config(body: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
                 raise AdminError(400, "invalid_body", f"seat_cap.{tier} must be a whole number ≥ 0.")
         seat_cap = dict(seat_cap) or None
-    return {"slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap}
+    limits = {name: _limit(body.get(name), name, low, high) for name, (low, high) in LIMITS.items()}
+    return {"slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap, **limits}
+
+
+def _limit(value: Any, name: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise AdminError(400, "invalid_body", f"'{name}' must be a whole number from {low} to {high}, or null.")
+    return value
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 

@@ -28,6 +28,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _percent(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, 0)
+    if value > 100:
+        raise SettingsError(f"{name} is a percentage (0 to 100), got {value}")
+    return value
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -119,6 +126,15 @@ class Settings:
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
+    # Invitations per tenant per UTC day; the rest wait for the next day
+    # (a tenant may override it in its SCIM config).
+    invite_daily_cap: int = 5000
+    # Mass-deprovision breaker: a reconcile that would take access from more
+    # than max(hold_min_users, hold_percent % of the active users) within
+    # hold_window seconds is held for the admin (tenants may override both).
+    hold_min_users: int = 10
+    hold_percent: int = 20
+    hold_window: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -204,4 +220,8 @@ class Settings:
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
+            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 5000, 1),
+            hold_min_users=_int(env, "DEPROVISION_HOLD_MIN_USERS", 10, 0),
+            hold_percent=_percent(env, "DEPROVISION_HOLD_PERCENT", 20),
+            hold_window=_seconds(env, "DEPROVISION_HOLD_WINDOW", 3600.0, 0.0),
         )

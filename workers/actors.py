@@ -59,7 +59,8 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
 
     try:
-        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id, on_locked=clear_pending)
+        reconciler = Reconciler(rt.engine, billing_configured=rt.gateway is not None, settings=rt.settings)
+        result = reconciler.run(tenant_id, on_locked=clear_pending)
     except Exception:
         rt.telemetry.job("reconcile_tenant", "error")
         raise

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -50,13 +52,15 @@ from workers.mailer import (
     TransientMailError,
     UnusableAddressError,
     invitation_template,
+    message_id,
 )
 
 log = logging.getLogger(__name__)
 
 # Per invitation id of a job: "retry" = released for the job's Dramatiq retry;
 # "postponed" = released and sent again at once in a new message (SEND_BUDGET).
-Outcome = Literal["sent", "already_done", "claimed_elsewhere", "failed", "retry", "postponed"]
+# "waiting" = its day under the tenant's daily cap has not come yet (the sweep sends it then).
+Outcome = Literal["sent", "already_done", "claimed_elsewhere", "failed", "retry", "postponed", "waiting"]
 
 # A "sending" claim older than this belongs to a worker that died: it may be re-claimed.
 CLAIM_LEASE = timedelta(seconds=60)
@@ -75,6 +79,9 @@ BATCH_SIZE = 100
 DEFERRED_IN_A_ROW = 3
 # Account.invite_error holds at most 1024 characters, Invitation.error 2048.
 MAX_ERROR = 1024
+# Rows per INSERT or IN (…) list when invitations are queued.
+CHUNK = 500
+DAY = timedelta(days=1)
 
 
 class Mailer(Protocol):
@@ -238,6 +245,132 @@ class _Batch:
             log.info("%d invitations of a batch postponed: the mail server is slow", len(self.postponed))
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """A user who gained access for the first time and is to be invited at this address."""
+
+    user_id: str
+    address: str
+
+
+def queue_invitations(
+    session: Session, tenant_id: str, wanted: Sequence[Wanted], now: datetime, *, daily_cap: int
+) -> list[str]:
+    """Invitation rows in the caller's transaction; returns the ids to send now (the rest wait for their day).
+
+    One invitation per user for the tenant's life (a unique index) and one per
+    address: a user deleted and re-created with the same address is not mailed
+    again. At most ``daily_cap`` invitations per tenant per UTC day; the rest
+    are planned for the next days, with the reason shown to the admin. Runs
+    under the tenant's reconcile lock, so two reconciles never plan one day twice.
+    """
+    now = _utc(now)
+    fresh = _new_addresses(session, tenant_id, wanted)
+    if not fresh:
+        return []
+    days = _plan_days(session, tenant_id, len(fresh), now, daily_cap)
+    rows = [
+        {
+            "id": f"inv{one.user_id}",
+            "tenant_id": tenant_id,
+            "user_id": one.user_id,
+            "status": "pending",
+            "address": one.address[:512],
+            "address_key": _address_key(one.address),
+            "message_id": message_id(tenant_id, one.user_id),
+            "attempts": 0,
+            "created_at": now,
+            "enqueued_at": now,
+            "send_day": day,
+            "wait_reason": None if day <= now else _wait_reason(daily_cap, day),
+        }
+        for one, day in zip(fresh, days)
+    ]
+    due_now: list[str] = []
+    for start in range(0, len(rows), CHUNK):
+        statement = (
+            _insert(session)(Invitation)
+            .values(rows[start:start + CHUNK])
+            .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
+            .returning(Invitation.id, Invitation.send_day)
+        )
+        due_now.extend(inv_id for inv_id, day in session.execute(statement) if day is None or _utc(day) <= now)
+    waiting = len(rows) - len(due_now)
+    if waiting:
+        log.info("tenant %s: %d invitation(s) wait for a later day (daily cap %d)", tenant_id, waiting, daily_cap)
+    return due_now
+
+
+def _insert(session: Session):
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def _address_key(address: str) -> str:
+    # Case-folded in Python: SQLite's lower() is ASCII-only.
+    return address.strip().casefold()[:512]
+
+
+def _new_addresses(session: Session, tenant_id: str, wanted: Sequence[Wanted]) -> list[Wanted]:
+    """Drop the users whose address already has an invitation of this tenant (or appears twice in this batch).
+
+    A re-created user whose address was invited before shows that invitation's
+    moment as its own invited_at.
+    """
+    first: dict[str, Wanted] = {}
+    for one in wanted:
+        first.setdefault(_address_key(one.address), one)
+    keys = list(first)
+    earlier: dict[str, datetime | None] = {}
+    for start in range(0, len(keys), CHUNK):
+        # A failed invitation never reached the person: a new one may try again.
+        for key, sent_at in session.execute(
+            select(Invitation.address_key, Invitation.sent_at).where(
+                Invitation.tenant_id == tenant_id,
+                Invitation.address_key.in_(keys[start:start + CHUNK]),
+                Invitation.status != "failed",
+            )
+        ):
+            earlier[key] = sent_at if earlier.get(key) is None else earlier[key]
+    invited_before = {first[key].user_id: sent_at for key, sent_at in earlier.items() if sent_at is not None}
+    if invited_before:
+        session.execute(
+            update(Account)
+            .where(Account.user_id.in_(list(invited_before)), Account.invited_at.is_(None))
+            .values(invited_at=_per_row(Account.user_id, invited_before))
+            .execution_options(synchronize_session=False)
+        )
+    skipped = len(wanted) - len(first) + len(earlier)
+    if skipped:
+        log.info("tenant %s: %d invitation(s) skipped, their address was invited already", tenant_id, skipped)
+    return [one for key, one in first.items() if key not in earlier]
+
+
+def _plan_days(session: Session, tenant_id: str, count: int, now: datetime, daily_cap: int) -> list[datetime]:
+    """The UTC day (its midnight) of each of ``count`` new invitations: today while its cap lasts, then the next days."""
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    planned = {
+        _utc(day): used
+        for day, used in session.execute(
+            select(Invitation.send_day, func.count())
+            .where(Invitation.tenant_id == tenant_id, Invitation.send_day >= today)
+            .group_by(Invitation.send_day)
+        )
+    }
+    days: list[datetime] = []
+    day = today
+    for _ in range(count):
+        while planned.get(day, 0) >= daily_cap:
+            day += DAY
+        planned[day] = planned.get(day, 0) + 1
+        days.append(day)
+    return days
+
+
+def _wait_reason(daily_cap: int, day: datetime) -> str:
+    return (f"Daily invitation limit reached ({daily_cap} per day for this tenant): "
+            f"sent on {day.date().isoformat()} (UTC).")
+
+
 def give_up(
     engine: Engine, invitation_ids: str | Iterable[str], reason: str, now: Callable[[], datetime] = utcnow
 ) -> list[str]:
@@ -282,6 +415,7 @@ def due_invitations(session: Session, now: datetime, limit: int = 1000) -> list[
                 and_(Invitation.status == "sending", _lease_expired(now)),
             ),
             not_recently_enqueued,
+            _day_has_come(now),
         )
         .order_by(Invitation.created_at, Invitation.id)
         .limit(limit)
@@ -307,6 +441,11 @@ def _lease_expired(now: datetime):
     return or_(Invitation.claimed_at.is_(None), Invitation.claimed_at < now - CLAIM_LEASE)
 
 
+def _day_has_come(now: datetime):
+    # The daily cap: a row planned for a later day is not sent before then.
+    return or_(Invitation.send_day.is_(None), Invitation.send_day <= now)
+
+
 def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_Claim], dict[str, Outcome]]:
     """Take the batch's claimable rows with one conditional UPDATE; only the worker whose UPDATE matched may send."""
     if not ids:
@@ -322,8 +461,10 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
                         Invitation.status == "pending",
                         and_(Invitation.status == "sending", _lease_expired(claimed_at)),
                     ),
+                    _day_has_come(claimed_at),
                 )
-                .values(status="sending", claimed_at=claimed_at, attempts=Invitation.attempts + 1)
+                .values(status="sending", claimed_at=claimed_at, attempts=Invitation.attempts + 1,
+                        wait_reason=None)
                 .returning(Invitation.id, Invitation.tenant_id, Invitation.user_id, Invitation.address,
                            Invitation.message_id)
                 .execution_options(synchronize_session=False)
@@ -332,15 +473,20 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
         outcomes: dict[str, Outcome] = {}
         others = [invitation_id for invitation_id in ids if invitation_id not in taken]
         if others:
-            statuses = dict(session.execute(
-                select(Invitation.id, Invitation.status).where(Invitation.id.in_(others))
-            ).all())
+            found = {
+                invitation_id: (status, send_day)
+                for invitation_id, status, send_day in session.execute(
+                    select(Invitation.id, Invitation.status, Invitation.send_day).where(Invitation.id.in_(others))
+                )
+            }
             for invitation_id in others:
-                status = statuses.get(invitation_id)
+                status, send_day = found.get(invitation_id, (None, None))
                 if status is None:
                     log.warning("invitation %s does not exist; nothing to send", invitation_id)
                 if status in (None, "sent", "failed"):
                     outcomes[invitation_id] = "already_done"
+                elif send_day is not None and _utc(send_day) > claimed_at:
+                    outcomes[invitation_id] = "waiting"
                 else:
                     log.info("invitation %s is being sent by another worker", invitation_id)
                     outcomes[invitation_id] = "claimed_elsewhere"

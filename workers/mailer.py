@@ -60,6 +60,8 @@ SMTP_TIMEOUT_SECONDS = 10.0
 IDLE_CHECK_SECONDS = 30.0
 DEFAULT_PORTS = {"smtp": 25, "smtp+starttls": 587, "smtps": 465}
 MAX_REASON = 500
+# Characters of a user's name in the greeting.
+MAX_NAME = 64
 
 
 def message_id(tenant_id: str, user_id: str) -> str:
@@ -437,7 +439,9 @@ class InvitationTemplate:
         address = _recipient(to_address)
         if not _MSG_ID.fullmatch(message_id):
             raise ValueError("not a usable Message-ID")
-        greeting = f"Hello {name}," if name else "Hello,"
+        # A name from the IdP can be as long as it likes; the greeting uses its first 64 characters.
+        short = name[:MAX_NAME].rstrip()
+        greeting = f"Hello {short}," if short else "Hello,"
         text = (
             f"{greeting}\n\n"
             f"{self.tenant} has given you access to Sally.\n\n"

@@ -5,11 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -20,7 +18,6 @@ from models.db import session_scope
 from models.tables import (
     Account,
     GroupMember,
-    Invitation,
     ScimUser,
     SyncEvent,
     Tenant,
@@ -29,7 +26,8 @@ from models.tables import (
 from models.tables import (
     GroupMapping as MappingRow,
 )
-from workers.mailer import message_id
+from models.settings import Settings
+from workers.invitations import Wanted, queue_invitations
 
 BATCH_EVENTS = 5000
 CHUNK = 500
@@ -91,10 +89,19 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
 class Reconciler:
     """Applies a tenant's events one by one (never by watermark), under the tenant's lock."""
 
-    def __init__(self, engine: Engine, *, billing_configured: bool, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        billing_configured: bool,
+        clock: Callable[[], datetime] = utcnow,
+        settings: Settings | None = None,
+    ) -> None:
         self.engine = engine
         self.billing_configured = billing_configured
         self.clock = clock
+        # The deployment's defaults of the per-tenant limits (daily invitations, the breaker).
+        self.settings = settings or Settings()
 
     def run(
         self, tenant_id: str, batch: int = BATCH_EVENTS, on_locked: Callable[[], None] | None = None
@@ -189,7 +196,7 @@ class Reconciler:
             # No group gives access yet (an IdP's first cycle, before the admin maps
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
-        invitations: list[dict[str, Any]] = []
+        invitations: list[Wanted] = []
         for user in users.values():
             deleted = user.deleted_at is not None
             ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
@@ -229,44 +236,15 @@ class Reconciler:
                         if address is None:
                             account.invite_error = NO_ADDRESS
                         else:
-                            invitations.append({"user_id": user.id, "address": address})
+                            invitations.append(Wanted(user.id, address))
             after = (account.role, account.wanted_tier, account.license, account.status,
                      account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
             if after != before or account.user_id not in accounts:
                 account.updated_at = now
                 session.add(account)
         session.flush()
-        return self._queue_invitations(session, tenant.id, invitations, now)
-
-    def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:
-        """Invitation rows in this commit (once per user for the tenant's life, by a unique index)."""
-        if not wanted:
-            return []
-        insert_ignore = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        created: list[str] = []
-        rows = [
-            {
-                "id": f"inv{row['user_id']}",
-                "tenant_id": tenant_id,
-                "user_id": row["user_id"],
-                "status": "pending",
-                "address": row["address"][:512],
-                "message_id": message_id(tenant_id, row["user_id"]),
-                "attempts": 0,
-                "created_at": now,
-                "enqueued_at": now,
-            }
-            for row in wanted
-        ]
-        for start in range(0, len(rows), CHUNK):
-            statement = (
-                insert_ignore(Invitation)
-                .values(rows[start:start + CHUNK])
-                .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
-                .returning(Invitation.id)
-            )
-            created.extend(inv_id for (inv_id,) in session.execute(statement))
-        return created
+        daily_cap = tenant.invite_daily_cap or self.settings.invite_daily_cap
+        return queue_invitations(session, tenant.id, invitations, now, daily_cap=daily_cap)
 
 
 def seats_need_sync(tenant: Tenant, billing_configured: bool) -> bool:

@@ -19,7 +19,7 @@ def test_log_records_mask_settings_secrets(caplog):
     )
     install_secret_masking(settings.secrets())
     caplog.set_level(logging.INFO)
-    third_party = logging.getLogger("uvicorn.error")
+    third_party = logging.getLogger("some.library")
 
     third_party.info("token %s from %s", settings.admin_token, settings.redis_url)
     try:
