@@ -149,7 +149,7 @@ class AdminApi:
         slots: dict[str, list[str]] = {slot: [] for slot in SLOTS}
         for group_id, slot in session.execute(
             select(GroupMapping.group_id, GroupMapping.slot)
-            .where(GroupMapping.tenant_id == tenant.id)
+            .where(GroupMapping.tenant_id == tenant.id, GroupMapping.deleted_at.is_(None))
             .order_by(GroupMapping.slot, GroupMapping.group_id)
         ):
             slots[slot].append(group_id)
@@ -184,7 +184,10 @@ class AdminApi:
         unknown = sorted(group_ids - known)
         if unknown:
             raise AdminError(400, "unknown_group", f"Unknown group id(s) for this tenant: {', '.join(unknown[:10])}.")
-        session.execute(delete(GroupMapping).where(GroupMapping.tenant_id == tenant.id))
+        # Tombstones of groups the IdP deleted stay: re-creating the group restores its slot.
+        session.execute(
+            delete(GroupMapping).where(GroupMapping.tenant_id == tenant.id, GroupMapping.deleted_at.is_(None))
+        )
         rows = [
             {"tenant_id": tenant.id, "group_id": gid, "slot": slot}
             for slot, ids in wanted["slots"].items()

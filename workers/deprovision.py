@@ -55,6 +55,45 @@ class HoldPolicy:
         return removals > self.min_users and removals * 100 > self.percent * active
 
 
+class Breaker:
+    """One reconcile's view of the breaker: which removals are new (to count), which accounts stay as they are."""
+
+    def __init__(self, accounts: dict[str, Account], entitlements: dict[str, Any], named: set[str]) -> None:
+        self.accounts = accounts
+        self.entitlements = entitlements
+        # Users an event of this batch names one by one: an IdP change about them ends a revert's keep.
+        self.named = named
+
+    def _kept(self, account: Account) -> bool:
+        return account.hold_decision == KEEP and account.user_id not in self.named
+
+    def removals(self) -> list[str]:
+        """Users who have access, would lose it now, and are neither held already nor decided by the admin."""
+        out = []
+        for user_id, ent in self.entitlements.items():
+            account = self.accounts.get(user_id)
+            if account is None or account.role is None or ent.role is not None:
+                continue
+            if account.status == HELD or account.hold_decision == CONFIRM or self._kept(account):
+                continue
+            out.append(user_id)
+        return sorted(out)
+
+    def keeps(self, account: Account, ent: Any, held: set[str], reason: str | None, now: datetime) -> bool:
+        """Whether this account stays as it is (its removal held, or kept by a revert); marks the newly held."""
+        if ent.role is not None or account.role is None or account.hold_decision == CONFIRM:
+            return False  # access again (any hold ends), nothing to remove, or the admin confirmed
+        if self._kept(account) or account.status == HELD:
+            return True
+        if account.user_id in held:
+            account.status = HELD
+            account.status_reason = (reason or "")[:1024]
+            account.held_since = now
+            account.updated_at = now
+            return True
+        return False
+
+
 def hold_reason(removals: int, active: int, policy: HoldPolicy) -> str:
     """The status_reason of a held user (and the alert's message)."""
     return (

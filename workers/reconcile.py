@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -27,6 +27,7 @@ from models.tables import (
     GroupMapping as MappingRow,
 )
 from models.settings import Settings
+from workers import deprovision
 from workers.invitations import Wanted, queue_invitations
 
 BATCH_EVENTS = 5000
@@ -70,7 +71,8 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
     slots: dict[str, list[str]] = {}
     for row_tenant, group_id, slot in session.execute(
         select(Tenant, MappingRow.group_id, MappingRow.slot)
-        .outerjoin(MappingRow, MappingRow.tenant_id == Tenant.id)
+        # Tombstones of groups the IdP deleted map nothing until the group comes back.
+        .outerjoin(MappingRow, and_(MappingRow.tenant_id == Tenant.id, MappingRow.deleted_at.is_(None)))
         .where(Tenant.id == tenant_id)
     ):
         tenant = row_tenant
@@ -143,7 +145,8 @@ class Reconciler:
                 tenant.billing_blocked = None
             everyone = any(user_ids is None for _, _, user_ids in events)
             user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
-            result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now)
+            named = {uid for _, _, ids in events if ids is not None for uid in ids}
+            result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now, named)
             triggers = sorted({kind for _, kind, _ in events})
             allocation = allocate(
                 session, tenant, now,
@@ -161,9 +164,18 @@ class Reconciler:
         return result
 
     def _evaluate(
-        self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None, now: datetime
+        self,
+        session: Session,
+        tenant: Tenant,
+        mapping: GroupMapping,
+        user_ids: list[str] | None,
+        now: datetime,
+        named: set[str] = frozenset(),  # type: ignore[assignment]
     ) -> list[str]:
-        """Recompute role and wanted tier of the given users (None = all); returns new invitation ids."""
+        """Recompute role and wanted tier of the given users (None = all); returns new invitation ids.
+
+        ``named``: the users this batch's events name one by one (not "the whole tenant").
+        """
         users: dict[str, ScimUser] = {}
         memberships: dict[str, set[str]] = {}
         accounts: dict[str, Account] = {}
@@ -197,16 +209,30 @@ class Reconciler:
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
         invitations: list[Wanted] = []
+        entitlements = {
+            user.id: entitlement(user.active and user.deleted_at is None, memberships.get(user.id, set()), mapping)
+            for user in users.values()
+        }
+        breaker = deprovision.Breaker(accounts, entitlements, named)
+        held, held_reason = deprovision.decide(
+            session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
+        )
         for user in users.values():
             deleted = user.deleted_at is not None
-            ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
+            ent = entitlements[user.id]
             account = accounts.get(user.id)
+            if account is not None and breaker.keeps(account, ent, held, held_reason, now):
+                continue
             if account is None:
                 if ent.role is None and deleted:
                     continue
                 account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
-            before = (account.role, account.wanted_tier, account.license, account.status,
-                      account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
+            before = (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
+                      account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
+            if account.role is not None and ent.role is None and account.hold_decision is None:
+                # The breaker counts the removals of the last hour.
+                account.access_removed_at = now
+            account.held_since = account.hold_decision = None
             account.role = ent.role
             if ent.role is None:
                 # Losing access frees the license at once.
@@ -237,8 +263,8 @@ class Reconciler:
                             account.invite_error = NO_ADDRESS
                         else:
                             invitations.append(Wanted(user.id, address))
-            after = (account.role, account.wanted_tier, account.license, account.status,
-                     account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
+            after = (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
+                     account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
             if after != before or account.user_id not in accounts:
                 account.updated_at = now
                 session.add(account)
