@@ -159,3 +159,65 @@ def test_holds_endpoints_need_the_admin_token_and_a_known_tenant(admin, live_ser
     for call in (admin.get("/tenants/nope/holds"), admin.post("/tenants/nope/holds/confirm"),
                  admin.post("/tenants/nope/holds/revert")):
         assert call.status_code == 404 and set(call.json()) == {"error", "detail"}
+
+
+def test_a_held_user_who_regains_access_is_active_and_confirmed_removals_do_not_trip_again(admin, tenant, engine):
+    """Given 12 users held after their group lost them all, When the IdP puts 2 back, Then those 2 are active
+    again (no longer held); When the admin confirms the other 10 and, later within the hour, one more user
+    is removed, Then that one removal applies at once: confirmed removals do not count towards a new hold."""
+    ids, group = setup_tenant(admin, tenant, engine, 14)
+    removed = tenant.client.patch(f"/Groups/{group}", json={
+        "schemas": [PATCH],
+        "Operations": [{"op": "remove", "path": f'members[value eq "{user_id}"]'} for user_id in ids[:12]]})
+    assert removed.status_code in (200, 204), removed.text
+    reconcile(engine, tenant.tenant_id)
+    assert sorted(statuses(admin, tenant.tenant_id).values()) == ["active"] * 2 + ["held"] * 12
+
+    back = tenant.client.patch(f"/Groups/{group}", json={
+        "schemas": [PATCH], "Operations": [{"op": "add", "path": "members", "value": [{"value": ids[0]}, {"value": ids[1]}]}]})
+    assert back.status_code in (200, 204), back.text
+    reconcile(engine, tenant.tenant_id)
+    seen = statuses(admin, tenant.tenant_id)
+    assert (seen["u000@acme.example"], seen["u001@acme.example"]) == ("active", "active")
+    assert len(admin.get(f"/tenants/{tenant.tenant_id}/holds").json()["held"]) == 10
+
+    assert admin.post(f"/tenants/{tenant.tenant_id}/holds/confirm").json() == {"confirmed": 10}
+    reconcile(engine, tenant.tenant_id)
+    one_more = tenant.client.patch(f"/Groups/{group}", json={
+        "schemas": [PATCH], "Operations": [{"op": "remove", "path": f'members[value eq "{ids[12]}"]'}]})
+    assert one_more.status_code in (200, 204), one_more.text
+    reconcile(engine, tenant.tenant_id)
+
+    seen = statuses(admin, tenant.tenant_id)
+    assert seen["u012@acme.example"] == "no_access"
+    assert sorted(seen.values()) == ["active"] * 3 + ["no_access"] * 11
+    assert admin.get(f"/tenants/{tenant.tenant_id}/holds").json() == {"held": [], "alerts": []}
+
+
+def test_after_a_revert_the_next_idp_change_about_a_user_counts_again(admin, tenant, engine):
+    """Given a reverted hold (users kept their access though the directory says otherwise),
+    When the admin saves the mapping again (a whole-tenant re-evaluation), Then they keep it;
+    When the IdP then deactivates one of them, Then that user loses access (a single removal applies)."""
+    ids, group = setup_tenant(admin, tenant, engine, 12)
+    removed = tenant.client.patch(f"/Groups/{group}", json={
+        "schemas": [PATCH],
+        "Operations": [{"op": "remove", "path": f'members[value eq "{user_id}"]'} for user_id in ids]})
+    assert removed.status_code in (200, 204), removed.text
+    reconcile(engine, tenant.tenant_id)
+    assert admin.post(f"/tenants/{tenant.tenant_id}/holds/revert").json() == {"reverted": 12}
+
+    config = admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json()
+    saved = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={
+        k: v for k, v in config.items() if k != "effective"})
+    assert saved.status_code == 200, saved.text
+    reconcile(engine, tenant.tenant_id)
+    assert set(statuses(admin, tenant.tenant_id).values()) == {"active"}
+
+    deactivated = tenant.client.patch(f"/Users/{ids[5]}", json={
+        "schemas": [PATCH], "Operations": [{"op": "replace", "path": "active", "value": False}]})
+    assert deactivated.status_code in (200, 204), deactivated.text
+    reconcile(engine, tenant.tenant_id)
+
+    seen = statuses(admin, tenant.tenant_id)
+    assert seen["u005@acme.example"] == "no_access"
+    assert sorted(seen.values()) == ["active"] * 11 + ["no_access"]
