@@ -45,15 +45,8 @@ from sqlmodel import Session
 from models.db import session_scope
 from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant, utcnow
-from workers.mailer import (
-    Mail,
-    PermanentMailError,
-    RecipientDeferredError,
-    TransientMailError,
-    UnusableAddressError,
-    invitation_template,
-    message_id,
-)
+from workers.mail.message import Mail, UnusableAddressError, invitation_template, message_id
+from workers.mail.transport import PermanentMailError, RecipientDeferredError, TransientMailError
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +277,7 @@ def queue_invitations(
             "send_day": day,
             "wait_reason": None if day <= now else _wait_reason(daily_cap, day),
         }
-        for one, day in zip(fresh, days)
+        for one, day in zip(fresh, days, strict=True)
     ]
     due_now: list[str] = []
     for start in range(0, len(rows), CHUNK):

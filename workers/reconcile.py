@@ -15,6 +15,7 @@ from billing.licenses import GroupMapping, entitlement
 from billing.locks import try_lock_tenant
 from billing.seats import allocate, billed
 from models.db import session_scope
+from models.settings import Settings
 from models.tables import (
     Account,
     GroupMember,
@@ -26,7 +27,6 @@ from models.tables import (
 from models.tables import (
     GroupMapping as MappingRow,
 )
-from models.settings import Settings
 from workers import deprovision
 from workers.invitations import Wanted, queue_invitations
 

@@ -49,7 +49,7 @@ def current() -> Runtime:
 
 def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
     from workers.broker import redis_client
-    from workers.mailer import make_mailer
+    from workers.mail.transport import make_mailer
 
     client = redis_client(redis_url)
     return Runtime(

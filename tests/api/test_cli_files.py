@@ -11,7 +11,8 @@ import pytest
 
 from api import cli
 from models.settings import Settings
-from workers.mailer import OutboxMailer, build_invitation, message_id
+from workers.mail.message import build_invitation, message_id
+from workers.mail.transport import OutboxMailer
 
 
 def _mode(path: Path) -> int:

@@ -15,7 +15,8 @@ from models.tables import Invitation
 from tests.workers.test_mailer import FakeSmtp
 from tests.workers.test_pipeline import make_group, make_user, users_by_name
 from workers.invitations import due_invitations, send_invitations
-from workers.mailer import SmtpMailer, build_invitation, message_id
+from workers.mail.message import build_invitation, message_id
+from workers.mail.transport import SmtpMailer
 from workers.reconcile import Reconciler
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"

@@ -46,7 +46,8 @@ from workers.invitations import (
     send_invitation,
     send_invitations,
 )
-from workers.mailer import OutboxMailer, SmtpMailer, TransientMailError, make_mailer, message_id
+from workers.mail.message import message_id
+from workers.mail.transport import OutboxMailer, SmtpMailer, TransientMailError, make_mailer
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker

@@ -21,15 +21,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from models.settings import Settings
-from workers.mailer import (
+from workers.mail.message import build_invitation, message_id
+from workers.mail.transport import (
     OutboxMailer,
     PermanentMailError,
     RecipientDeferredError,
     SmtpMailer,
     TransientMailError,
-    build_invitation,
     make_mailer,
-    message_id,
 )
 
 DROP = "drop"

@@ -48,7 +48,7 @@ from tests.workers.support import (
 )
 from workers import runtime
 from workers.broker import QUEUES
-from workers.mailer import SmtpMailer
+from workers.mail.transport import SmtpMailer
 from workers.reconcile import Reconciler
 
 GATEWAY_ATTEMPTS = 4  # StripeGateway's tenacity attempts per call (its default)
