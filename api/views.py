@@ -131,6 +131,9 @@ def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
             func.count().filter(not_(due)),
         ).where(Invitation.tenant_id == tenant.id, Invitation.status.in_(("pending", "sending")))
     ).one()
+    held = session.execute(
+        select(func.count()).where(Account.tenant_id == tenant.id, Account.status == HELD)
+    ).scalar_one()
     return {
         "events_total": total,
         "events_applied": applied,
@@ -138,5 +141,7 @@ def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
         "pending_invitations": pending_invitations,
         # Held back by the daily invitation cap until their day (not pending work).
         "waiting_invitations": waiting_invitations,
+        # Removals of access the mass-deprovision breaker holds for the admin (GET …/holds).
+        "held_users": held,
         "last_reconciled_at": _iso(tenant.last_reconciled_at),
     }

@@ -357,6 +357,7 @@ def test_sync_counts(tenant, admin, clean_db):
         "pending_purchases": 0,
         "pending_invitations": 0,
         "waiting_invitations": 0,
+        "held_users": 0,
         "last_reconciled_at": None,
     }
 

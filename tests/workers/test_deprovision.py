@@ -64,6 +64,7 @@ def test_deleting_the_mapped_group_holds_every_removal_until_the_admin_confirms(
     assert sorted(h["id"] for h in holds["held"]) == sorted(ids)
     assert [a["kind"] for a in holds["alerts"]] == ["mass_deprovision"]
     assert admin.get(f"/tenants/{tenant.tenant_id}/licenses").json()["team"]["assigned"] == 12
+    assert admin.get(f"/tenants/{tenant.tenant_id}/sync").json()["held_users"] == 12
 
     confirmed = admin.post(f"/tenants/{tenant.tenant_id}/holds/confirm")
     assert confirmed.status_code == 200 and confirmed.json() == {"confirmed": 12}
