@@ -298,6 +298,35 @@ def _insert(session: Session):
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
+def replan_waiting(session: Session, tenant_id: str, now: datetime, *, daily_cap: int) -> list[str]:
+    """After the tenant's cap changed: plan the waiting invitations again under it; returns those due now."""
+    now = _utc(now)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    later = (Invitation.tenant_id == tenant_id, Invitation.status == "pending", Invitation.send_day > now)
+    waiting = list(session.execute(
+        select(Invitation.id).where(*later).order_by(Invitation.send_day, Invitation.created_at, Invitation.id)
+    ).scalars())
+    if not waiting:
+        return []
+    # Their old days are given up first (under the tenant's lock), so the plan starts from today's own use.
+    session.execute(update(Invitation).where(*later).values(send_day=None).execution_options(synchronize_session=False))
+    days = _plan_days(session, tenant_id, len(waiting), now, daily_cap)
+    by_day: dict[datetime, list[str]] = {}
+    for invitation_id, day in zip(waiting, days, strict=True):
+        by_day.setdefault(day, []).append(invitation_id)
+    for day, ids in by_day.items():
+        for start in range(0, len(ids), CHUNK):
+            session.execute(
+                update(Invitation).where(Invitation.id.in_(ids[start:start + CHUNK]))
+                .values(send_day=day, wait_reason=None if day <= now else _wait_reason(daily_cap, day))
+                .execution_options(synchronize_session=False)
+            )
+    due_now = by_day.get(today, [])
+    if due_now:
+        log.info("tenant %s: %d waiting invitation(s) go out today under the new daily cap", tenant_id, len(due_now))
+    return due_now
+
+
 def _address_key(address: str) -> str:
     # Case-folded in Python: SQLite's lower() is ASCII-only.
     return address.strip().casefold()[:512]

@@ -28,7 +28,7 @@ from models.tables import (
     GroupMapping as MappingRow,
 )
 from workers import deprovision
-from workers.invitations import Wanted, queue_invitations
+from workers.invitations import Wanted, queue_invitations, replan_waiting
 
 BATCH_EVENTS = 5000
 CHUNK = 500
@@ -147,6 +147,11 @@ class Reconciler:
             user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
             named = {uid for _, _, ids in events if ids is not None for uid in ids}
             result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now, named)
+            if any(kind == "config_changed" for _, kind, _ in events):
+                # The daily invitation cap may have changed: the waiting ones are planned again.
+                result.invitation_ids += replan_waiting(
+                    session, tenant.id, now, daily_cap=tenant.invite_daily_cap or self.settings.invite_daily_cap
+                )
             triggers = sorted({kind for _, kind, _ in events})
             allocation = allocate(
                 session, tenant, now,

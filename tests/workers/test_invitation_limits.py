@@ -133,6 +133,24 @@ def test_past_the_daily_cap_invitations_wait_for_the_next_day_with_a_reason(admi
     assert sum(1 for row in users_by_name(admin, tenant.tenant_id).values() if row["invite_waiting"]) == 1
 
 
+def test_raising_the_daily_cap_sends_the_waiting_invitations_today(admin, tenant, engine):
+    """Given 5 invitations under a cap of 2 (3 waiting for later days), When the admin raises the cap to 4,
+    Then after the reconcile of that change 2 more are due today and one still waits (for tomorrow)."""
+    ids = [make_user(tenant.client, f"r{i}@acme.example") for i in range(5)]
+    group = make_group(tenant.client, "Users", ids)
+    save_mapping(admin, tenant.tenant_id, group, invite_daily_cap=2)
+    assert len(reconcile(engine, tenant.tenant_id)) == 2
+
+    save_mapping(admin, tenant.tenant_id, group, invite_daily_cap=4)
+    due = reconcile(engine, tenant.tenant_id)
+
+    assert len(due) == 2
+    waiting = [row["invite_waiting"] for row in users_by_name(admin, tenant.tenant_id).values() if row["invite_waiting"]]
+    assert len(waiting) == 1 and "(4 per day for this tenant)" in waiting[0]
+    sync = admin.get(f"/tenants/{tenant.tenant_id}/sync").json()
+    assert (sync["pending_invitations"], sync["waiting_invitations"]) == (4, 1)
+
+
 def test_the_default_daily_cap_comes_from_settings(admin, tenant, engine):
     """Given INVITE_DAILY_CAP=3 and a tenant that sets no cap of its own, When 4 users gain access,
     Then 3 invitations are due now and one waits."""
