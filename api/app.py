@@ -23,6 +23,10 @@ from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
 from models.db import make_engine
 from models.settings import Settings
+from workers.broker import make_broker, redis_client, resolve_redis_url
+from workers.names import QUEUES
+from workers.telemetry import Telemetry, queue_depths
+from workers.wakeup import Waker
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,6 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.telemetry import Telemetry, queue_depths
-        from workers.wakeup import Waker
-
         url = resolve_redis_url(settings)
         client = redis_client(url)
         broker = make_broker(settings, url)

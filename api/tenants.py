@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlmodel import Session
 
-from api.scim.directory import record_event
 from api.tokens import new_token, token_digest
+from models.directory.events import record_event
 from models.tables import Tenant, utcnow
 
 PROVIDERS = ("entra", "google", "okta", "onelogin", "pingone")

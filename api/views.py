@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, not_, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
+from models.directory import events
+from models.directory.users import invitation_address
 from models.settings import TIERS
 from models.tables import (
     Account,
@@ -16,17 +17,11 @@ from models.tables import (
     Purchase,
     ScimUser,
     SeatCount,
-    SyncEvent,
     Tenant,
+    as_utc,
     utcnow,
 )
 from workers.deprovision import HELD, KEEP
-from workers.reconcile import invitation_address
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite gives back naive datetimes (UTC digits).
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _iso(moment: Any) -> str | None:
@@ -44,7 +39,7 @@ def user_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
     )
     out = []
     for user, account, invite_status, send_day, wait_reason in rows:
-        waiting = invite_status == "pending" and send_day is not None and _utc(send_day) > now
+        waiting = invite_status == "pending" and send_day is not None and as_utc(send_day) > now
         status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")
         if account is not None and account.role is not None and (
             account.status == HELD or (account.hold_decision == KEEP and user.deleted_at is not None)
@@ -117,9 +112,7 @@ def purchases(session: Session, tenant_id: str) -> list[dict[str, Any]]:
 
 
 def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
-    total, applied = session.execute(
-        select(func.count(), func.count(SyncEvent.applied_at)).where(SyncEvent.tenant_id == tenant.id)
-    ).one()
+    total, applied = events.counts(session, tenant.id)
     pending_purchases = session.execute(
         select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
     ).scalar_one()

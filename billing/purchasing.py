@@ -5,26 +5,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Protocol
+from typing import Callable
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from billing.licenses import TIERS
+from billing.gateway import Gateway
+from billing.licenses import raised_to
 from billing.locks import lock_tenant
-from billing.seats import Allocation, allocate, billed, set_purchased_seats
-from billing.stripe_gateway import PermanentBillingError, SubscriptionState
+from billing.seats import Allocation, allocate, set_purchased_seats
+from billing.stripe_gateway import PermanentBillingError
 from models.db import session_scope
+from models.settings import TIERS
 from models.tables import Purchase, Tenant, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class Gateway(Protocol):
-    def read_subscription(self, subscription_id: str) -> SubscriptionState: ...
-    def build_update(self, state: SubscriptionState, targets: dict[str, int], metadata: dict[str, str]) -> dict: ...
-    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> str | None: ...
 
 
 @dataclass
@@ -70,7 +66,7 @@ class PurchaseRunner:
     def __init__(
         self,
         engine: Engine,
-        gateway: Gateway | None,
+        gateway: Gateway,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.engine = engine
@@ -94,7 +90,7 @@ class PurchaseRunner:
                 return Outcome("missing")
             if purchase.status != "pending":
                 return Outcome("already_settled")
-            if self.gateway is None or not billed(tenant, True):
+            if not self.gateway.bills(tenant):
                 if purchase.request_body is not None:
                     # Frozen by a worker that has Stripe: the update may have run and been
                     # charged. Recording it as not billed would hide that; it waits, visibly,
@@ -105,7 +101,7 @@ class PurchaseRunner:
                 return self._settle_not_billed(session, tenant, purchase)
             frozen = purchase.request_body is not None
             subscription_id = tenant.stripe_subscription_id
-        assert self.gateway is not None and subscription_id
+        assert subscription_id
 
         # 2. Read the subscription (outside the lock), then freeze body and key.
         if not frozen:
@@ -119,7 +115,7 @@ class PurchaseRunner:
                     return Outcome("already_settled")
                 if purchase.request_body is None:
                     before = dict(state.quantities)
-                    after = {tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS}
+                    after = raised_to(before, purchase.demand)
                     if after == before:
                         # The subscription already has the seats (finance raised it by
                         # hand, or they were simply not read yet): nothing to buy.
@@ -179,7 +175,7 @@ class PurchaseRunner:
         session.delete(purchase)
         session.flush()
         allocation = allocate(
-            session, tenant, now, billing_configured=self.gateway is not None, trigger="seats read from Stripe"
+            session, tenant, now, gateway=self.gateway, trigger="seats read from Stripe"
         )
         return Outcome("nothing_to_buy", next_purchase_id=allocation.purchase_id)
 
@@ -205,14 +201,12 @@ class PurchaseRunner:
                 return Outcome("already_settled")
             before = purchase.quantities_before or {}
             # Refused before the body was frozen: what it would have asked for (never below before).
-            after = purchase.quantities_after or {
-                tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS
-            }
+            after = purchase.quantities_after or raised_to(before, purchase.demand)
             return self._settle(session, tenant, purchase, "failed", before, after, None, reason)
 
     def _settle_not_billed(self, session: Session, tenant: Tenant, purchase: Purchase) -> Outcome:
         before = purchase.quantities_before or {}
-        after = {tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS}
+        after = raised_to(before, purchase.demand)
         log.warning(
             "tenant %s has no Stripe billing; purchase %s recorded as not_billed", tenant.id, purchase.id
         )
@@ -249,7 +243,7 @@ class PurchaseRunner:
         session.add(tenant)
         session.flush()
         allocation: Allocation = allocate(
-            session, tenant, now, billing_configured=self.gateway is not None, trigger="demand grew while a purchase was settling"
+            session, tenant, now, gateway=self.gateway, trigger="demand grew while a purchase was settling"
         )
         return Outcome(status, next_purchase_id=allocation.purchase_id)
 
@@ -263,7 +257,7 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
     """
     with session_scope(engine) as session:
         tenant = session.get(Tenant, tenant_id)
-        if tenant is None or not tenant.stripe_subscription_id or tenant.seats_synced_at is not None:
+        if tenant is None or not gateway.bills(tenant) or tenant.seats_synced_at is not None:
             return None
         subscription_id = tenant.stripe_subscription_id
     try:
@@ -286,4 +280,4 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
             tenant.billing_blocked = {"reason": f"the Stripe subscription could not be read: {failure}", "targets": None}
         session.add(tenant)
         session.flush()
-        return allocate(session, tenant, now, billing_configured=True, trigger="seats read from Stripe")
+        return allocate(session, tenant, now, gateway=gateway, trigger="seats read from Stripe")

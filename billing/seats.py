@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
+from billing.gateway import Gateway
+from billing.licenses import TierPlan, plan_tier, purchase_targets
+from models.db import chunks
+from models.settings import TIERS
 from models.tables import Account, Purchase, SeatCount, Tenant, new_id
-
-BATCH = 500
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
@@ -31,9 +31,6 @@ class Allocation:
     needs_seat_sync: bool = False
 
 
-def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
@@ -64,13 +61,8 @@ def pending_purchase(session: Session, tenant_id: str) -> Purchase | None:
     ).scalar_one_or_none()
 
 
-def billed(tenant: Tenant, billing_configured: bool) -> bool:
-    """Seats of this tenant are bought in Stripe (else purchases are recorded as not_billed)."""
-    return billing_configured and bool(tenant.stripe_subscription_id)
-
-
 def allocate(
-    session: Session, tenant: Tenant, now: datetime, *, billing_configured: bool, trigger: str
+    session: Session, tenant: Tenant, now: datetime, *, gateway: Gateway, trigger: str
 ) -> Allocation:
     """Give free seats to the longest-waiting users, mark the rest, plan one purchase if short.
 
@@ -115,7 +107,7 @@ def allocate(
         for tier in TIERS
     }
     in_flight = pending_purchase(session, tenant.id)
-    is_billed = billed(tenant, billing_configured)
+    is_billed = gateway.bills(tenant)
     blocked = tenant.billing_blocked or None
     targets = purchase_targets(purchased, plans)
     if targets is not None and blocked is not None:
@@ -134,7 +126,7 @@ def allocate(
         plan = plans[tier]
         queue = waiting[tier]
         grant, rest = queue[:plan.grant], queue[plan.grant:]
-        for chunk in _chunks(grant):
+        for chunk in chunks(grant):
             session.execute(
                 update(Account)
                 .where(Account.user_id.in_(chunk))
@@ -154,7 +146,7 @@ def allocate(
             (buying_reason, rest[:buying_count]),
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 session.execute(
                     update(Account)
                     .where(Account.user_id.in_(chunk))

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-TIERS = ("starter", "team", "enterprise")
+TIERS: tuple[str, ...] = ("starter", "team", "enterprise")
+"""License tiers, lowest first: a user in several license groups gets the first."""
 
 
 class SettingsError(ValueError):
@@ -179,10 +180,6 @@ class Settings:
                 # As written in the URL and as sent on the wire (percent-decoded).
                 values += [password, unquote(password)]
         return sorted({value for value in values if value}, key=len, reverse=True)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
     @property
     def outbox_dir(self) -> Path:

@@ -8,7 +8,7 @@ from dramatiq.middleware import CurrentMessage
 from models.redaction import install_secret_masking
 from models.settings import Settings
 from workers import runtime
-from workers.broker import setup_worker_broker
+from workers.broker import resolve_redis_url, setup_worker_broker
 from workers.sweep import SweepMiddleware
 
 
@@ -17,8 +17,6 @@ def setup(settings: Settings) -> dramatiq.Broker:
     broker = setup_worker_broker(settings)
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(SweepMiddleware(settings.sweep_interval))
-    from workers.broker import resolve_redis_url
-
     runtime.install(runtime.build(settings, broker, resolve_redis_url(settings)))
     return broker
 

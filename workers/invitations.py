@@ -33,18 +33,17 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from models.db import session_scope
+from models.db import chunks, insert_ignore, session_scope
+from models.directory import users as directory_users
 from models.settings import Settings
-from models.tables import Account, Invitation, ScimUser, Tenant, utcnow
+from models.tables import Account, Invitation, Tenant, as_utc, utcnow
 from workers.mail.message import Mail, UnusableAddressError, invitation_template, message_id
 from workers.mail.transport import PermanentMailError, RecipientDeferredError, TransientMailError
 
@@ -72,8 +71,6 @@ BATCH_SIZE = 100
 DEFERRED_IN_A_ROW = 3
 # Account.invite_error holds at most 1024 characters, Invitation.error 2048.
 MAX_ERROR = 1024
-# Rows per INSERT or IN (…) list when invitations are queued.
-CHUNK = 500
 DAY = timedelta(days=1)
 
 
@@ -118,8 +115,7 @@ def batches(invitation_ids: Sequence[str], *, size: int = BATCH_SIZE, spread: in
     if not ids:
         return
     size = max(1, min(size, -(-len(ids) // max(1, spread))))
-    for start in range(0, len(ids), size):
-        yield ids[start:start + size]
+    yield from chunks(ids, size)
 
 
 def send_invitation(
@@ -145,11 +141,11 @@ def send_invitations(
 ) -> BatchResult:
     """Claim, send and record a batch; a transient failure is returned (sent rows recorded, the rest released)."""
     ids = list(dict.fromkeys(invitation_ids))
-    claimed_at = _utc(now())
+    claimed_at = as_utc(now())
     claims, outcomes = _claim(engine, ids, claimed_at)
     batch = _Batch(engine, claimed_at, BatchResult(outcomes))
     for index, claim in enumerate(claims):
-        moment = _utc(now())
+        moment = as_utc(now())
         if moment - claimed_at > SEND_BUDGET:
             # A slow server: the rest would be sent after their lease ran out.
             batch.postponed = claims[index:]
@@ -157,7 +153,7 @@ def send_invitations(
         batch.record_if_due(moment)
         if not batch.attempt(mailer, settings, claim, claims[index + 1:], now):
             break
-    batch.finish(_utc(now()))
+    batch.finish(as_utc(now()))
     return _in_order(batch.result, ids)
 
 
@@ -205,7 +201,7 @@ class _Batch:
                      claim.invitation_id, type(error).__name__, len(rest) + 1)
             return False
         # A crash from here to the commit that records it is the one resend window.
-        self.sent.append((claim, _utc(now())))
+        self.sent.append((claim, as_utc(now())))
         self.deferred_in_a_row = 0
         return True
 
@@ -257,7 +253,7 @@ def queue_invitations(
     are planned for the next days, with the reason shown to the admin. Runs
     under the tenant's reconcile lock, so two reconciles never plan one day twice.
     """
-    now = _utc(now)
+    now = as_utc(now)
     fresh = _new_addresses(session, tenant_id, wanted)
     if not fresh:
         return []
@@ -280,27 +276,23 @@ def queue_invitations(
         for one, day in zip(fresh, days, strict=True)
     ]
     due_now: list[str] = []
-    for start in range(0, len(rows), CHUNK):
+    for chunk in chunks(rows):
         statement = (
-            _insert(session)(Invitation)
-            .values(rows[start:start + CHUNK])
+            insert_ignore(session)(Invitation)
+            .values(list(chunk))
             .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
             .returning(Invitation.id, Invitation.send_day)
         )
-        due_now.extend(inv_id for inv_id, day in session.execute(statement) if day is None or _utc(day) <= now)
+        due_now.extend(inv_id for inv_id, day in session.execute(statement) if day is None or as_utc(day) <= now)
     waiting = len(rows) - len(due_now)
     if waiting:
         log.info("tenant %s: %d invitation(s) wait for a later day (daily cap %d)", tenant_id, waiting, daily_cap)
     return due_now
 
 
-def _insert(session: Session):
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
 def replan_waiting(session: Session, tenant_id: str, now: datetime, *, daily_cap: int) -> list[str]:
     """After the tenant's cap changed: plan the waiting invitations again under it; returns those due now."""
-    now = _utc(now)
+    now = as_utc(now)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     later = (Invitation.tenant_id == tenant_id, Invitation.status == "pending", Invitation.send_day > now)
     waiting = list(session.execute(
@@ -315,9 +307,9 @@ def replan_waiting(session: Session, tenant_id: str, now: datetime, *, daily_cap
     for invitation_id, day in zip(waiting, days, strict=True):
         by_day.setdefault(day, []).append(invitation_id)
     for day, ids in by_day.items():
-        for start in range(0, len(ids), CHUNK):
+        for chunk in chunks(ids):
             session.execute(
-                update(Invitation).where(Invitation.id.in_(ids[start:start + CHUNK]))
+                update(Invitation).where(Invitation.id.in_(chunk))
                 .values(send_day=day, wait_reason=None if day <= now else _wait_reason(daily_cap, day))
                 .execution_options(synchronize_session=False)
             )
@@ -343,12 +335,12 @@ def _new_addresses(session: Session, tenant_id: str, wanted: Sequence[Wanted]) -
         first.setdefault(_address_key(one.address), one)
     keys = list(first)
     earlier: dict[str, datetime | None] = {}
-    for start in range(0, len(keys), CHUNK):
+    for chunk in chunks(keys):
         # A failed invitation never reached the person: a new one may try again.
         for key, sent_at in session.execute(
             select(Invitation.address_key, Invitation.sent_at).where(
                 Invitation.tenant_id == tenant_id,
-                Invitation.address_key.in_(keys[start:start + CHUNK]),
+                Invitation.address_key.in_(chunk),
                 Invitation.status != "failed",
             )
         ):
@@ -371,7 +363,7 @@ def _plan_days(session: Session, tenant_id: str, count: int, now: datetime, dail
     """The UTC day (its midnight) of each of ``count`` new invitations: today while its cap lasts, then the next days."""
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     planned = {
-        _utc(day): used
+        as_utc(day): used
         for day, used in session.execute(
             select(Invitation.send_day, func.count())
             .where(Invitation.tenant_id == tenant_id, Invitation.send_day >= today)
@@ -398,7 +390,7 @@ def give_up(
 ) -> list[str]:
     """Mark pending invitations failed after the job's last retry, so the admin sees why; returns those it marked."""
     ids = [invitation_ids] if isinstance(invitation_ids, str) else list(invitation_ids)
-    at = _utc(now())
+    at = as_utc(now())
     given_up: list[str] = []
     with session_scope(engine) as session:
         # Only "pending": a row still "sending" may have been accepted by the
@@ -427,7 +419,7 @@ def give_up(
 
 def due_invitations(session: Session, now: datetime, limit: int = 1000) -> list[str]:
     """Ids the sweep should (re-)enqueue: pending without a recent enqueue, or sending with an expired lease."""
-    now = _utc(now)
+    now = as_utc(now)
     not_recently_enqueued = or_(Invitation.enqueued_at.is_(None), Invitation.enqueued_at < now - ENQUEUE_GRACE)
     statement = (
         select(Invitation.id)
@@ -452,7 +444,7 @@ def mark_enqueued(session: Session, invitation_ids: Iterable[str], now: datetime
         session.execute(
             update(Invitation)
             .where(Invitation.id.in_(ids), Invitation.status.in_(("pending", "sending")))
-            .values(enqueued_at=_utc(now))
+            .values(enqueued_at=as_utc(now))
         )
 
 
@@ -507,7 +499,7 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
                     log.warning("invitation %s does not exist; nothing to send", invitation_id)
                 if status in (None, "sent", "failed"):
                     outcomes[invitation_id] = "already_done"
-                elif send_day is not None and _utc(send_day) > claimed_at:
+                elif send_day is not None and as_utc(send_day) > claimed_at:
                     outcomes[invitation_id] = "waiting"
                 else:
                     log.info("invitation %s is being sent by another worker", invitation_id)
@@ -519,10 +511,9 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
         ).all())
         names = {
             user_id: _display_name(display_name, data)
-            for user_id, display_name, data in session.execute(
-                select(ScimUser.id, ScimUser.display_name, ScimUser.data)
-                .where(ScimUser.id.in_([row.user_id for row in taken.values()]))
-            )
+            for user_id, (display_name, data) in directory_users.names(
+                session, [row.user_id for row in taken.values()]
+            ).items()
         }
     claims = [
         _Claim(
@@ -685,8 +676,3 @@ def _display_name(display_name: str | None, data: Any) -> str | None:
     return None
 
 
-def _utc(value: datetime) -> datetime:
-    # SQLite stores the wall-clock digits only: every timestamp must be UTC to compare.
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)

@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from billing.licenses import GroupMapping, entitlement
+from billing.gateway import Gateway
+from billing.licenses import Entitlement, GroupMapping, entitlement
 from billing.locks import try_lock_tenant
-from billing.seats import allocate, billed
-from models.db import session_scope
-from models.settings import Settings
-from models.tables import (
-    Account,
-    GroupMember,
-    ScimUser,
-    SyncEvent,
-    Tenant,
-    utcnow,
-)
-from models.tables import (
-    GroupMapping as MappingRow,
-)
+from billing.seats import allocate
+from models.db import chunks, session_scope
+from models.directory import events as directory_events
+from models.directory.members import group_ids_of_users
+from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
+from models.settings import TIERS, Settings
+from models.tables import Account, ScimUser, Tenant, utcnow
+from models.tables import GroupMapping as MappingRow
 from workers import deprovision
 from workers.invitations import Wanted, queue_invitations, replan_waiting
 
 BATCH_EVENTS = 5000
-CHUNK = 500
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-NO_ADDRESS = "No email address: the user has no emails and a userName that is not an address."
+CONFIG_CHANGED = "config_changed"
 
 
 @dataclass
@@ -44,23 +36,6 @@ class ReconcileResult:
     purchase_id: str | None = None
     needs_seat_sync: bool = False
     invitation_ids: list[str] = field(default_factory=list)
-
-
-def invitation_address(user: ScimUser) -> str | None:
-    """Primary email, else the first email, else userName when it is an address (CONTRACT.md)."""
-    emails = [e for e in user.data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
-    for email in emails:
-        if email.get("primary") is True and email["value"].strip():
-            return email["value"].strip()
-    for email in emails:
-        if email["value"].strip():
-            return email["value"].strip()
-    return user.user_name if EMAIL.match(user.user_name) else None
-
-
-def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupMapping]:
@@ -82,10 +57,46 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
         {
             "user_groups": slots.get("user", []),
             "admin_groups": slots.get("admin", []),
-            "license_groups": {tier: slots.get(tier, []) for tier in ("starter", "team", "enterprise")},
+            "license_groups": {tier: slots.get(tier, []) for tier in TIERS},
         }
     )
     return tenant, mapping
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The events one run applies, as (id, kind, user ids or None for the whole tenant)."""
+
+    events: list[tuple[int, str, list[str] | None]]
+
+    @property
+    def ids(self) -> list[int]:
+        return [event_id for event_id, _, _ in self.events]
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({kind for _, kind, _ in self.events})
+
+    @property
+    def user_ids(self) -> list[str] | None:
+        """The users to re-evaluate; None when an event is about the whole tenant."""
+        if any(ids is None for _, _, ids in self.events):
+            return None
+        return sorted({uid for _, _, ids in self.events for uid in ids or ()})
+
+    @property
+    def named(self) -> set[str]:
+        """The users some event names one by one (an IdP change about them, not a whole-tenant event)."""
+        return {uid for _, _, ids in self.events if ids is not None for uid in ids}
+
+
+@dataclass
+class _Directory:
+    """The users a batch is about, the groups each is a direct member of, and their accounts."""
+
+    users: dict[str, ScimUser]
+    memberships: dict[str, set[str]]
+    accounts: dict[str, Account]
 
 
 class Reconciler:
@@ -94,13 +105,12 @@ class Reconciler:
     def __init__(
         self,
         engine: Engine,
-        *,
-        billing_configured: bool,
+        gateway: Gateway,
         clock: Callable[[], datetime] = utcnow,
         settings: Settings | None = None,
     ) -> None:
         self.engine = engine
-        self.billing_configured = billing_configured
+        self.gateway = gateway
         self.clock = clock
         # The deployment's defaults of the per-tenant limits (daily invitations, the breaker).
         self.settings = settings or Settings()
@@ -124,49 +134,44 @@ class Reconciler:
             # auto_invite and seat_cap we also see. Read the other way round, a mapping
             # saved in between would be applied with the old settings and marked done.
             # (SQLite's BEGIN IMMEDIATE serialises writers: there the order is moot.)
-            events = list(
-                session.execute(
-                    select(SyncEvent.id, SyncEvent.kind, SyncEvent.user_ids)
-                    .where(SyncEvent.tenant_id == tenant_id, SyncEvent.applied_at.is_(None))
-                    .order_by(SyncEvent.id)
-                    .limit(batch + 1)
-                )
-            )
+            events = directory_events.unapplied(session, tenant_id, batch + 1)
             result.more = len(events) > batch
-            events = events[:batch]
-            if not events:
+            work = _Batch(list(events[:batch]))
+            if not work.events:
                 return result
             tenant, mapping = load_tenant(session, tenant_id)
             if tenant is None:
                 return result
-            now = self.clock()
-            if any(kind == "config_changed" for _, kind, _ in events):
-                # The admin saved the mapping: a refused purchase may be tried again.
-                tenant.billing_blocked = None
-            everyone = any(user_ids is None for _, _, user_ids in events)
-            user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
-            named = {uid for _, _, ids in events if ids is not None for uid in ids}
-            result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now, named)
-            if any(kind == "config_changed" for _, kind, _ in events):
-                # The daily invitation cap may have changed: the waiting ones are planned again.
-                result.invitation_ids += replan_waiting(
-                    session, tenant.id, now, daily_cap=tenant.invite_daily_cap or self.settings.invite_daily_cap
-                )
-            triggers = sorted({kind for _, kind, _ in events})
-            allocation = allocate(
-                session, tenant, now,
-                billing_configured=self.billing_configured,
-                trigger="SCIM sync: " + ", ".join(triggers),
-            )
-            result.purchase_id = allocation.purchase_id
-            result.needs_seat_sync = allocation.needs_seat_sync
-            ids = [event_id for event_id, _, _ in events]
-            for chunk in _chunks(ids):
-                session.execute(update(SyncEvent).where(SyncEvent.id.in_(chunk)).values(applied_at=now))
-            tenant.last_reconciled_at = now
-            session.add(tenant)
-            result.applied = len(ids)
+            self._apply(session, tenant, mapping, work, self.clock(), result)
         return result
+
+    def _apply(
+        self, session: Session, tenant: Tenant, mapping: GroupMapping, work: _Batch, now: datetime,
+        result: ReconcileResult,
+    ) -> None:
+        """One batch, in the caller's transaction: accounts, invitations, seats, then the events marked applied."""
+        config_changed = CONFIG_CHANGED in work.kinds
+        if config_changed:
+            # The admin saved the mapping: a refused purchase may be tried again.
+            tenant.billing_blocked = None
+        result.invitation_ids = self._evaluate(session, tenant, mapping, work.user_ids, now, work.named)
+        if config_changed:
+            # The daily invitation cap may have changed: the waiting ones are planned again.
+            result.invitation_ids += replan_waiting(session, tenant.id, now, daily_cap=self._daily_cap(tenant))
+        self._allocate(session, tenant, work, now, result)
+        directory_events.mark_applied(session, work.ids, now)
+        tenant.last_reconciled_at = now
+        session.add(tenant)
+        result.applied = len(work.ids)
+
+    def _allocate(self, session: Session, tenant: Tenant, work: _Batch, now: datetime, result: ReconcileResult) -> None:
+        """Seats for the accounts as they now are: grants, waiting users, and at most one purchase planned."""
+        allocation = allocate(session, tenant, now, gateway=self.gateway, trigger="SCIM sync: " + ", ".join(work.kinds))
+        result.purchase_id = allocation.purchase_id
+        result.needs_seat_sync = allocation.needs_seat_sync
+
+    def _daily_cap(self, tenant: Tenant) -> int:
+        return tenant.invite_daily_cap or self.settings.invite_daily_cap
 
     def _evaluate(
         self,
@@ -175,108 +180,113 @@ class Reconciler:
         mapping: GroupMapping,
         user_ids: list[str] | None,
         now: datetime,
-        named: set[str] = frozenset(),  # type: ignore[assignment]
+        named: set[str] | frozenset[str] = frozenset(),
     ) -> list[str]:
-        """Recompute role and wanted tier of the given users (None = all); returns new invitation ids.
+        """Recompute role and wanted tier of the given users (None = all); returns the invitation ids due now."""
+        directory = self._read(session, tenant, mapping, user_ids)
+        entitlements = {
+            user.id: entitlement(user.active and user.deleted_at is None, directory.memberships.get(user.id, set()),
+                                 mapping)
+            for user in directory.users.values()
+        }
+        breaker = deprovision.Breaker(directory.accounts, entitlements, set(named))
+        held, reason = deprovision.decide(
+            session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
+        )
+        wanted: list[Wanted] = []
+        for user in directory.users.values():
+            ent = entitlements[user.id]
+            account = directory.accounts.get(user.id)
+            if account is None:
+                if ent.role is None and user.deleted_at is not None:
+                    continue
+                account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
+            elif breaker.keeps(account, ent, held, reason, now):
+                continue
+            invite = self._update_account(session, tenant, account, user, ent, now, new=user.id not in directory.accounts)
+            if invite is not None:
+                wanted.append(invite)
+        session.flush()
+        return queue_invitations(session, tenant.id, wanted, now, daily_cap=self._daily_cap(tenant))
 
-        ``named``: the users this batch's events name one by one (not "the whole tenant").
-        """
-        users: dict[str, ScimUser] = {}
-        memberships: dict[str, set[str]] = {}
+    def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:
+        """The users to evaluate (None = all of the tenant), their direct groups and their accounts."""
+        users: dict[str, ScimUser] = users_by_id(session, tenant.id, user_ids)
+        memberships = group_ids_of_users(session, tenant.id, user_ids)
         accounts: dict[str, Account] = {}
         if user_ids is None:
-            users = {u.id: u for u in session.execute(select(ScimUser).where(ScimUser.tenant_id == tenant.id)).scalars()}
-            for member_id, group_id in session.execute(
-                select(GroupMember.member_id, GroupMember.group_id).where(
-                    GroupMember.tenant_id == tenant.id, GroupMember.member_type == "User"
-                )
-            ):
-                memberships.setdefault(member_id, set()).add(group_id)
             accounts = {a.user_id: a for a in session.execute(select(Account).where(Account.tenant_id == tenant.id)).scalars()}
         else:
-            for chunk in _chunks(user_ids):
-                # By primary key alone, the tenant checked here: without planner
-                # statistics PostgreSQL may otherwise scan the tenant's userName index.
-                users.update(
-                    (u.id, u) for u in session.execute(select(ScimUser).where(ScimUser.id.in_(chunk))).scalars()
-                    if u.tenant_id == tenant.id
-                )
-                for member_id, group_id in session.execute(
-                    select(GroupMember.member_id, GroupMember.group_id).where(GroupMember.member_id.in_(chunk))
-                ):
-                    memberships.setdefault(member_id, set()).add(group_id)
+            for chunk in chunks(user_ids):
                 accounts.update(
                     (a.user_id, a) for a in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars()
                 )
-
         if not (mapping.user_groups or mapping.admin_groups):
             # No group gives access yet (an IdP's first cycle, before the admin maps
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
-        invitations: list[Wanted] = []
-        entitlements = {
-            user.id: entitlement(user.active and user.deleted_at is None, memberships.get(user.id, set()), mapping)
-            for user in users.values()
-        }
-        breaker = deprovision.Breaker(accounts, entitlements, named)
-        held, held_reason = deprovision.decide(
-            session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
-        )
-        for user in users.values():
-            deleted = user.deleted_at is not None
-            ent = entitlements[user.id]
-            account = accounts.get(user.id)
-            if account is not None and breaker.keeps(account, ent, held, held_reason, now):
-                continue
-            if account is None:
-                if ent.role is None and deleted:
-                    continue
-                account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
-            before = (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
-                      account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
-            if account.role is not None and ent.role is None and account.hold_decision is None:
-                # The breaker counts the removals of the last hour.
-                account.access_removed_at = now
-            account.held_since = account.hold_decision = None
-            account.role = ent.role
-            if ent.role is None:
-                # Losing access frees the license at once.
-                account.wanted_tier = None
-                account.license = None
-                account.waiting_since = None
-                account.status = "deleted" if deleted else "no_access"
-                account.status_reason = None
-            else:
-                if ent.tier != account.wanted_tier:
-                    account.waiting_since = None
-                account.wanted_tier = ent.tier
-                if account.license is not None and account.license != ent.tier:
-                    # A tier change gives back the old seat; the new one is allocated below.
-                    account.license = None
-                if ent.tier is None or account.license == ent.tier:
-                    account.status = "active"
-                    account.status_reason = None
-                    account.waiting_since = None
-                else:
-                    account.waiting_since = account.waiting_since or now
-                    account.status = "pending_license"
-                if account.first_access_at is None:
-                    account.first_access_at = now
-                    if tenant.auto_invite:
-                        address = invitation_address(user)
-                        if address is None:
-                            account.invite_error = NO_ADDRESS
-                        else:
-                            invitations.append(Wanted(user.id, address))
-            after = (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
-                     account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
-            if after != before or account.user_id not in accounts:
-                account.updated_at = now
-                session.add(account)
-        session.flush()
-        daily_cap = tenant.invite_daily_cap or self.settings.invite_daily_cap
-        return queue_invitations(session, tenant.id, invitations, now, daily_cap=daily_cap)
+        return _Directory(users, memberships, accounts)
+
+    def _update_account(
+        self, session: Session, tenant: Tenant, account: Account, user: ScimUser, ent: Entitlement, now: datetime,
+        *, new: bool,
+    ) -> Wanted | None:
+        """Bring one account in line with its entitlement; returns the invitation it now calls for, if any."""
+        before = _state(account)
+        if ent.role is None:
+            _lose_access(account, deleted=user.deleted_at is not None, now=now)
+            invite = None
+        else:
+            invite = _grant_access(account, user, ent, tenant, now)
+        if _state(account) != before or new:
+            account.updated_at = now
+            session.add(account)
+        return invite
 
 
-def seats_need_sync(tenant: Tenant, billing_configured: bool) -> bool:
-    return billed(tenant, billing_configured) and tenant.seats_synced_at is None and not tenant.billing_blocked
+def _state(account: Account) -> tuple:
+    return (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
+            account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
+
+
+def _lose_access(account: Account, *, deleted: bool, now: datetime) -> None:
+    """No role: the license is freed at once (a removal the admin confirmed is not counted by the breaker)."""
+    if account.role is not None and account.hold_decision is None:
+        # The breaker adds up the removals of its window.
+        account.access_removed_at = now
+    account.held_since = account.hold_decision = None
+    account.role = None
+    account.wanted_tier = None
+    account.license = None
+    account.waiting_since = None
+    account.status = "deleted" if deleted else "no_access"
+    account.status_reason = None
+
+
+def _grant_access(account: Account, user: ScimUser, ent: Entitlement, tenant: Tenant, now: datetime) -> Wanted | None:
+    """A role, and the tier's seat if held (else waiting for one); the first access calls for an invitation."""
+    account.held_since = account.hold_decision = None
+    account.role = ent.role
+    if ent.tier != account.wanted_tier:
+        account.waiting_since = None
+    account.wanted_tier = ent.tier
+    if account.license is not None and account.license != ent.tier:
+        # A tier change gives back the old seat; the new one is allocated below.
+        account.license = None
+    if ent.tier is None or account.license == ent.tier:
+        account.status = "active"
+        account.status_reason = None
+        account.waiting_since = None
+    else:
+        account.waiting_since = account.waiting_since or now
+        account.status = "pending_license"
+    if account.first_access_at is not None:
+        return None
+    account.first_access_at = now
+    if not tenant.auto_invite:
+        return None
+    address = invitation_address(user)
+    if address is None:
+        account.invite_error = NO_ADDRESS
+        return None
+    return Wanted(user.id, address)

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
+from billing.gateway import LedgerGateway
 from models.settings import Settings
 from models.tables import Invitation
-from tests.workers.test_mailer import FakeSmtp
+from tests.fakes.smtp_server import FakeSmtp
 from tests.workers.test_pipeline import make_group, make_user, users_by_name
 from workers.invitations import due_invitations, send_invitations
 from workers.mail.message import build_invitation, message_id
@@ -24,8 +25,7 @@ USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 def reconcile(engine, tenant_id: str, settings: Settings | None = None, clock=None) -> list[str]:
     """Apply every event; the invitation ids to send now."""
-    reconciler = Reconciler(engine, billing_configured=False, settings=settings,
-                            **({"clock": clock} if clock else {}))
+    reconciler = Reconciler(engine, LedgerGateway(), settings=settings, **({"clock": clock} if clock else {}))
     ids: list[str] = []
     for _ in range(10):
         result = reconciler.run(tenant_id)

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import tenacity
 
+from models.retries import retry_policy
 from workers.mail.message import Mail, one_line
 
 if TYPE_CHECKING:
@@ -117,12 +118,12 @@ class SmtpMailer:
 
     def send(self, mail: Mail) -> None:
         """Deliver one message; raises PermanentMailError, or TransientMailError once the attempts are spent."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self._attempts),
-            wait=tenacity.wait_exponential(multiplier=self._wait_seconds, max=self._wait_seconds * 8),
+        retrying = retry_policy(
+            attempts=self._attempts,
+            wait_seconds=self._wait_seconds,
+            max_wait_seconds=self._wait_seconds * 8,
             retry=tenacity.retry_if_exception_type(TransientMailError),
             before_sleep=self._log_retry,
-            reraise=True,
         )
         retrying(self._send_once, mail)
 
