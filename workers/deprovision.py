@@ -20,8 +20,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
+from models.db import chunks
+from models.directory.events import record_event
 from models.settings import Settings
-from models.tables import Account, Alert, ScimUser, SyncEvent, Tenant
+from models.tables import Account, Alert, ScimUser, Tenant, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ ALERT_KIND = "mass_deprovision"
 # Account.hold_decision values: the admin confirmed the removal, or reverted it.
 CONFIRM = "confirm"
 KEEP = "keep"
-CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,13 @@ def holds(session: Session, tenant_id: str) -> dict[str, Any]:
 def confirm(session: Session, tenant_id: str, now: datetime) -> list[str]:
     """The admin confirms: the held removals are applied by the next reconcile (a sync event names them)."""
     user_ids = _held(session, tenant_id)
-    for start in range(0, len(user_ids), CHUNK):
+    for chunk in chunks(user_ids):
         session.execute(
-            update(Account).where(Account.user_id.in_(user_ids[start:start + CHUNK]), Account.status == HELD)
+            update(Account).where(Account.user_id.in_(chunk), Account.status == HELD)
             .values(hold_decision=CONFIRM, updated_at=now)
         )
     if user_ids:
-        session.add(SyncEvent(tenant_id=tenant_id, kind="holds_confirmed", user_ids=user_ids, created_at=now))
+        record_event(session, tenant_id, "holds_confirmed", user_ids)
     _resolve(session, tenant_id, "confirmed", now)
     return user_ids
 
@@ -186,8 +187,7 @@ def confirm(session: Session, tenant_id: str, now: datetime) -> list[str]:
 def revert(session: Session, tenant_id: str, now: datetime) -> list[str]:
     """The admin reverts: the held users keep their access (and license) until the IdP next changes them."""
     user_ids = _held(session, tenant_id)
-    for start in range(0, len(user_ids), CHUNK):
-        chunk = user_ids[start:start + CHUNK]
+    for chunk in chunks(user_ids):
         for account in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars():
             account.hold_decision = KEEP
             account.held_since = None
@@ -216,7 +216,4 @@ def _resolve(session: Session, tenant_id: str, resolution: str, now: datetime) -
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
-    if moment.tzinfo is None:
-        # SQLite gives back naive datetimes (UTC digits).
-        return moment.isoformat(timespec="seconds") + "Z"
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return as_utc(moment).isoformat(timespec="seconds").replace("+00:00", "Z")
