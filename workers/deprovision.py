@@ -59,11 +59,19 @@ class HoldPolicy:
 class Breaker:
     """One reconcile's view of the breaker: which removals are new (to count), which accounts stay as they are."""
 
-    def __init__(self, accounts: dict[str, Account], entitlements: dict[str, Any], named: set[str]) -> None:
+    def __init__(
+        self,
+        accounts: dict[str, Account],
+        entitlements: dict[str, Any],
+        named: set[str],
+        removed_by_admin: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         self.accounts = accounts
         self.entitlements = entitlements
         # Users an event of this batch names one by one: an IdP change about them ends a revert's keep.
         self.named = named
+        # Users the admin removed by hand (DELETE …/users/{id}): the admin's own decision, never held.
+        self.removed_by_admin = removed_by_admin
 
     def _kept(self, account: Account) -> bool:
         return account.hold_decision == KEEP and account.user_id not in self.named
@@ -77,6 +85,8 @@ class Breaker:
                 continue
             if account.status == HELD or account.hold_decision == CONFIRM or self._kept(account):
                 continue
+            if user_id in self.removed_by_admin:
+                continue
             out.append(user_id)
         return sorted(out)
 
@@ -84,6 +94,9 @@ class Breaker:
         """Whether this account stays as it is (its removal held, or kept by a revert); marks the newly held."""
         if ent.role is not None or account.role is None or account.hold_decision == CONFIRM:
             return False  # access again (any hold ends), nothing to remove, or the admin confirmed
+        if account.user_id in self.removed_by_admin:
+            account.hold_decision = CONFIRM  # removed by hand: applied, and not counted by the breaker
+            return False
         if self._kept(account) or account.status == HELD:
             return True
         if account.user_id in held:

@@ -26,6 +26,7 @@ from workers.invitations import Wanted, queue_invitations, replan_waiting
 
 BATCH_EVENTS = 5000
 CONFIG_CHANGED = "config_changed"
+USER_REMOVED = "user_removed"
 
 
 @dataclass
@@ -83,6 +84,11 @@ class _Batch:
         if any(ids is None for _, _, ids in self.events):
             return None
         return sorted({uid for _, _, ids in self.events for uid in ids or ()})
+
+    @property
+    def removed_by_admin(self) -> set[str]:
+        """The users the admin removed by hand (DELETE …/users/{id})."""
+        return {uid for _, kind, ids in self.events if kind == USER_REMOVED for uid in ids or ()}
 
     @property
     def named(self) -> set[str]:
@@ -154,7 +160,9 @@ class Reconciler:
         if config_changed:
             # The admin saved the mapping: a refused purchase may be tried again.
             tenant.billing_blocked = None
-        result.invitation_ids = self._evaluate(session, tenant, mapping, work.user_ids, now, work.named)
+        result.invitation_ids = self._evaluate(
+            session, tenant, mapping, work.user_ids, now, work.named, work.removed_by_admin
+        )
         if config_changed:
             # The daily invitation cap may have changed: the waiting ones are planned again.
             result.invitation_ids += replan_waiting(session, tenant.id, now, daily_cap=self._daily_cap(tenant))
@@ -181,6 +189,7 @@ class Reconciler:
         user_ids: list[str] | None,
         now: datetime,
         named: set[str] | frozenset[str] = frozenset(),
+        removed_by_admin: set[str] | frozenset[str] = frozenset(),
     ) -> list[str]:
         """Recompute role and wanted tier of the given users (None = all); returns the invitation ids due now."""
         directory = self._read(session, tenant, mapping, user_ids)
@@ -189,7 +198,7 @@ class Reconciler:
                                  mapping)
             for user in directory.users.values()
         }
-        breaker = deprovision.Breaker(directory.accounts, entitlements, set(named))
+        breaker = deprovision.Breaker(directory.accounts, entitlements, set(named), set(removed_by_admin))
         held, reason = deprovision.decide(
             session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
         )

@@ -222,3 +222,16 @@ def test_after_a_revert_the_next_idp_change_about_a_user_counts_again(admin, ten
     seen = statuses(admin, tenant.tenant_id)
     assert seen["u005@acme.example"] == "no_access"
     assert sorted(seen.values()) == ["active"] * 11 + ["no_access"]
+
+
+def test_users_the_admin_removes_by_hand_are_never_held(admin, tenant, engine):
+    """Given 12 users with access, When the admin removes all 12 by hand (DELETE …/users/{id}, after a
+    disconnect), Then their access goes at once: the admin's own removals are neither held nor counted."""
+    ids, _group = setup_tenant(admin, tenant, engine, 12)
+
+    for user_id in ids:
+        assert admin.delete(f"/tenants/{tenant.tenant_id}/users/{user_id}").status_code == 204
+    reconcile(engine, tenant.tenant_id)
+
+    assert set(statuses(admin, tenant.tenant_id).values()) == {"deleted"}
+    assert admin.get(f"/tenants/{tenant.tenant_id}/holds").json() == {"held": [], "alerts": []}
