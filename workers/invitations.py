@@ -276,14 +276,16 @@ def queue_invitations(
         for one, day in zip(fresh, days, strict=True)
     ]
     due_now: list[str] = []
+    sendable = {row["id"] for row in rows if row["send_day"] <= now}
     for chunk in chunks(rows):
+        # Core on the table, not the ORM entity: a burst queues thousands in one reconcile.
         statement = (
-            insert_ignore(session)(Invitation)
+            insert_ignore(session)(Invitation.__table__)
             .values(list(chunk))
             .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
-            .returning(Invitation.id, Invitation.send_day)
+            .returning(Invitation.__table__.c.id)
         )
-        due_now.extend(inv_id for inv_id, day in session.execute(statement) if day is None or as_utc(day) <= now)
+        due_now.extend(inv_id for (inv_id,) in session.connection().execute(statement) if inv_id in sendable)
     waiting = len(rows) - len(due_now)
     if waiting:
         log.info("tenant %s: %d invitation(s) wait for a later day (daily cap %d)", tenant_id, waiting, daily_cap)
