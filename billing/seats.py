@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -42,6 +42,32 @@ def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
     return seats
 
 
+def seats_of(session: Session, tenant_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Seats bought and seats held per tier, from the tenant's seat_count rows (one short query)."""
+    purchased, held = dict.fromkeys(TIERS, 0), dict.fromkeys(TIERS, 0)
+    for tier, bought, assigned in session.execute(
+        select(SeatCount.tier, SeatCount.purchased, SeatCount.assigned).where(SeatCount.tenant_id == tenant_id)
+    ):
+        purchased[tier], held[tier] = bought, assigned
+    return purchased, held
+
+
+def change_held(session: Session, tenant_id: str, deltas: dict[str, int], now: datetime) -> None:
+    """Add to the seats held per tier; every change of an account's license goes through here."""
+    table = SeatCount.__table__
+    for tier, delta in deltas.items():
+        if not delta:
+            continue
+        changed = session.execute(
+            update(table)
+            .where(table.c.tenant_id == tenant_id, table.c.tier == tier)
+            .values(assigned=table.c.assigned + delta, updated_at=now)
+        ).rowcount
+        if not changed:
+            # Callers hold the tenant's lock: nobody else inserts this row meanwhile.
+            session.execute(insert(table).values(tenant_id=tenant_id, tier=tier, purchased=0, assigned=delta, updated_at=now))
+
+
 def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, int], now: datetime) -> None:
     """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase)."""
     existing = {row.tier: row for row in session.execute(
@@ -70,14 +96,9 @@ def allocate(
     purchase and planning the next one happen in the same commit.
     """
     result = Allocation()
-    purchased = purchased_seats(session, tenant.id)
-    holders = dict.fromkeys(TIERS, 0)
-    for tier, count in session.execute(
-        select(Account.license, func.count())
-        .where(Account.tenant_id == tenant.id, Account.license.is_not(None))
-        .group_by(Account.license)
-    ):
-        holders[tier] = count
+    # Seats held are kept beside the seats bought (change_held), not counted from
+    # the accounts: the cost of one change does not grow with the tenant.
+    purchased, holders = seats_of(session, tenant.id)
     waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
     for user_id, tier in session.execute(
         select(Account.user_id, Account.wanted_tier)
@@ -133,6 +154,7 @@ def allocate(
                 .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
             )
         result.granted[tier] = len(grant)
+        change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
         # The users the cap keeps out are the last in line.
         buying_count = len(rest) - plan.over_cap

@@ -13,7 +13,7 @@ from sqlmodel import Session
 from billing.gateway import Gateway
 from billing.licenses import Entitlement, GroupMapping, entitlement
 from billing.locks import try_lock_tenant
-from billing.seats import allocate
+from billing.seats import allocate, change_held
 from models.db import chunks, session_scope
 from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
@@ -203,6 +203,8 @@ class Reconciler:
             session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
         )
         wanted: list[Wanted] = []
+        # Seats given back per tier (change_held keeps the count beside the seats bought).
+        freed: dict[str, int] = {}
         for user in directory.users.values():
             ent = entitlements[user.id]
             account = directory.accounts.get(user.id)
@@ -212,10 +214,15 @@ class Reconciler:
                 account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
             elif breaker.keeps(account, ent, held, reason, now):
                 continue
+            license_before = account.license
             invite = self._update_account(session, tenant, account, user, ent, now, new=user.id not in directory.accounts)
+            if license_before is not None and license_before != account.license:
+                # Only ever to None here (allocation grants seats): one fewer held.
+                freed[license_before] = freed.get(license_before, 0) - 1
             if invite is not None:
                 wanted.append(invite)
         session.flush()
+        change_held(session, tenant.id, freed, now)
         return queue_invitations(session, tenant.id, wanted, now, daily_cap=self._daily_cap(tenant))
 
     def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:
