@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
+from typing import Any, Callable
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -19,7 +19,7 @@ from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
 from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
 from models.settings import TIERS, Settings
-from models.tables import Account, ScimUser, Tenant, utcnow
+from models.tables import Account, AccountHistory, ScimUser, Tenant, utcnow
 from models.tables import GroupMapping as MappingRow
 from workers import deprovision
 from workers.invitations import Wanted, queue_invitations, replan_waiting
@@ -27,6 +27,15 @@ from workers.invitations import Wanted, queue_invitations, replan_waiting
 BATCH_EVENTS = 5000
 CONFIG_CHANGED = "config_changed"
 USER_REMOVED = "user_removed"
+
+
+def history_row(account: Account, now: datetime) -> dict[str, Any]:
+    """One AccountHistory row: the account's outcome as the pipeline just left it."""
+    return {
+        "tenant_id": account.tenant_id, "user_id": account.user_id, "created_at": now,
+        "role": account.role, "license": account.license, "status": account.status,
+        "status_reason": account.status_reason,
+    }
 
 
 @dataclass
@@ -203,6 +212,7 @@ class Reconciler:
             session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
         )
         wanted: list[Wanted] = []
+        history: list[dict[str, Any]] = []
         # Seats given back per tier (change_held keeps the count beside the seats bought).
         freed: dict[str, int] = {}
         for user in directory.users.values():
@@ -213,16 +223,24 @@ class Reconciler:
                     continue
                 account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
             elif breaker.keeps(account, ent, held, reason, now):
+                if account.status == deprovision.HELD and account.held_since == now:
+                    history.append(history_row(account, now))  # newly held by the breaker
                 continue
-            license_before = account.license
+            outcome_before = (account.role, account.license, account.status, account.status_reason)
             invite = self._update_account(session, tenant, account, user, ent, now, new=user.id not in directory.accounts)
-            if license_before is not None and license_before != account.license:
+            if outcome_before[1] is not None and outcome_before[1] != account.license:
                 # Only ever to None here (allocation grants seats): one fewer held.
-                freed[license_before] = freed.get(license_before, 0) - 1
+                freed[outcome_before[1]] = freed.get(outcome_before[1], 0) - 1
+            outcome = (account.role, account.license, account.status, account.status_reason)
+            # A user now waiting for a seat is written by allocate(), which decides grant or reason.
+            if account.status != "pending_license" and outcome != outcome_before:
+                history.append(history_row(account, now))
             if invite is not None:
                 wanted.append(invite)
         session.flush()
         change_held(session, tenant.id, freed, now)
+        if history:
+            session.execute(insert(AccountHistory), history)
         return queue_invitations(session, tenant.id, wanted, now, daily_cap=self._daily_cap(tenant))
 
     def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:

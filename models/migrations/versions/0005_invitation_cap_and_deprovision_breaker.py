@@ -1,14 +1,14 @@
 """invitation dedup and daily cap, mass-deprovision breaker, group mapping tombstones
 
 Revision ID: 0005
-Revises: p001
+Revises: 0003
 Create Date: 2026-12-02
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0005'
-down_revision = 'p001'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
