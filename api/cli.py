@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
+from models.redaction import install_secret_masking
 from models.settings import Settings, SettingsError
 
 log = logging.getLogger("sally_scim")
@@ -25,11 +27,13 @@ def _settings() -> Settings:
         raise SystemExit(f"sally-scim: {exc}") from None
 
 
-def _configure_logging() -> None:
+def _configure_logging(settings: Settings | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings is not None:
+        install_secret_masking(settings.secrets())
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
@@ -89,8 +93,9 @@ def app_factory():
     """The ASGI app for uvicorn (`--factory`), built from the environment."""
     from api.app import create_app
 
-    _configure_logging()
-    return create_app(_settings())
+    settings = _settings()
+    _configure_logging(settings)
+    return create_app(settings)
 
 
 def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
@@ -174,8 +179,7 @@ def _demo_credentials(settings: Settings) -> dict[str, str]:
         finally:
             engine.dispose()
     created = create_tenant_with_scim(settings, "Demo", "entra", None, None)
-    path.write_text(json.dumps(created))
-    path.chmod(0o600)
+    write_private(path, json.dumps(created))
     return created
 
 
@@ -186,16 +190,28 @@ def _admin_token(settings: Settings) -> str:
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    path.write_text(token)
-    path.chmod(0o600)
+    write_private(path, token)
     return token
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: created 0600 (never readable for a moment), then renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """The embedded default: SQLite, embedded Redis, web and one worker; Ctrl-C stops it all."""
     from workers.broker import release_embedded_redis, resolve_redis_url
 
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    settings.var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cmd_migrate(settings, args)
     admin_token = _admin_token(settings)
     demo = _demo_credentials(settings)
@@ -330,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
-    return args.func(_settings(), args)
+    settings = _settings()
+    install_secret_masking(settings.secrets())
+    return args.func(settings, args)
 
 
 if __name__ == "__main__":

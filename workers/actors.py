@@ -73,7 +73,8 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.telemetry.job(RECONCILE_TENANT, "quarantined")
         return
     try:
-        result = Reconciler(rt.engine, rt.gateway).run(tenant_id, on_locked=clear_pending)
+        reconciler = Reconciler(rt.engine, rt.gateway, settings=rt.settings)
+        result = reconciler.run(tenant_id, on_locked=clear_pending)
     except Exception as error:
         rt.telemetry.job(RECONCILE_TENANT, "error")
         if quarantine.counts_as_poison(error):

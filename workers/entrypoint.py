@@ -5,6 +5,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
+from models.redaction import install_secret_masking
 from models.settings import Settings
 from workers import runtime
 from workers.broker import resolve_redis_url, setup_worker_broker
@@ -22,4 +23,6 @@ def setup(settings: Settings) -> dramatiq.Broker:
     return broker
 
 
-broker = setup(Settings.from_env())
+_settings = Settings.from_env()
+install_secret_masking(_settings.secrets())
+broker = setup(_settings)

@@ -13,7 +13,7 @@ from billing.stripe_gateway import StripeGateway
 from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import redis_client
-from workers.mailer import make_mailer
+from workers.mail.transport import make_mailer
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
 
