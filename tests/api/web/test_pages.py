@@ -183,3 +183,19 @@ def test_the_preview_form_buys_nothing_and_save_applies(signed_in, clean_db):
     sync = client.get(saved.headers["location"]).text
     assert 'data-refresh="2000"' in sync and "Working" in sync  # not applied yet: no worker here
     assert ADMIN_TOKEN not in sync
+
+
+def test_saving_the_mapping_page_keeps_the_tenants_other_settings(signed_in, clean_db):
+    """The page edits the mapping only: limits set through the admin API (daily invitation cap,
+    mass-deprovision thresholds) survive a Save of the page unchanged."""
+    client, csrf = signed_in
+    tenant_id, _token = new_tenant(client, csrf)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    limits = {"invite_daily_cap": 7, "hold_min_users": 3, "hold_percent": 50}
+    put = client.put(f"/admin/api/tenants/{tenant_id}/scim/config", json=limits, headers=admin)
+    assert put.status_code == 200, put.text
+    saved = client.post(f"/tenants/{tenant_id}/mapping", data={"csrf": csrf, "auto_invite": "on", "action": "save"})
+    assert saved.status_code == 303, saved.text
+    config = client.get(f"/admin/api/tenants/{tenant_id}/scim/config", headers=admin).json()
+    assert {key: config[key] for key in limits} == limits
+    assert config["auto_invite"] is True
