@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,16 @@ from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings, normalise_database_url
 from tests.fakes.ports import free_port
+
+# CPython before 3.11.8 (and 3.12.2) keeps the AST constructor's recursion depth in
+# shared state (gh-106905): two threads building ASTs at once leave it off, and every
+# later ast.parse fails with "SystemError: AST constructor recursion depth mismatch"
+# (seen in scim2-tester's checks and pytest's own rewriting). Formatting a traceback
+# builds one AST per frame for its carets, and the live servers' and workers' threads
+# log tracebacks while the test thread parses: without the carets no thread but the
+# test's builds ASTs. Tracebacks keep their lines; only the ^^^ markers go.
+if sys.version_info[:3] < (3, 11, 8) or (3, 12) <= sys.version_info[:3] < (3, 12, 2):
+    traceback._extract_caret_anchors_from_line_segment = lambda _segment: None
 
 ADMIN_TOKEN = "test-admin-token"
 # One SSL context for every test client: httpx otherwise loads the CA bundle
