@@ -25,7 +25,8 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
-from models.db import make_engine
+from api.web.pages import WebPages
+from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import QUEUES
@@ -89,7 +90,7 @@ class Services:
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
+        return cls(engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
 
 
 class WakeBatcher:
@@ -185,6 +186,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
     scim = ScimApi(settings, services.engine, services.wake, wake_async=services.wake_async,
                    redis_url=services.redis_url)
     admin = AdminApi(settings, services.engine, services.wake)
+    pages = WebPages(settings, services.engine, services.wake)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -241,6 +243,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
         Route("/metrics", metrics_endpoint),
         *scim.routes(),
         *admin.routes(),
+        *pages.routes(),
     ]
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

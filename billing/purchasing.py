@@ -18,7 +18,7 @@ from billing.seats import Allocation, allocate, set_purchased_seats
 from billing.stripe_gateway import PermanentBillingError
 from models.db import session_scope
 from models.settings import TIERS
-from models.tables import Purchase, Tenant, utcnow
+from models.tables import Purchase, SeatCount, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class PurchaseRunner:
                     if after == before:
                         # The subscription already has the seats (finance raised it by
                         # hand, or they were simply not read yet): nothing to buy.
-                        return self._nothing_to_buy(session, tenant, purchase, before)
+                        return self._nothing_to_buy(session, tenant, purchase, before, state.prices)
+                    record_seat_prices(session, tenant.id, state.prices)
                     try:
                         body = self.gateway.build_update(state, after, metadata_for(purchase, before, after))
                     except PermanentBillingError as error:
@@ -165,10 +166,13 @@ class PurchaseRunner:
             outcome.stripe_called = True
             return outcome
 
-    def _nothing_to_buy(self, session: Session, tenant: Tenant, purchase: Purchase, seats: dict[str, int]) -> Outcome:
+    def _nothing_to_buy(
+        self, session: Session, tenant: Tenant, purchase: Purchase, seats: dict[str, int],
+        prices: dict[str, tuple[int | None, str | None]],
+    ) -> Outcome:
         """Record the seats read from Stripe and drop the plan: the ledger lists purchases only."""
         now = self.clock()
-        set_purchased_seats(session, tenant.id, seats, now)
+        set_purchased_seats(session, tenant.id, seats, now, prices)
         tenant.seats_synced_at = now
         tenant.billing_blocked = None
         session.add(tenant)
@@ -248,6 +252,18 @@ class PurchaseRunner:
         return Outcome(status, next_purchase_id=allocation.purchase_id)
 
 
+def record_seat_prices(session: Session, tenant_id: str, prices: dict[str, tuple[int | None, str | None]]) -> None:
+    """Keep each tier's price as read from the subscription (for the admin's preview), seats untouched."""
+    if not prices:
+        return
+    rows = {row.tier: row for row in session.execute(select(SeatCount).where(SeatCount.tenant_id == tenant_id)).scalars()}
+    for tier, (amount, currency) in prices.items():
+        row = rows.get(tier) or SeatCount(tenant_id=tenant_id, tier=tier, purchased=0, updated_at=utcnow())
+        row.unit_amount, row.currency = amount, currency
+        session.add(row)
+    session.flush()
+
+
 def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable[[], datetime] = utcnow) -> Allocation | None:
     """Read the seats bought from Stripe (when billing is linked), then allocate under the lock.
 
@@ -274,7 +290,7 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
             return Allocation()
         now = clock()
         if state is not None:
-            set_purchased_seats(session, tenant_id, state.quantities, now)
+            set_purchased_seats(session, tenant_id, state.quantities, now, state.prices)
             tenant.seats_synced_at = now
         else:
             tenant.billing_blocked = {"reason": f"the Stripe subscription could not be read: {failure}", "targets": None}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Mapping, Sequence
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import DateTime, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -13,7 +14,7 @@ from billing.gateway import Gateway
 from billing.licenses import TierPlan, plan_tier, purchase_targets
 from models.db import chunks
 from models.settings import TIERS
-from models.tables import Account, Purchase, SeatCount, Tenant, new_id
+from models.tables import Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
@@ -68,8 +69,18 @@ def change_held(session: Session, tenant_id: str, deltas: dict[str, int], now: d
             session.execute(insert(table).values(tenant_id=tenant_id, tier=tier, purchased=0, assigned=delta, updated_at=now))
 
 
-def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, int], now: datetime) -> None:
-    """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase)."""
+def set_purchased_seats(
+    session: Session,
+    tenant_id: str,
+    quantities: dict[str, int],
+    now: datetime,
+    prices: Mapping[str, tuple[int | None, str | None]] | None = None,
+) -> None:
+    """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase).
+
+    ``prices`` (tier → unit_amount, currency, as read from the subscription's
+    items) is stored beside them when given; a tier without an item keeps none.
+    """
     existing = {row.tier: row for row in session.execute(
         select(SeatCount).where(SeatCount.tenant_id == tenant_id)
     ).scalars()}
@@ -77,6 +88,8 @@ def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, 
         row = existing.get(tier) or SeatCount(tenant_id=tenant_id, tier=tier)
         row.purchased = int(quantities.get(tier, 0))
         row.updated_at = now
+        if prices is not None and tier in prices:
+            row.unit_amount, row.currency = prices[tier]
         session.add(row)
     session.flush()
 
@@ -151,6 +164,7 @@ def allocate(
                 .where(Account.user_id.in_(chunk))
                 .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
             )
+            _write_history(session, chunk, now)
         result.granted[tier] = len(grant)
         change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
@@ -167,13 +181,36 @@ def allocate(
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
             for chunk in chunks(ids):
+                # Only users whose status or reason changes get a history row (the pass repeats).
+                changed = list(session.execute(
+                    select(Account.user_id).where(
+                        Account.user_id.in_(chunk),
+                        or_(Account.status != "pending_license", Account.status_reason.is_(None),
+                            Account.status_reason != reason),
+                    )
+                ).scalars())
                 session.execute(
                     update(Account)
                     .where(Account.user_id.in_(chunk))
                     .values(status="pending_license", status_reason=reason, updated_at=now)
                 )
+                _write_history(session, changed, now)
     session.flush()
     return result
+
+
+def _write_history(session: Session, user_ids: Sequence[str], now: datetime) -> None:
+    """Copy these accounts' outcome into account_history, in the caller's transaction."""
+    if not user_ids:
+        return
+    session.execute(
+        insert(AccountHistory).from_select(
+            ["tenant_id", "user_id", "created_at", "role", "license", "status", "status_reason"],
+            select(Account.tenant_id, Account.user_id, literal(now, DateTime(timezone=True)), Account.role,
+                   Account.license, Account.status, Account.status_reason)
+            .where(Account.user_id.in_(user_ids)),
+        )
+    )
 
 
 def _plan_purchase(

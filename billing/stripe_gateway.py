@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import stripe
@@ -56,6 +56,9 @@ class SubscriptionState:
 
     quantities: dict[str, int]
     item_ids: dict[str, str]
+    # Per tier present: (price.unit_amount in minor units, price.currency), for the
+    # admin page's preview; unit_amount is None for tiered or metered prices.
+    prices: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 class StripeGateway:
@@ -102,6 +105,7 @@ class StripeGateway:
         subscription = self._call(lambda: self._client.v1.subscriptions.retrieve(subscription_id))
         quantities = dict.fromkeys(TIERS, 0)
         item_ids: dict[str, str] = {}
+        prices: dict[str, tuple[int | None, str | None]] = {}
         for item in subscription.to_dict()["items"]["data"]:
             price = item["price"]
             price_id = price["id"] if isinstance(price, dict) else price
@@ -111,7 +115,14 @@ class StripeGateway:
             # Stripe allows one item per price on a subscription, so a tier has at most one item.
             quantities[tier] = item.get("quantity") or 0
             item_ids[tier] = item["id"]
-        return SubscriptionState(quantities=quantities, item_ids=item_ids)
+            if isinstance(price, dict):
+                amount = price.get("unit_amount")
+                currency = price.get("currency")
+                prices[tier] = (
+                    amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
+                    currency if isinstance(currency, str) else None,
+                )
+        return SubscriptionState(quantities=quantities, item_ids=item_ids, prices=prices)
 
     def build_update(
         self, state: SubscriptionState, targets: Mapping[str, int], metadata: Mapping[str, str]
