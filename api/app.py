@@ -8,6 +8,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
@@ -21,19 +22,27 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
-from api.scim.errors import ScimError
+from api.scim.errors import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    DATABASE_UNAVAILABLE,
+    ScimError,
+    database_unavailable_error,
+)
 from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
 from api.web.pages import WebPages
-from models.db import engine_from_settings
+from models.db import database_unavailable, engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import QUEUES
-from workers.telemetry import Telemetry, queue_depths
+from workers.telemetry import Telemetry, queue_counts
 from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
 
 log = logging.getLogger(__name__)
+
+# /readyz answers within this, whatever hangs behind it (a stalled Redis, a dead database host).
+READY_PROBE_SECONDS = 2.0
 
 
 class Services:
@@ -59,33 +68,37 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
         url = resolve_redis_url(settings)
-        client = redis_client(url)
+        client = redis_client(url, settings)
         broker = make_broker(settings, url)
         waker = Waker(broker, client, settings.redis_namespace)
         telemetry = Telemetry(client, settings.redis_namespace)
 
         def stats() -> dict[str, Any]:
+            counts = queue_counts(client, broker.namespace, QUEUES)
             return {
                 "jobs": telemetry.jobs(),
                 "stripe": telemetry.stripe_calls(),
-                "queues": queue_depths(client, broker.namespace, QUEUES),
+                "queues": counts["waiting"],
+                "delayed": counts["delayed"],
+                "dead": counts["dead"],
             }
 
         def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
-                return False
+            return bool(client.ping())
 
-        flags = RedisPerLoop(url)
+        flags = RedisPerLoop(url, connect_timeout=settings.redis_connect_timeout,
+                             socket_timeout=settings.redis_socket_timeout)
 
         async def wake_async(tenant_id: str) -> bool:
             # The coalescing flag on the loop; the rare message itself (once per
             # reconcile, not per write) goes through the broker in the thread pool.
+            if not (flags.available() and waker.available()):
+                return False  # Redis failed moments ago: the sweep delivers this one
             try:
                 claimed = await flags.get().set(pending_key(settings.redis_namespace, tenant_id), "1",
                                                 nx=True, ex=PENDING_TTL_SECONDS)
             except REDIS_ERRORS as exc:
+                flags.failed()
                 log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
@@ -163,14 +176,23 @@ class HotRoutes:
         status = 500
         try:
             scope["path_params"] = params
+            request = Request(scope, receive, send)
             try:
-                response = await endpoint(Request(scope, receive, send))
-            except ScimError as exc:  # as the app's exception handler answers it
-                response = error_response(exc)
+                response = await endpoint(request)
+            except Exception as exc:  # noqa: BLE001 - answered by the app's own handler, as through the app
+                handler = self._handler_for(exc)
+                if handler is None:
+                    raise
+                response = await handler(request, exc)
             status = response.status_code
             await response(scope, receive, send)
         finally:
             self.metrics.observe(scope["method"], template, status, time.perf_counter() - started)
+
+    def _handler_for(self, exc: Exception) -> Callable[[Request, Exception], Awaitable[Response]] | None:
+        # The most specific handler registered on the app, as Starlette looks it up.
+        handlers = self.app.exception_handlers
+        return next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
 
     def __getattr__(self, name: str) -> Any:
         # `app.state`, `app.router`, … as on the Starlette app (tests and the CLI use them).
@@ -191,22 +213,32 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    def _database_ok() -> bool:
+    def _ping_database() -> bool:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+
+    async def _probe(check: Callable[[], Any]) -> str | None:
+        """None when the check answers, else a short reason: an exception's class name, never its
+        text (a driver's message can hold a host, a user or SQL)."""
         try:
-            with services.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return False
+            answered = await asyncio.wait_for(run_in_threadpool(check), READY_PROBE_SECONDS)
+        except asyncio.TimeoutError:
+            return f"no answer within {READY_PROBE_SECONDS:g} s"
+        except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+            return type(error).__name__
+        return None if answered else "no answer"
 
     async def readyz(_request: Request) -> Response:
-        database = await run_in_threadpool(_database_ok)
-        broker = await run_in_threadpool(services.ping_broker)
-        ready = database and broker
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "database": database, "broker": broker},
-            status_code=200 if ready else 503,
-        )
+        database, broker = await asyncio.gather(_probe(_ping_database), _probe(services.ping_broker))
+        ready = database is None and broker is None
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not ready", "database": database is None, "broker": broker is None,
+        }
+        down = {name: reason for name, reason in (("database", database), ("broker", broker)) if reason}
+        if down:
+            body["down"] = down
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render)
@@ -227,6 +259,22 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
             scim_exc.status = exc.status_code
             return error_response(scim_exc)
         return JSONResponse({"error": "http_error", "detail": exc.detail}, status_code=exc.status_code)
+
+    async def on_database_error(request: Request, exc: Exception) -> Response:
+        # The one place a database outage becomes a 503 (SCIM and admin alike). The
+        # transaction rolled back, so the same request may be sent again; only when the
+        # connection died during COMMIT may it have landed, and a resent create then
+        # answers 409 (the IdP looks the user up, as Entra does).
+        if not database_unavailable(exc):
+            return await on_crash(request, exc)
+        log.warning("database unavailable on %s %s (%s); answered 503", request.method, request.url.path,
+                    type(exc).__name__)
+        if request.url.path.startswith("/scim/"):
+            return error_response(database_unavailable_error())
+        return JSONResponse(
+            {"error": "unavailable", "detail": DATABASE_UNAVAILABLE},
+            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         # Never a traceback or a secret in the body; the log has the details.
@@ -257,6 +305,8 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
             ScimError: on_scim_error,
             TenantError: on_admin_error,
             HTTPException: on_http_error,
+            sa_exc.DBAPIError: on_database_error,
+            sa_exc.TimeoutError: on_database_error,
             Exception: on_crash,
         },
     )

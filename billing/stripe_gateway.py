@@ -71,6 +71,7 @@ class StripeGateway:
         api_base: str | None = None,
         attempts: int = 4,
         wait_seconds: float = 0.5,
+        timeout: float = 20.0,
     ) -> None:
         unknown = set(prices) - set(TIERS)
         if unknown:
@@ -90,6 +91,9 @@ class StripeGateway:
             # tenacity is the one retry layer: the library's own retries would
             # multiply ours and hide the attempts from our logs.
             max_network_retries=0,
+            # Connect and read timeouts of our own (the library waits 80 s): an unanswering
+            # Stripe costs a worker thread this long per attempt, then a transient error.
+            http_client=stripe.RequestsClient(timeout=timeout),
         )
 
     def __repr__(self) -> str:

@@ -28,7 +28,7 @@ ADMIN_TOKEN = "test-admin-token"
 # for each client (~20 ms of CPU, twice per live-server test).
 SSL_CONTEXT = ssl.create_default_context()
 TABLES = (
-    "audit_log", "account_history", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
+    "alert", "audit_log", "account_history", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
     "sync_event", "scim_group", "scim_user", "tenant",
 )
 
@@ -153,7 +153,7 @@ def clean_db(engine: Engine) -> Engine:
 def redis_client(base_settings: Settings):
     from workers.broker import redis_client
 
-    client = redis_client(base_settings.redis_url)
+    client = redis_client(base_settings.redis_url, base_settings)
     yield client
     for key in client.scan_iter(f"{base_settings.redis_namespace}*"):
         client.delete(key)

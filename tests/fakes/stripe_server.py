@@ -11,7 +11,8 @@ against it (``StripeClient(..., base_addresses={"api": fake.url})``):
   endpoint) answer 400 ``idempotency_error``;
 - errors shaped ``{"error": {"type", "code", "message", ...}}``.
 
-Fault injection (``fail_next``, ``lose_next_response``, ``decline_payments``)
+Fault injection (``fail_next``, ``lose_next_response``, ``decline_payments``,
+``blackhole``)
 and inspection (``calls``, ``invoices``, ``updates``, ``subscription()``) are
 for assertions. Queued faults form one queue: each is taken, in order, by the
 first request whose path it matches (any path when none was given). Use it as a context manager, or in a fixture::
@@ -148,6 +149,10 @@ class FakeStripe:
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Set while black-holed; requests wait on _released, then go unanswered.
+        self._black_holed = False
+        self._released = threading.Event()
+        self.unanswered = 0
 
     # -- life cycle -------------------------------------------------------
 
@@ -168,6 +173,7 @@ class FakeStripe:
 
     def stop(self) -> None:
         """Stop listening and release the port."""
+        self.answer_again()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -290,6 +296,29 @@ class FakeStripe:
         with self._lock:
             for _ in range(n):
                 self._faults.append(_Fault("lose", path))
+
+    def blackhole(self) -> None:
+        """From now on, take each connection and never answer it (a network partition, a hung
+        load balancer): the client sees its own timeout. Nothing is processed meanwhile."""
+        with self._lock:
+            self._black_holed = True
+            self._released.clear()
+
+    def answer_again(self) -> None:
+        """End the black hole: held requests are dropped unanswered, new ones are served."""
+        with self._lock:
+            self._black_holed = False
+            self._released.set()
+
+    def _hold_if_black_holed(self) -> bool:
+        """Called by a handler thread: True when the request was swallowed."""
+        with self._lock:
+            if not self._black_holed:
+                return False
+            self.unanswered += 1
+        # Bounded, so that a forgotten black hole cannot keep a thread forever.
+        self._released.wait(timeout=300)
+        return True
 
     def decline_payments(self, customer: str, decline_code: str = "insufficient_funds") -> None:
         """Make every charge to this customer's card fail from now on."""
@@ -562,6 +591,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8") if length else ""
+        if self.fake._hold_if_black_holed():
+            self.close_connection = True
+            return
         response = self.fake.handle(
             method,
             self.path,
