@@ -125,6 +125,12 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
             log_level=os.environ.get("LOG_LEVEL", "info").lower(),
             proxy_headers=True,
             server_header=False,
+            # uvicorn[standard]'s C parser and loop, named so a missing wheel fails loudly
+            # instead of silently serving on the pure-Python fallbacks; no access log
+            # (one log record per SCIM write; the metrics count requests by route).
+            http="httptools",
+            loop="uvloop",
+            access_log=False,
         )
     finally:
         release_embedded_redis()

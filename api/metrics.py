@@ -22,6 +22,11 @@ class WebMetrics:
             registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
 
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request by its route template."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -90,6 +95,4 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, label, str(status["code"])).inc()
-            self.metrics.latency.labels(method, label).observe(time.perf_counter() - started)
+            self.metrics.observe(scope.get("method", ""), label, status["code"], time.perf_counter() - started)

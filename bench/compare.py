@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import httpx
 
@@ -138,6 +138,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     wrapped: int = 0
+    cpu_ms_per_request: float | None = None  # the server's, web processes only (not PostgreSQL's or the worker's)
 
     @property
     def rate(self) -> float:
@@ -145,7 +146,8 @@ class WrkResult:
 
     def row(self) -> str:
         return (f"{self.rate:9.1f}/s  p50 {self.p50_ms:6.1f} ms  p99 {self.p99_ms:7.1f} ms  "
-                f"({self.requests} requests, {self.status_errors} non-2xx, {self.socket_errors} socket errors)")
+                f"({self.requests} requests, {self.status_errors} non-2xx, {self.socket_errors} socket errors)"
+                + (f"  server CPU {self.cpu_ms_per_request:.2f} ms/req" if self.cpu_ms_per_request is not None else ""))
 
 
 def free_port() -> int:
@@ -212,7 +214,30 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def run_wrk(script: Path, url: str, args: Sequence[str], *, duration: float, connections: int, threads: int) -> WrkResult:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live children (uvicorn's workers), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            with open(f"/proc/{current}/stat") as stat:
+                # Fields after the parenthesised name: utime and stime are the 12th and 13th.
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                pids.extend(int(c) for c in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run_wrk(script: Path, url: str, args: Sequence[str], *, duration: float, connections: int, threads: int,
+            server_pid: int | None = None) -> WrkResult:
+    # The server's CPU per request barely moves with the machine's load, unlike its rate:
+    # the steadier A/B of a code change on a shared host.
+    cpu_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "30s", "-s", str(script), url,
          "--", *args],
@@ -225,6 +250,8 @@ def run_wrk(script: Path, url: str, args: Sequence[str], *, duration: float, con
                 requests=data["requests"], seconds=data["duration_us"] / 1e6,
                 status_errors=data["status_errors"], socket_errors=data["socket_errors"],
                 p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000, wrapped=data.get("wrapped", 0),
+                cpu_ms_per_request=((cpu_seconds(server_pid) - cpu_before) * 1000 / data["requests"]
+                                    if server_pid is not None and data["requests"] else None),
             )
     raise BenchError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
 
@@ -239,6 +266,7 @@ class Target:
     name: str
     base: str  # e.g. http://127.0.0.1:8301/scim/v2/<tenant>
     token: str | None
+    pid: Callable[[], int | None] = lambda: None  # the serving process, for its CPU time
 
     def headers(self) -> dict[str, str]:
         out = {"Content-Type": "application/scim+json"}
@@ -300,7 +328,8 @@ class Sally:
     def new_tenant(self, name: str) -> Target:
         tenant_id = self.admin("POST", "/tenants", {"name": name})["tenant_id"]
         token = self.admin("POST", f"/tenants/{tenant_id}/scim", {"provider": "entra"})["token"]
-        return Target("sally-scim", f"{self.root}/scim/v2/{tenant_id}", token)
+        return Target("sally-scim", f"{self.root}/scim/v2/{tenant_id}", token,
+                      lambda: self.web.pid if self.web is not None else None)
 
     def user_ids(self, target: Target) -> list[str]:
         tenant_id = target.base.rsplit("/", 1)[-1]
@@ -328,7 +357,7 @@ class Reference:
             dict(os.environ), cwd=HERE,
         )
         wait_http(self.root + "/v2/ServiceProviderConfig")
-        return Target("scim2-server", f"{self.root}/v2", None)
+        return Target("scim2-server", f"{self.root}/v2", None, lambda: self.proc.pid if self.proc is not None else None)
 
     def user_ids(self, target: Target, wanted: int) -> list[str]:
         ids: list[str] = []
@@ -448,7 +477,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r: dict[str, Any] = {}
                 for label, target in (("ref", ref_target), ("sally1", tenant)):
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
-                                  [f"r{round_no}{label}{run_id}", target.path("/Users"), target.token or ""], **wrk)
+                                  [f"r{round_no}{label}{run_id}", target.path("/Users"), target.token or ""],
+                                  server_pid=target.pid(), **wrk)
                     r[f"creates_{label}"] = res
                     print(f"round {round_no + 1} creates  {label:7s} {res.row()}", flush=True)
                 report["rounds"].append(r)
@@ -461,7 +491,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 groups = create_groups(target, args.patch_groups, f"{label}{run_id}")
                 count = membership_requests(target, groups, users, size, 100_000, workdir / f"patch-{label}.tsv")
                 res = run_wrk(workdir / "replay.lua", target.base + "/Groups",
-                              [str(workdir / f"patch-{label}.tsv"), str(args.threads), target.token or ""], **wrk)
+                              [str(workdir / f"patch-{label}.tsv"), str(args.threads), target.token or ""],
+                                  server_pid=target.pid(), **wrk)
                 report[f"patch1000_{label}"] = res
                 print(f"1,000-member PATCHes {label:7s} {res.row()}  = {res.rate * size:,.0f} memberships/s"
                       f"{'  (WRAPPED: re-sent PATCHes)' if res.wrapped else ''}  [{count} prepared]", flush=True)
@@ -497,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r = report["rounds"][round_no]
                 for label, target in (("ref", ref_target), ("sally2", tenant)):
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
-                                  [f"s{round_no}{label}{run_id}", target.path("/Users"), target.token or ""], **wrk)
+                                  [f"s{round_no}{label}{run_id}", target.path("/Users"), target.token or ""], server_pid=target.pid(), **wrk)
                     r[f"creates_{label}_b"] = res
                     print(f"round {round_no + 1} creates  {label:7s} {res.row()}", flush=True)
             procs.stop_all()
@@ -574,6 +605,23 @@ def print_summary(rows: list[tuple[str, float, float, str]]) -> None:
         print(f"{goal:66s} {value:8.2f}x {target:6.1f}x  {'ok ' if ok else 'NO '} {detail}")
 
 
+def print_cpu(report: dict[str, Any]) -> None:
+    """Server CPU per request (web processes only), median over the rounds: not a goal, the load-robust A/B."""
+    pairs = [("creates, 1 web process", "creates_ref", "creates_sally1"),
+             ("creates, 2 web processes", "creates_ref_b", "creates_sally2_b")]
+    print()
+    for name, ref_key, key in pairs:
+        ref = [r[ref_key].cpu_ms_per_request for r in report["rounds"] if r.get(ref_key)]
+        ours = [r[key].cpu_ms_per_request for r in report["rounds"] if r.get(key)]
+        if ref and ours and None not in ref + ours:
+            print(f"server CPU per request, {name}: scim2-server {median(ref):.2f} ms, sally-scim {median(ours):.2f} ms"
+                  f" (scim2-server / sally-scim {median(ref) / median(ours):.2f}x)")
+    ref, ours = report.get("patch1000_ref"), report.get("patch1000_sally1")
+    if ref and ours and ref.cpu_ms_per_request and ours.cpu_ms_per_request:
+        print(f"server CPU per 1,000-member PATCH: scim2-server {ref.cpu_ms_per_request:.2f} ms, "
+              f"sally-scim {ours.cpu_ms_per_request:.2f} ms (web process only; PostgreSQL and the worker not counted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL",
@@ -609,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     rows = summarise(report)
     print_summary(rows)
+    print_cpu(report)
     if args.json_out:
         def plain(value: Any) -> Any:
             return value.__dict__ | {"rate": value.rate} if isinstance(value, WrkResult) else str(value)

@@ -245,8 +245,6 @@ class Reconciler:
 
     def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:
         """The users to evaluate (None = all of the tenant), their direct groups and their accounts."""
-        users: dict[str, ScimUser] = users_by_id(session, tenant.id, user_ids)
-        memberships = group_ids_of_users(session, tenant.id, user_ids)
         accounts: dict[str, Account] = {}
         if user_ids is None:
             accounts = {a.user_id: a for a in session.execute(select(Account).where(Account.tenant_id == tenant.id)).scalars()}
@@ -257,8 +255,11 @@ class Reconciler:
                 )
         if not (mapping.user_groups or mapping.admin_groups):
             # No group gives access yet (an IdP's first cycle, before the admin maps
-            # anything): only users who had an account can change.
-            users = {uid: user for uid, user in users.items() if uid in accounts}
+            # anything): only users who had an account can change, so only they are
+            # read; a 1,000-member PATCH then costs the worker no user documents.
+            user_ids = sorted(accounts)
+        users: dict[str, ScimUser] = users_by_id(session, tenant.id, user_ids)
+        memberships = group_ids_of_users(session, tenant.id, user_ids)
         return _Directory(users, memberships, accounts)
 
     def _update_account(

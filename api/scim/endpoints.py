@@ -89,6 +89,7 @@ class ScimApi:
         self.wake = wake
         self.wake_async = wake_async
         self.auth = Authenticator()
+        self._hot: dict[str, tuple[str, Callable[[Request], Any]]] = {}
         self.fast = AsyncDatabase(
             engine.url.render_as_string(hide_password=False),
             statement_timeout=settings.database_statement_timeout,
@@ -124,8 +125,13 @@ class ScimApi:
 
     def routes(self) -> list[Route]:
         prefix = "/scim/v2/{tenant_id}"
+        users_endpoint = self.endpoint(self.list_users, self.create_user)
+        group_endpoint = self.endpoint(self.get_group, put=self.replace_group, patch=self.patch_group,
+                                       delete=self.delete_group)
+        # What hot_route serves without the router: the same endpoints, so the same behaviour.
+        self._hot = {"POST": (prefix + "/Users", users_endpoint), "PATCH": (prefix + "/Groups/{id}", group_endpoint)}
         return [
-            Route(prefix + "/Users", self.endpoint(self.list_users, self.create_user), methods=["GET", "POST"]),
+            Route(prefix + "/Users", users_endpoint, methods=["GET", "POST"]),
             Route(prefix + "/Users/.search", self.endpoint(None, self.search_users), methods=["POST"]),
             Route(
                 prefix + "/Users/{id}",
@@ -134,11 +140,7 @@ class ScimApi:
             ),
             Route(prefix + "/Groups", self.endpoint(self.list_groups, self.create_group), methods=["GET", "POST"]),
             Route(prefix + "/Groups/.search", self.endpoint(None, self.search_groups), methods=["POST"]),
-            Route(
-                prefix + "/Groups/{id}",
-                self.endpoint(self.get_group, put=self.replace_group, patch=self.patch_group, delete=self.delete_group),
-                methods=["GET", "PUT", "PATCH", "DELETE"],
-            ),
+            Route(prefix + "/Groups/{id}", group_endpoint, methods=["GET", "PUT", "PATCH", "DELETE"]),
             Route(prefix + "/.search", self.endpoint(None, self.search_all), methods=["POST"]),
             Route(prefix + "/Bulk", contained(self.bulk_endpoint), methods=["POST"]),
             Route(prefix + "/ServiceProviderConfig", self.endpoint(self.service_provider_config), methods=["GET"]),
@@ -147,6 +149,22 @@ class ScimApi:
             Route(prefix + "/Schemas", self.endpoint(self.schemas), methods=["GET"]),
             Route(prefix + "/Schemas/{id:path}", self.endpoint(self.schema), methods=["GET"]),
         ]
+
+    def hot_route(self, method: str, path: str) -> tuple[str, dict[str, str], Callable[[Request], Any]] | None:
+        """`POST …/Users` and `PATCH …/Groups/{id}` on PostgreSQL (an IdP's first cycle): route template, path
+        parameters and endpoint, matched as the router would (segments of one or more characters but `/`)."""
+        if self.fast is None or method not in ("POST", "PATCH"):
+            return None
+        parts = path.split("/")
+        if len(parts) < 5 or parts[1] != "scim" or parts[2] != "v2" or not parts[3]:
+            return None
+        if method == "POST" and len(parts) == 5 and parts[4] == "Users":
+            template, endpoint = self._hot["POST"]
+            return template, {"tenant_id": parts[3]}, endpoint
+        if method == "PATCH" and len(parts) == 6 and parts[4] == "Groups" and parts[5]:
+            template, endpoint = self._hot["PATCH"]
+            return template, {"tenant_id": parts[3], "id": parts[5]}, endpoint
+        return None
 
     # ------------------------------------------------------------ plumbing
 
