@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
@@ -15,13 +16,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import tenants, views
+from billing import guard, ledger
+from billing.locks import lock_tenant
 from api.scim import directory
 from api.scim.render import iso
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
 from models.db import session_scope
 from models.settings import TIERS, Settings
-from models.tables import GroupMapping, ScimGroup, Tenant
+from models.tables import GroupMapping, ScimGroup, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,18 @@ def admin_error_response(exc: TenantError) -> JSONResponse:
 class AdminApi:
     """JSON in and out; every change that can alter access appends a sync event in its transaction."""
 
-    def __init__(self, settings: Settings, engine: Engine, wake: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        wake: Callable[[str], Any],
+        send_purchase: Callable[[str], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.wake = wake
+        # Enqueues purchase_seats after an approval commits (the sweep is the fallback).
+        self.send_purchase = send_purchase
 
     def routes(self) -> list[Route]:
         p = "/admin/api"
@@ -62,10 +73,21 @@ class AdminApi:
             Route(p + "/tenants/{t}/users/{id}", self.endpoint(self.remove_user, status=204, wakes=True), methods=["DELETE"]),
             Route(p + "/tenants/{t}/licenses", self.endpoint(self.licenses), methods=["GET"]),
             Route(p + "/tenants/{t}/purchases", self.endpoint(self.purchases), methods=["GET"]),
+            Route(p + "/tenants/{t}/purchases/{id}/approve", self.endpoint(self.approve_purchase, sends=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/purchases/{id}/reject", self.endpoint(self.reject_purchase, wakes=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/purchases/{id}/cancel", self.endpoint(self.cancel_purchase, wakes=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/billing", self.endpoint(self.get_billing), methods=["GET"]),
+            Route(p + "/tenants/{t}/billing", self.endpoint(self.link_billing, status=202, wakes=True),
+                  methods=["PUT"]),
             Route(p + "/tenants/{t}/sync", self.endpoint(self.sync), methods=["GET"]),
         ]
 
-    def endpoint(self, handler: AdminHandler, *, status: int = 200, wakes: bool = False) -> Callable[[Request], Any]:
+    def endpoint(
+        self, handler: AdminHandler, *, status: int = 200, wakes: bool = False, sends: bool = False
+    ) -> Callable[[Request], Any]:
         async def serve(request: Request) -> Response:
             if not same_secret(bearer(request.headers.get("authorization")), self.settings.admin_token):
                 raise AdminError(401, "unauthorized", "A valid admin bearer token is required.")
@@ -85,8 +107,11 @@ class AdminApi:
                     raise AdminError(400, "invalid_body", "The request body must be a JSON object.")
                 if _holds_nul(body):
                     raise AdminError(400, "invalid_body", "Strings in the request body may not contain U+0000.")
+            path = dict(request.path_params)
+            # Query parameters ride along under a key no route uses as a path parameter.
+            path["?"] = dict(request.query_params)
             try:
-                result, tenant_id = await run_in_threadpool(self.run, handler, request.path_params, body)
+                result, tenant_id = await run_in_threadpool(self.run, handler, path, body)
             except TenantError:
                 raise
             except Exception:
@@ -95,19 +120,25 @@ class AdminApi:
                 return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)
             if wakes and tenant_id:
                 await run_in_threadpool(self.wake, tenant_id)
+            if sends and self.send_purchase is not None and isinstance(result, dict) and result.get("status") == "pending":
+                await run_in_threadpool(self.send_purchase, result["id"])
+            if isinstance(result, Response):
+                return result
             if status == 204:
                 return Response(status_code=204)
             return JSONResponse(result, status_code=status)
 
         return serve
 
-    def run(self, handler: AdminHandler, path: dict[str, str], body: Any) -> tuple[Any, str | None]:
+    def run(self, handler: AdminHandler, path: dict[str, Any], body: Any) -> tuple[Any, str | None]:
         with session_scope(self.engine) as session:
             tenant = None
             if "t" in path:
                 tenant = tenants.get_tenant(session, path["t"])
             result = handler(session, tenant, path, body)
-        return result, (tenant.id if tenant else (result or {}).get("tenant_id"))
+        if tenant is not None:
+            return result, tenant.id
+        return result, (result.get("tenant_id") if isinstance(result, dict) else None)
 
     # ------------------------------------------------------------ tenants
 
@@ -152,6 +183,12 @@ class AdminApi:
             "license_groups": {tier: slots[tier] for tier in TIERS},
             "auto_invite": tenant.auto_invite,
             "seat_cap": tenant.seat_cap,
+            "spend_guard": {
+                "enabled": tenant.guard_enabled,
+                "min_seats": tenant.guard_min_seats,
+                "percent": tenant.guard_percent,
+                "first_purchase_seats": tenant.guard_first_purchase,
+            },
         }
 
     def put_config(self, session: Session, tenant: Tenant, path: dict, body: dict) -> dict[str, Any]:
@@ -177,6 +214,12 @@ class AdminApi:
             session.execute(insert(GroupMapping), rows)
         tenant.auto_invite = wanted["auto_invite"]
         tenant.seat_cap = wanted["seat_cap"]
+        # Replaced like the rest of the config: what is left out takes the default (the guard on).
+        spend_guard = {**GUARD_DEFAULTS, **(wanted["spend_guard"] or {})}
+        tenant.guard_enabled = spend_guard["enabled"]
+        tenant.guard_min_seats = spend_guard["min_seats"]
+        tenant.guard_percent = spend_guard["percent"]
+        tenant.guard_first_purchase = spend_guard["first_purchase_seats"]
         session.add(tenant)
         # A mapping change re-evaluates everyone it touches: the whole tenant.
         directory.record_event(session, tenant.id, "config_changed", None)
@@ -210,8 +253,64 @@ class AdminApi:
     def licenses(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.licenses(session, tenant)
 
-    def purchases(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
-        return views.purchases(session, tenant.id)
+    def purchases(self, session: Session, tenant: Tenant, path: dict, _body: None) -> Any:
+        query = path["?"]
+        wanted = query.get("format", "json")
+        if wanted not in ("json", "csv"):
+            raise AdminError(400, "invalid_query", "'format' must be json or csv.")
+        since = None
+        if query.get("since"):
+            try:
+                since = parse_since(query["since"])
+            except ValueError as error:
+                raise AdminError(400, "invalid_query", str(error)) from None
+        if wanted == "json":
+            return views.purchases(session, tenant.id, since)
+        body = "".join(ledger.csv_lines(tenant, ledger.ledger_rows(session, tenant.id, since)))
+        return Response(
+            body,
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="sally-purchases-{tenant.id}.csv"'},
+        )
+
+    def approve_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return self._decide(session, tenant, path["id"], lambda now: guard.approve(session, tenant, path["id"], now))
+
+    def reject_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return self._decide(
+            session, tenant, path["id"], lambda now: guard.stop(session, tenant, path["id"], now, rejected=True)
+        )
+
+    def cancel_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return self._decide(
+            session, tenant, path["id"], lambda now: guard.stop(session, tenant, path["id"], now, rejected=False)
+        )
+
+    def _decide(self, session: Session, tenant: Tenant, purchase_id: str, decide: Callable[[Any], Any]) -> dict[str, Any]:
+        # Under the tenant's lock: a purchase job freezing this purchase meanwhile waits for us.
+        lock_tenant(session, tenant.id)
+        try:
+            purchase = decide(utcnow())
+        except LookupError:
+            raise AdminError(404, "not_found", f"Purchase '{purchase_id}' not found.") from None
+        except guard.PurchaseStateError as error:
+            raise AdminError(409, error.code, error.detail) from None
+        # The users' reasons follow the decision at the next reconcile.
+        directory.record_event(session, tenant.id, "purchase_decided", [])
+        return views.purchase_row(purchase)
+
+    # ------------------------------------------------------------ billing
+
+    def get_billing(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
+        return views.billing(tenant)
+
+    def link_billing(self, session: Session, tenant: Tenant, path: dict, body: dict) -> dict[str, Any]:
+        """Link (or re-link) a Stripe customer and subscription; the worker checks them against Stripe."""
+        extra = sorted(set(body) - {"stripe_customer_id", "stripe_subscription_id"})
+        if extra:
+            raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
+        tenants.link_billing(session, tenant, body.get("stripe_customer_id"), body.get("stripe_subscription_id"))
+        return views.billing(tenant)
 
     def sync(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.sync_state(session, tenant)
@@ -246,8 +345,46 @@ def _id_list(value: Any, where: str) -> list[str]:
     return value
 
 
+def parse_since(raw: str) -> datetime:
+    """A date (2026-12-01) or an ISO 8601 time; naive means UTC."""
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"'since' must be a date (YYYY-MM-DD) or an ISO 8601 time, got {raw[:40]!r}.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+_DEFAULT = guard.GuardPolicy()
+GUARD_DEFAULTS = {"enabled": _DEFAULT.enabled, "min_seats": _DEFAULT.min_seats, "percent": _DEFAULT.percent,
+                  "first_purchase_seats": _DEFAULT.first_purchase}
+GUARD_FIELDS = {"enabled": bool, "min_seats": int, "percent": int, "first_purchase_seats": int}
+# Ceilings that keep the numbers meaningful (and inside a 32-bit column).
+GUARD_MAXIMUM = {"min_seats": 1_000_000, "percent": 1000, "first_purchase_seats": 1_000_000}
+
+
+def _parse_guard(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise AdminError(400, "invalid_body", "'spend_guard' must be an object.")
+    extra = sorted(set(value) - set(GUARD_FIELDS))
+    if extra:
+        raise AdminError(400, "invalid_body", f"Unknown spend_guard field(s): {', '.join(extra)}.")
+    for name, kind in GUARD_FIELDS.items():
+        if name not in value:
+            continue
+        item = value[name]
+        if kind is bool and not isinstance(item, bool):
+            raise AdminError(400, "invalid_body", f"spend_guard.{name} must be true or false.")
+        if kind is int and (not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= GUARD_MAXIMUM[name]):
+            raise AdminError(
+                400, "invalid_body", f"spend_guard.{name} must be a whole number from 0 to {GUARD_MAXIMUM[name]}."
+            )
+    return value
+
+
 def _parse_config(body: dict[str, Any]) -> dict[str, Any]:
-    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap"}
+    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", "spend_guard"}
     extra = sorted(set(body) - known)
     if extra:
         raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
@@ -276,5 +413,5 @@ def _parse_config(body: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
                 raise AdminError(400, "invalid_body", f"seat_cap.{tier} must be a whole number ≥ 0.")
         seat_cap = dict(seat_cap) or None
-    return {"slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap}
+    return {"slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap, "spend_guard": _parse_guard(body.get("spend_guard"))}
 

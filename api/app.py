@@ -21,6 +21,7 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import RateLimitMiddleware
 from api.tenants import TenantError
+from api.webhooks import StripeWebhooks
 from models.db import make_engine
 from models.settings import Settings
 
@@ -37,17 +38,23 @@ class Services:
         ping_broker: Callable[[], bool],
         pipeline_stats: Callable[[], dict[str, Any]] | None = None,
         redis_url: str | None = None,
+        send_purchase: Callable[[str], Any] | None = None,
+        stripe_alert: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine
         self.wake = wake
         self.ping_broker = ping_broker
         self.pipeline_stats = pipeline_stats
         self.redis_url = redis_url
+        self.send_purchase = send_purchase
+        self.stripe_alert = stripe_alert
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from workers.broker import QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.telemetry import Telemetry, queue_depths
+        from dramatiq import Message
+
+        from workers.broker import PURCHASE_QUEUE, QUEUES, make_broker, redis_client, resolve_redis_url
+        from workers.telemetry import Telemetry, queue_depths, stripe_alert_key
         from workers.wakeup import Waker
 
         url = resolve_redis_url(settings)
@@ -69,7 +76,24 @@ class Services:
             except Exception:  # noqa: BLE001 - any failure means "not ready"
                 return False
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url)
+        def send_purchase(purchase_id: str) -> None:
+            # By actor name: the web process never imports the actors. A lost message
+            # is re-sent by the sweep (the purchase row is the truth).
+            try:
+                broker.enqueue(Message(
+                    queue_name=PURCHASE_QUEUE, actor_name="purchase_seats", args=(purchase_id,), kwargs={}, options={}
+                ))
+            except Exception:  # noqa: BLE001 - the approval is committed; the sweep delivers it
+                log.warning("could not enqueue purchase %s; the sweep will", purchase_id)
+
+        def stripe_alert() -> str | None:
+            try:
+                value = client.get(stripe_alert_key(settings.redis_namespace))
+            except Exception:  # noqa: BLE001 - readiness reports what it can
+                return None
+            return value.decode() if value else None
+
+        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, send_purchase, stripe_alert)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:
@@ -79,7 +103,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
     if services.pipeline_stats is not None:
         metrics.registry.register(PipelineCollector(services.pipeline_stats))
     scim = ScimApi(settings, services.engine, services.wake)
-    admin = AdminApi(settings, services.engine, services.wake)
+    admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
+    webhooks = StripeWebhooks(settings, services.engine, services.wake)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -96,10 +121,13 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         database = await run_in_threadpool(_database_ok)
         broker = await run_in_threadpool(services.ping_broker)
         ready = database and broker
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "database": database, "broker": broker},
-            status_code=200 if ready else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "database": database, "broker": broker}
+        if services.stripe_alert is not None:
+            alert = await run_in_threadpool(services.stripe_alert)
+            # An operator alert, not unreadiness: SCIM keeps working without Stripe,
+            # so a refused API key must not take the web process out of service.
+            body["stripe"] = {"ok": alert is None, "detail": alert}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_request: Request) -> Response:
         body = await run_in_threadpool(metrics.render)
@@ -136,6 +164,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         Route("/metrics", metrics_endpoint),
         *scim.routes(),
         *admin.routes(),
+        *webhooks.routes(),
     ]
     app = Starlette(
         routes=routes,

@@ -13,8 +13,9 @@ from sqlmodel import Session
 
 from billing.licenses import TIERS
 from billing.locks import lock_tenant
-from billing.seats import Allocation, allocate, billed, set_purchased_seats
-from billing.stripe_gateway import PermanentBillingError, SubscriptionState
+from billing.seats import Allocation, allocate, billed, purchased_seats, set_purchased_seats
+from billing.ledger import record_invoice
+from billing.stripe_gateway import Invoice, PermanentBillingError, SubscriptionState
 from models.db import session_scope
 from models.tables import Purchase, Tenant, utcnow
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class Gateway(Protocol):
     def read_subscription(self, subscription_id: str) -> SubscriptionState: ...
     def build_update(self, state: SubscriptionState, targets: dict[str, int], metadata: dict[str, str]) -> dict: ...
-    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> str | None: ...
+    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> Invoice | None: ...
 
 
 @dataclass
@@ -148,7 +149,7 @@ class PurchaseRunner:
         # 3. Call Stripe with the stored body and key; every retry replays them verbatim.
         self._count_attempt(purchase_id)
         try:
-            invoice_id = self.gateway.apply_update(subscription_id, body, key)
+            invoice = self.gateway.apply_update(subscription_id, body, key)
         except PermanentBillingError as error:
             outcome = self._settle_failed(purchase_id, error.reason)
             outcome.stripe_called = True
@@ -164,7 +165,7 @@ class PurchaseRunner:
                 return Outcome("already_settled", stripe_called=True)
             outcome = self._settle(
                 session, tenant, purchase, "succeeded",
-                purchase.quantities_before or {}, purchase.quantities_after or {}, invoice_id, None,
+                purchase.quantities_before or {}, purchase.quantities_after or {}, invoice, None,
             )
             outcome.stripe_called = True
             return outcome
@@ -226,14 +227,14 @@ class PurchaseRunner:
         status: str,
         before: dict[str, int],
         after: dict[str, int],
-        invoice_id: str | None,
+        invoice: Invoice | None,
         error: str | None,
     ) -> Outcome:
         now = self.clock()
         purchase.status = status
         purchase.quantities_before = {tier: int(before.get(tier, 0)) for tier in TIERS}
         purchase.quantities_after = {tier: int(after.get(tier, 0)) for tier in TIERS}
-        purchase.stripe_invoice_id = invoice_id
+        record_invoice(purchase, invoice)
         purchase.error = error
         purchase.settled_at = now
         session.add(purchase)
@@ -255,11 +256,12 @@ class PurchaseRunner:
 
 
 def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable[[], datetime] = utcnow) -> Allocation | None:
-    """Read the seats bought from Stripe (when billing is linked), then allocate under the lock.
+    """Read the seats bought from Stripe (when billing is linked), check the link, then allocate under the lock.
 
-    Only until the seats are known: once read (or set by a settled purchase,
-    which reads the subscription itself), a repeated or late message does
-    nothing, and returns None when it made no Stripe call.
+    Only while the seats are unread (just linked, or a webhook or the periodic
+    re-read asked again): a repeated or late message does nothing, and returns
+    None when it made no Stripe call. A 401/403 (our API key) propagates as an
+    operator alert: the tenant is not blocked for it.
     """
     with session_scope(engine) as session:
         tenant = session.get(Tenant, tenant_id)
@@ -270,20 +272,55 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
         state = gateway.read_subscription(subscription_id)
         failure = None
     except PermanentBillingError as error:
+        if error.is_auth:
+            raise
         state, failure = None, error.reason
     with session_scope(engine) as session:
         lock_tenant(session, tenant_id)
         tenant = session.execute(select(Tenant).where(Tenant.id == tenant_id)).scalar_one()
-        if tenant.seats_synced_at is not None:
+        if tenant.seats_synced_at is not None or tenant.stripe_subscription_id != subscription_id:
             # Another read, or a purchase that settled while we read, got there first:
             # our quantities may be older than theirs and must not be written back.
             return Allocation()
         now = clock()
+        problem = failure and f"the Stripe subscription could not be read: {failure}"
         if state is not None:
+            problem = link_problem(tenant, state)
+        if problem is None and state is not None:
+            note_lowered_seats(tenant, purchased_seats(session, tenant_id), state.quantities)
             set_purchased_seats(session, tenant_id, state.quantities, now)
             tenant.seats_synced_at = now
+            tenant.billing_status, tenant.billing_detail = "verified", None
         else:
-            tenant.billing_blocked = {"reason": f"the Stripe subscription could not be read: {failure}", "targets": None}
+            tenant.billing_blocked = {"reason": problem, "targets": None}
+            if state is not None:
+                tenant.billing_status, tenant.billing_detail = "invalid", problem
         session.add(tenant)
         session.flush()
         return allocate(session, tenant, now, billing_configured=True, trigger="seats read from Stripe")
+
+
+def link_problem(tenant: Tenant, state: SubscriptionState) -> str | None:
+    """Why a linked subscription cannot be this tenant's (None when it can)."""
+    if state.customer is not None and tenant.stripe_customer_id and state.customer != tenant.stripe_customer_id:
+        return (
+            f"the Stripe subscription {tenant.stripe_subscription_id} belongs to customer {state.customer}, "
+            f"not {tenant.stripe_customer_id}"
+        )
+    if state.status in ("canceled", "incomplete_expired"):
+        return f"the Stripe subscription {tenant.stripe_subscription_id} is {state.status}"
+    return None
+
+
+def note_lowered_seats(tenant: Tenant, known: dict[str, int], read: dict[str, int]) -> None:
+    """Remember tiers finance lowered by hand since our last read; forget them once raised again."""
+    if tenant.billing_status != "verified":
+        return  # The first read after linking: nothing was known to be lowered from.
+    lowered = dict(tenant.seats_lowered or {})
+    for tier in TIERS:
+        quantity = int(read.get(tier, 0))
+        if quantity < known.get(tier, 0):
+            lowered[tier] = quantity
+        elif tier in lowered and quantity > lowered[tier]:
+            lowered.pop(tier)
+    tenant.seats_lowered = lowered or None

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from billing.guard import HELD, OPEN_STATUSES, GuardPolicy, hold_reason, is_first_purchase
 from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
 from models.tables import Account, Purchase, SeatCount, Tenant, new_id
 
@@ -19,6 +20,9 @@ REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
 REASON_CAP = "The {tier} seat cap ({cap}) is reached; the admin can raise it."
 REASON_REFUSED = "Stripe refused the seat purchase: {reason}"
+REASON_HELD = "Waiting for the admin to approve the seat purchase. {reason}"
+REASON_STOPPED = "Waiting: {reason}; more demand, or saving the mapping again, plans a new one."
+REASON_LOWERED = "The {tier} seats in Stripe were lowered to {seats}; this user's seat went with them."
 
 
 @dataclass
@@ -59,9 +63,73 @@ def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, 
 
 
 def pending_purchase(session: Session, tenant_id: str) -> Purchase | None:
+    """The tenant's one open purchase: in flight, or held by the spend guard."""
     return session.execute(
-        select(Purchase).where(Purchase.tenant_id == tenant_id, Purchase.status == "pending")
+        select(Purchase).where(Purchase.tenant_id == tenant_id, Purchase.status.in_(OPEN_STATUSES))
     ).scalar_one_or_none()
+
+
+def guard_check(session: Session, tenant: Tenant, before: dict[str, int], after: dict[str, int]) -> str | None:
+    """The spend guard's verdict on raising ``before`` to ``after`` for this tenant (None: go ahead)."""
+    return hold_reason(
+        GuardPolicy.of(tenant), before, after,
+        first=is_first_purchase(session, tenant), lowered=tenant.seats_lowered,
+    )
+
+
+def seat_needs(session: Session, tenant: Tenant) -> dict[str, int]:
+    """Seats the users need per tier now (holders and waiting users, within the cap): re-read before a freeze."""
+    holders = _holders(session, tenant.id)
+    waiting = dict.fromkeys(TIERS, 0)
+    for tier, count in session.execute(
+        select(Account.wanted_tier, func.count())
+        .where(
+            Account.tenant_id == tenant.id,
+            Account.role.is_not(None),
+            Account.wanted_tier.is_not(None),
+            Account.license.is_(None),
+        )
+        .group_by(Account.wanted_tier)
+    ):
+        waiting[tier] = count
+    caps = tenant.seat_cap or {}
+    return {
+        tier: holders[tier] + waiting[tier] if caps.get(tier) is None
+        else min(holders[tier] + waiting[tier], caps[tier])
+        for tier in TIERS
+    }
+
+
+def _review_held(
+    session: Session,
+    tenant: Tenant,
+    held: Purchase,
+    purchased: dict[str, int],
+    needed: dict[str, int],
+    targets: dict[str, int] | None,
+    now: datetime,
+) -> tuple[Purchase | None, str | None]:
+    """Re-check a held purchase against today's demand: (still open purchase, id to send now)."""
+    if targets is None:
+        held.status = "cancelled"
+        held.error = "no longer needed: the users it was for no longer need the seats"
+        held.settled_at = now
+        session.add(held)
+        session.flush()
+        return None, None
+    held.demand = dict(needed)
+    held.quantities_before = dict(purchased)
+    after = {tier: max(purchased[tier], needed[tier]) for tier in TIERS}
+    held.hold_reason = guard_check(session, tenant, purchased, after)
+    if held.hold_reason is None:
+        held.status = "pending"
+        held.enqueued_at = now
+        session.add(held)
+        session.flush()
+        return None, held.id
+    session.add(held)
+    session.flush()
+    return held, None
 
 
 def billed(tenant: Tenant, billing_configured: bool) -> bool:
@@ -79,13 +147,10 @@ def allocate(
     """
     result = Allocation()
     purchased = purchased_seats(session, tenant.id)
-    holders = dict.fromkeys(TIERS, 0)
-    for tier, count in session.execute(
-        select(Account.license, func.count())
-        .where(Account.tenant_id == tenant.id, Account.license.is_not(None))
-        .group_by(Account.license)
-    ):
-        holders[tier] = count
+    holders = _holders(session, tenant.id)
+    if billed(tenant, billing_configured) and tenant.seats_synced_at is not None:
+        if _revoke_beyond(session, tenant.id, purchased, holders, now):
+            holders = _holders(session, tenant.id)
     waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
     for user_id, tier in session.execute(
         select(Account.user_id, Account.wanted_tier)
@@ -122,11 +187,22 @@ def allocate(
         if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
             targets = None
     syncing = is_billed and tenant.seats_synced_at is None
-    if targets is not None and in_flight is None:
+    if in_flight is not None and in_flight.status == HELD:
+        # A held purchase follows the demand until the admin answers: it lets go
+        # once it fits the guard, and ends once nothing is needed any more.
+        in_flight, result.purchase_id = _review_held(session, tenant, in_flight, purchased, needed, targets, now)
+    elif targets is not None and in_flight is None:
         # Also while the seats bought are not read yet: the purchase job reads the
         # subscription before it buys, and …/sync counts it as pending meanwhile.
-        result.purchase_id = _plan_purchase(session, tenant, purchased, needed, now, trigger)
-    result.needs_seat_sync = syncing and blocked is None and result.purchase_id is None and in_flight is None
+        in_flight = _plan_purchase(session, tenant, purchased, needed, now, trigger)
+        if in_flight is not None and in_flight.status == "pending":
+            result.purchase_id = in_flight.id
+            in_flight = None
+    held = in_flight if in_flight is not None and in_flight.status == HELD else None
+    # A held purchase does not wait for the read: the read may show it fits after all.
+    result.needs_seat_sync = (
+        syncing and blocked is None and result.purchase_id is None and (in_flight is None or held is not None)
+    )
 
     for tier in TIERS:
         plan = plans[tier]
@@ -142,8 +218,13 @@ def allocate(
         result.waiting[tier] = len(rest)
         # The users the cap keeps out are the last in line.
         buying_count = len(rest) - plan.over_cap
-        if blocked is not None and result.purchase_id is None and in_flight is None:
-            buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
+        if held is not None:
+            buying_reason = REASON_HELD.format(reason=held.hold_reason)
+        elif blocked is not None and result.purchase_id is None and in_flight is None:
+            if blocked.get("by") == "admin":
+                buying_reason = REASON_STOPPED.format(reason=blocked.get("reason"))
+            else:
+                buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
         elif syncing and in_flight is None and result.purchase_id is None:
             buying_reason = REASON_SYNCING
         else:
@@ -162,15 +243,65 @@ def allocate(
     return result
 
 
+def _holders(session: Session, tenant_id: str) -> dict[str, int]:
+    holders = dict.fromkeys(TIERS, 0)
+    for tier, count in session.execute(
+        select(Account.license, func.count())
+        .where(Account.tenant_id == tenant_id, Account.license.is_not(None))
+        .group_by(Account.license)
+    ):
+        holders[tier] = count
+    return holders
+
+
+def _revoke_beyond(
+    session: Session, tenant_id: str, purchased: dict[str, int], holders: dict[str, int], now: datetime
+) -> bool:
+    """Seats Stripe no longer has (finance lowered a quantity by hand) are taken back at once.
+
+    The users licensed last give theirs back first and wait as pending_license
+    with the reason, like anyone waiting for a seat: a license Stripe does not
+    bill is never kept silently (issue 9). Returns whether any was taken back.
+    """
+    revoked = False
+    for tier in TIERS:
+        extra = holders[tier] - purchased[tier]
+        if extra <= 0:
+            continue
+        ids = session.execute(
+            select(Account.user_id)
+            .where(Account.tenant_id == tenant_id, Account.license == tier)
+            .order_by(Account.updated_at.desc(), Account.user_id.desc())
+            .limit(extra)
+        ).scalars().all()
+        reason = REASON_LOWERED.format(tier=tier, seats=purchased[tier])
+        for chunk in _chunks(ids):
+            session.execute(
+                update(Account)
+                .where(Account.user_id.in_(chunk))
+                .values(license=None, status="pending_license", status_reason=reason, waiting_since=now, updated_at=now)
+            )
+        revoked = True
+    session.flush()
+    return revoked
+
+
 def _plan_purchase(
     session: Session, tenant: Tenant, purchased: dict[str, int], needed: dict[str, int], now: datetime, trigger: str
-) -> str | None:
-    """Insert the tenant's one pending purchase; its Stripe body is frozen by the purchase job."""
+) -> Purchase | None:
+    """Insert the tenant's one open purchase: pending, or held when the spend guard says so.
+
+    Checked here, with the seats last read, so a held purchase costs no Stripe
+    call at all; the purchase job checks again against the subscription it reads.
+    """
+    after = {tier: max(purchased[tier], needed[tier]) for tier in TIERS}
+    reason = guard_check(session, tenant, purchased, after)
     purchase = Purchase(
         id=new_id(),
         tenant_id=tenant.id,
         created_at=now,
-        status="pending",
+        status=HELD if reason else "pending",
+        hold_reason=reason,
         trigger=trigger[:255],
         demand=dict(needed),
         quantities_before=dict(purchased),
@@ -181,6 +312,6 @@ def _plan_purchase(
             session.add(purchase)
             session.flush()
     except IntegrityError:
-        # Another pending purchase exists (the unique index says so): it settles first.
+        # Another open purchase exists (the unique index says so): it settles first.
         return None
-    return purchase.id
+    return purchase

@@ -48,13 +48,45 @@ class TransientBillingError(BillingError):
 class PermanentBillingError(BillingError):
     """Stripe refused the request for good (declined card, invalid request, bad key)."""
 
+    @property
+    def is_auth(self) -> bool:
+        """Our API key was refused (401/403): an operator's problem, not the tenant's."""
+        return self.status in (401, 403)
+
 
 @dataclass(frozen=True)
 class SubscriptionState:
-    """Seats bought per tier (every tier, 0 when absent) and the item id of each tier present."""
+    """Seats bought per tier (every tier, 0 when absent), the item id of each tier present, and its owner."""
 
     quantities: dict[str, int]
     item_ids: dict[str, str]
+    customer: str | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class Invoice:
+    """What finance reads of the invoice a purchase produced (amounts in the currency's minor unit)."""
+
+    id: str
+    status: str | None = None
+    amount_due: int | None = None
+    amount_paid: int | None = None
+    currency: str | None = None
+    paid_at: int | None = None  # Unix time, from status_transitions.paid_at
+
+    @classmethod
+    def from_stripe(cls, invoice: Mapping[str, Any]) -> "Invoice":
+        """Read an invoice object (a dict as Stripe sends it, in an answer or a webhook)."""
+        transitions = invoice.get("status_transitions") or {}
+        return cls(
+            id=invoice["id"],
+            status=invoice.get("status"),
+            amount_due=invoice.get("amount_due"),
+            amount_paid=invoice.get("amount_paid"),
+            currency=invoice.get("currency"),
+            paid_at=transitions.get("paid_at"),
+        )
 
 
 class StripeGateway:
@@ -67,6 +99,7 @@ class StripeGateway:
         api_base: str | None = None,
         attempts: int = 4,
         wait_seconds: float = 0.5,
+        timeout: float = 20.0,
     ) -> None:
         unknown = set(prices) - set(TIERS)
         if unknown:
@@ -75,18 +108,31 @@ class StripeGateway:
             raise ValueError("each tier needs its own Stripe price")
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
+        if not 0 < timeout <= 20:
+            raise ValueError("timeout must be in (0, 20] seconds")
         self._api_key = api_key
         self._prices = dict(prices)
         self._tier_of_price = {price: tier for tier, price in prices.items()}
         self._attempts = attempts
         self._wait_seconds = wait_seconds
+        self.timeout = timeout
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
             # tenacity is the one retry layer: the library's own retries would
             # multiply ours and hide the attempts from our logs.
             max_network_retries=0,
+            # The library's default waits 80 s for an answer; a Stripe that does not
+            # answer must free the worker thread sooner (issue 9: at most 20 s).
+            http_client=stripe.RequestsClient(timeout=timeout),
         )
+
+    @property
+    def longest_call_seconds(self) -> float:
+        """The longest one gateway method can take: every attempt timing out, plus the waits between."""
+        waits = sum(min(self._wait_seconds * 2 ** n, self._wait_seconds * 16) for n in range(self._attempts))
+        # apply_update makes up to three requests (update, invoice read, invoice label).
+        return 3 * (self._attempts * self.timeout + waits)
 
     def __repr__(self) -> str:
         # The default repr would be harmless today; this one can never grow the key.
@@ -106,7 +152,13 @@ class StripeGateway:
             # Stripe allows one item per price on a subscription, so a tier has at most one item.
             quantities[tier] = item.get("quantity") or 0
             item_ids[tier] = item["id"]
-        return SubscriptionState(quantities=quantities, item_ids=item_ids)
+        raw = subscription.to_dict()
+        customer = raw.get("customer")
+        if isinstance(customer, dict):
+            customer = customer.get("id")
+        return SubscriptionState(
+            quantities=quantities, item_ids=item_ids, customer=customer, status=raw.get("status")
+        )
 
     def build_update(
         self, state: SubscriptionState, targets: Mapping[str, int], metadata: Mapping[str, str]
@@ -152,7 +204,7 @@ class StripeGateway:
             "expand": ["latest_invoice"],
         }
 
-    def apply_update(self, subscription_id: str, params: Mapping[str, Any], idempotency_key: str) -> str | None:
+    def apply_update(self, subscription_id: str, params: Mapping[str, Any], idempotency_key: str) -> Invoice | None:
         """Send the stored update with its key; return the invoice it produced (None if none) after labelling it."""
         body = copy.deepcopy(dict(params))
         subscription = self._call(
@@ -180,7 +232,17 @@ class StripeGateway:
             # on the invoice (parent.subscription_details). Failing the purchase now
             # would show paid seats as refused, so only report it.
             log.warning("seats bought but invoice %s not labelled: %s", invoice["id"], error.reason)
-        return invoice["id"]
+        return Invoice.from_stripe(invoice)
+
+    def find_invoice(self, subscription_id: str, purchase_id: str) -> Invoice | None:
+        """The subscription's latest invoice if a purchase's update made it (by its metadata), else None."""
+        subscription = self._call(
+            lambda: self._client.v1.subscriptions.retrieve(subscription_id, params={"expand": ["latest_invoice"]})
+        ).to_dict()
+        invoice = self._invoice_of(subscription.get("latest_invoice"))
+        if invoice is None or not _made_by(invoice, {"sally_purchase_id": purchase_id}):
+            return None
+        return Invoice.from_stripe(invoice)
 
     def _invoice_of(self, latest_invoice: Any) -> dict[str, Any] | None:
         if latest_invoice is None:

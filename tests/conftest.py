@@ -22,13 +22,14 @@ from sqlalchemy.engine import Engine, make_url
 from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings, normalise_database_url
+from tests.fakes.stripe_server import DEFAULT_WEBHOOK_SECRET
 
 ADMIN_TOKEN = "test-admin-token"
 # One SSL context for every test client: httpx otherwise loads the CA bundle
 # for each client (~20 ms of CPU, twice per live-server test).
 SSL_CONTEXT = ssl.create_default_context()
 TABLES = (
-    "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
+    "stripe_event", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
     "sync_event", "scim_group", "scim_user", "tenant",
 )
 
@@ -98,6 +99,8 @@ def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
         public_base_url=f"http://127.0.0.1:{port}",
         admin_token=ADMIN_TOKEN,
         port=port,
+        # The fake Stripe signs its webhook events with this secret.
+        stripe_webhook_secret=DEFAULT_WEBHOOK_SECRET,
         # Each run its own namespace: several runs may share one Redis server.
         redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
     )

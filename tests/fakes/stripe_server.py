@@ -11,8 +11,8 @@ against it (``StripeClient(..., base_addresses={"api": fake.url})``):
   endpoint) answer 400 ``idempotency_error``;
 - errors shaped ``{"error": {"type", "code", "message", ...}}``.
 
-Fault injection (``fail_next``, ``lose_next_response``, ``decline_payments``)
-and inspection (``calls``, ``invoices``, ``updates``, ``subscription()``) are
+Fault injection (``fail_next``, ``lose_next_response``, ``decline_payments``,
+``blackhole`` — accept connections and never answer) and inspection (``calls``, ``invoices``, ``updates``, ``subscription()``) are
 for assertions. Queued faults form one queue: each is taken, in order, by the
 first request whose path it matches (any path when none was given). Use it as a context manager, or in a fixture::
 
@@ -20,15 +20,27 @@ first request whose path it matches (any path when none was given). Use it as a 
     def stripe_fake():
         with FakeStripe() as fake:
             yield fake
+
+Webhooks: every change the fake makes (a subscription update, an invoice
+created, paid or failed) is recorded as a Stripe event in ``events``, with
+Stripe's shape (``id``, ``type``, ``created``, ``data.object``).
+``deliver(url, event)`` POSTs one to a webhook endpoint signed the way Stripe
+signs (``Stripe-Signature: t=<unix time>,v1=<HMAC-SHA256 of "t.payload">``
+with ``webhook_secret``), so tests can deliver them late, twice or out of order.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import itertools
 import json
 import re
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +48,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_API_KEY = "sk_test_fake_0123456789"
+DEFAULT_WEBHOOK_SECRET = "whsec_fake_0123456789abcdef"
 DEFAULT_UNIT_AMOUNT = 1000  # cents, for prices the test did not price
 
 
@@ -134,8 +147,19 @@ def _error(code: str | None, message: str, type_: str = "invalid_request_error",
 class FakeStripe:
     """A threaded local Stripe look-alike: subscriptions, invoices, idempotency and faults."""
 
-    def __init__(self, api_key: str = DEFAULT_API_KEY, unit_amounts: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        unit_amounts: dict[str, int] | None = None,
+        webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
+    ) -> None:
         self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.events: list[dict[str, Any]] = []
+        # Stripe's `created` is in whole seconds; events the fake makes in one
+        # second still get increasing values, so their order is unambiguous.
+        self._clock = int(time.time())
+        self._hole = threading.Event()
         self.unit_amounts: dict[str, int] = dict(unit_amounts or {})
         self.calls: list[Call] = []
         self.invoices: dict[str, dict[str, Any]] = {}
@@ -168,6 +192,7 @@ class FakeStripe:
 
     def stop(self) -> None:
         """Stop listening and release the port."""
+        self._hole.clear()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -200,6 +225,8 @@ class FakeStripe:
             self._idempotency.clear()
             self._faults.clear()
             self._declining.clear()
+            self.events.clear()
+        self._hole.clear()
 
     # -- seeding and inspection --------------------------------------------
 
@@ -295,6 +322,94 @@ class FakeStripe:
         """Make every charge to this customer's card fail from now on."""
         with self._lock:
             self._declining[customer] = decline_code
+
+    def blackhole(self, on: bool = True) -> None:
+        """While on, every request is read and then left unanswered (the connection stays open)."""
+        if on:
+            self._hole.set()
+        else:
+            self._hole.clear()
+
+    @property
+    def in_blackhole(self) -> bool:
+        return self._hole.is_set()
+
+    # -- webhooks ------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._clock = max(self._clock + 1, int(time.time()))
+        return self._clock
+
+    def emit(self, type_: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record (and return) an event about ``obj`` as Stripe would send it."""
+        with self._lock:
+            event = {
+                "id": f"evt_fake{next(self._ids):06d}",
+                "object": "event",
+                "api_version": "2025-03-31.basil",
+                "created": self._tick(),
+                "livemode": False,
+                "pending_webhooks": 1,
+                "request": {"id": None, "idempotency_key": None},
+                "type": type_,
+                "data": {"object": copy.deepcopy(obj)},
+            }
+            if previous is not None:
+                event["data"]["previous_attributes"] = copy.deepcopy(previous)
+            self.events.append(event)
+            return copy.deepcopy(event)
+
+    def events_of(self, type_: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(e) for e in self.events if e["type"] == type_]
+
+    def sign(self, payload: bytes, timestamp: int | None = None, secret: str | None = None) -> str:
+        """The Stripe-Signature header Stripe would send for ``payload`` (HMAC-SHA256, scheme v1)."""
+        moment = int(time.time()) if timestamp is None else timestamp
+        key = (secret or self.webhook_secret).encode()
+        digest = hmac.new(key, f"{moment}.".encode() + payload, hashlib.sha256).hexdigest()
+        return f"t={moment},v1={digest}"
+
+    def signed(
+        self, event: dict[str, Any], *, signature: str | None = "sign", timestamp: int | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of a delivery of ``event`` (``signature``: "sign", a header value, or None)."""
+        payload = json.dumps(event).encode()
+        headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
+        if signature == "sign":
+            headers["Stripe-Signature"] = self.sign(payload, timestamp)
+        elif signature is not None:
+            headers["Stripe-Signature"] = signature
+        return payload, headers
+
+    def deliver(
+        self, url: str, event: dict[str, Any], *, signature: str | None = "sign", timestamp: int | None = None
+    ) -> tuple[int, bytes]:
+        """POST one event to a webhook endpoint, signed (or with ``signature`` as given; None: no header)."""
+        payload, headers = self.signed(event, signature=signature, timestamp=timestamp)
+        request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def pay_invoice(self, invoice_id: str) -> dict[str, Any]:
+        """Finance collects an open invoice: it becomes paid (invoice.paid)."""
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            invoice["status"] = "paid"
+            invoice["amount_paid"] = invoice["amount_due"]
+            invoice["amount_remaining"] = 0
+            invoice["status_transitions"]["paid_at"] = self._tick()
+            return self.emit("invoice.paid", invoice)
+
+    def fail_invoice_payment(self, invoice_id: str) -> dict[str, Any]:
+        """A payment attempt on an open invoice fails (invoice.payment_failed); it stays open."""
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            invoice["attempt_count"] = invoice.get("attempt_count", 0) + 1
+            return self.emit("invoice.payment_failed", invoice)
 
     # -- request handling (called by the handler threads) --------------------
 
@@ -450,6 +565,17 @@ class FakeStripe:
         if invoice_now:
             invoice_id = self._new_invoice(subscription, added, amount, paid=decline is None)
             subscription["latest_invoice"] = invoice_id
+        self.emit(
+            "customer.subscription.updated",
+            subscription,
+            previous={"items": {"data": [{"price": {"id": p}, "quantity": q} for p, q in before.items()]}},
+        )
+        if invoice_id is not None:
+            self.emit("invoice.finalized", {**self.invoices[invoice_id], "status": "open",
+                                            "amount_paid": 0, "status_transitions": {"finalized_at": self._clock,
+                                                                                      "paid_at": None}})
+            if decline is None:
+                self.emit("invoice.paid", self.invoices[invoice_id])
         self.updates.append(
             {
                 "subscription": subscription_id,
@@ -477,9 +603,13 @@ class FakeStripe:
 
     def _new_invoice(self, subscription: dict[str, Any], added: dict[str, int], amount: int, *, paid: bool) -> str:
         invoice_id = f"in_fake{next(self._ids):06d}"
+        finalized = self._tick()
         self.invoices[invoice_id] = {
             "id": invoice_id,
             "object": "invoice",
+            "created": finalized,
+            "subscription": subscription["id"],
+            "status_transitions": {"finalized_at": finalized, "paid_at": self._tick() if paid else None},
             "customer": subscription["customer"],
             "status": "paid" if paid else "open",
             "billing_reason": "subscription_update",
@@ -562,6 +692,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8") if length else ""
+        if self.fake.in_blackhole:
+            # No answer at all while the hole is open (the client's timeout decides);
+            # the connection is closed only once it is switched off or the fake stops.
+            while self.fake.in_blackhole:
+                time.sleep(0.05)
+            self.close_connection = True
+            return
         response = self.fake.handle(
             method,
             self.path,
