@@ -83,6 +83,34 @@ def cmd_tenant_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purchases_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a tenant's purchase ledger as CSV for finance (no broker, no Stripe call)."""
+    from api import tenants
+    from api.admin import parse_since
+    from billing.ledger import csv_lines, ledger_rows
+    from models.db import make_engine, session_scope
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"sally-scim: {exc}", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            try:
+                tenant = tenants.get_tenant(session, args.tenant)
+            except tenants.TenantError as exc:
+                print(f"sally-scim: {exc.detail}", file=sys.stderr)
+                return 2
+            for line in csv_lines(tenant, ledger_rows(session, tenant.id, since)):
+                sys.stdout.write(line)
+    finally:
+        engine.dispose()
+    sys.stdout.flush()
+    return 0
+
+
 def app_factory():
     """The ASGI app for uvicorn (`--factory`), built from the environment."""
     from api.app import create_app
@@ -266,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--stripe-subscription", dest="stripe_subscription")
     create.add_argument("--json", action="store_true", help="print one JSON line")
     create.set_defaults(func=cmd_tenant_create)
+    purchases = commands.add_parser("purchases", help="the purchase ledger").add_subparsers(
+        dest="purchases_command", required=True
+    )
+    export = purchases.add_parser("export", help="print a tenant's purchases as CSV (one line per invoice)")
+    export.add_argument("--tenant", required=True, help="tenant id")
+    export.add_argument("--since", help="only purchases created or settled on or after this date (YYYY-MM-DD) or time")
+    export.set_defaults(func=cmd_purchases_export)
     return parser
 
 
