@@ -161,13 +161,16 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
-    from workers.broker import release_embedded_redis, resolve_redis_url
+    from workers.broker import INVITE_QUEUE, RECONCILE_QUEUE, release_embedded_redis, resolve_redis_url
 
     argv = [
         "workers.entrypoint",
         "--processes", str(settings.worker_processes),
         "--threads", str(settings.worker_threads),
         "--worker-shutdown-timeout", "30000",
+        # The purchases queue runs on PURCHASE_THREADS of its own (workers/purchase_pool.py),
+        # so a Stripe that does not answer never stalls reconcile or invitations.
+        "--queues", RECONCILE_QUEUE, INVITE_QUEUE,
     ]
     # Until Dramatiq sets its own handlers, a SIGTERM still releases the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -234,9 +234,15 @@ def allocate(
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
             for chunk in _chunks(ids):
+                # Only rows whose reason changes: a tenant with many waiting users is
+                # re-allocated on every reconcile, and rewriting them all each time
+                # would make a burst's cost grow with the square of its size.
                 session.execute(
                     update(Account)
-                    .where(Account.user_id.in_(chunk))
+                    .where(
+                        Account.user_id.in_(chunk),
+                        or_(Account.status != "pending_license", Account.status_reason.is_distinct_from(reason)),
+                    )
                     .values(status="pending_license", status_reason=reason, updated_at=now)
                 )
     session.flush()

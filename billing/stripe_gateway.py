@@ -127,13 +127,6 @@ class StripeGateway:
             http_client=stripe.RequestsClient(timeout=timeout),
         )
 
-    @property
-    def longest_call_seconds(self) -> float:
-        """The longest one gateway method can take: every attempt timing out, plus the waits between."""
-        waits = sum(min(self._wait_seconds * 2 ** n, self._wait_seconds * 16) for n in range(self._attempts))
-        # apply_update makes up to three requests (update, invoice read, invoice label).
-        return 3 * (self._attempts * self.timeout + waits)
-
     def __repr__(self) -> str:
         # The default repr would be harmless today; this one can never grow the key.
         return f"StripeGateway(prices={self._prices!r})"

@@ -8,11 +8,12 @@ from datetime import datetime, timedelta, timezone
 
 import redis
 from dramatiq.middleware import Middleware
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from models.db import session_scope
 from models.tables import Purchase, SyncEvent, Tenant, utcnow
 from workers import invitations, runtime
+from workers.purchase_pool import is_purchase_worker
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,32 @@ class Sweeper:
             ))
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
-                .where(Purchase.status == "pending", func.coalesce(Purchase.enqueued_at, stale) <= stale)
+                .where(
+                    Purchase.status == "pending",
+                    func.coalesce(Purchase.enqueued_at, stale) <= stale,
+                    # A worker is calling Stripe for it (its lease runs): re-sending it
+                    # would only make a second worker wait for the first.
+                    or_(Purchase.lease_until.is_(None), Purchase.lease_until <= now),
+                )
                 .limit(BATCH)
             )]
             if purchases:
                 session.execute(update(Purchase).where(Purchase.id.in_(purchases)).values(enqueued_at=now))
             seat_syncs: list[str] = []
+            if self.rt.gateway is not None and not self.rt.settings.stripe_webhook_secret:
+                # No webhooks tell us what finance changes by hand: re-read each linked
+                # subscription every STRIPE_RESYNC_INTERVAL (the read below sends it).
+                due_before = now - timedelta(seconds=self.rt.settings.stripe_resync_interval)
+                session.execute(
+                    update(Tenant)
+                    .where(
+                        Tenant.stripe_subscription_id.is_not(None),
+                        Tenant.seats_synced_at <= due_before,
+                        Tenant.billing_blocked.is_(None),
+                        ~Tenant.id.in_(select(Purchase.tenant_id).where(Purchase.status == "pending")),
+                    )
+                    .values(seats_synced_at=None)
+                )
             if self.rt.gateway is not None:
                 seat_syncs = [t for (t,) in session.execute(
                     select(Tenant.id).where(
@@ -106,11 +127,15 @@ class SweepMiddleware(Middleware):
         self._thread: threading.Thread | None = None
 
     def after_worker_boot(self, broker, worker) -> None:
+        if is_purchase_worker(worker):
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="sally-sweep", daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker, worker) -> None:
+        if is_purchase_worker(worker):
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)

@@ -512,7 +512,6 @@ def test_a_stripe_that_never_answers_frees_the_caller_within_the_timeout(fake):
     finally:
         fake.blackhole(False)
     assert time.monotonic() - started < 5
-    assert gateway.longest_call_seconds >= 3 * 2 * 0.5
 
 
 def test_a_timeout_above_twenty_seconds_is_refused(fake):

@@ -68,6 +68,7 @@ class _Fault:
     status: int = 500
     body: dict[str, Any] | None = None
     stored: bool = False
+    method: str | None = None
 
 
 class _Response(NamedTuple):
@@ -290,6 +291,7 @@ class FakeStripe:
         decline_code: str | None = None,
         path: str | None = None,
         stored: bool | None = None,
+        method: str | None = None,
     ) -> None:
         """Answer the next ``n`` requests (under ``path`` if given) with an error, before any work.
 
@@ -310,13 +312,13 @@ class FakeStripe:
         keep = (status == 402) if stored is None else stored
         with self._lock:
             for _ in range(n):
-                self._faults.append(_Fault("fail", path, status, {"error": error}, keep))
+                self._faults.append(_Fault("fail", path, status, {"error": error}, keep, method))
 
-    def lose_next_response(self, n: int = 1, *, path: str | None = None) -> None:
-        """Process the next ``n`` requests (under ``path`` if given), then close the connection unanswered."""
+    def lose_next_response(self, n: int = 1, *, path: str | None = None, method: str | None = None) -> None:
+        """Process the next ``n`` requests (under ``path``, with ``method``, if given), then close the connection unanswered."""
         with self._lock:
             for _ in range(n):
-                self._faults.append(_Fault("lose", path))
+                self._faults.append(_Fault("lose", path, method=method))
 
     def decline_payments(self, customer: str, decline_code: str = "insufficient_funds") -> None:
         """Make every charge to this customer's card fail from now on."""
@@ -432,7 +434,7 @@ class FakeStripe:
                 # Real Stripe masks the key; echoing it whole tests that callers never show it.
                 return _Response(401, {"error": _error(None, f"Invalid API Key provided: {presented}")})
 
-            fault = self._take_fault(split.path)
+            fault = self._take_fault(method, split.path)
             key = (self.api_key, idempotency_key) if method == "POST" and idempotency_key else None
             if fault is not None and fault.kind == "fail":
                 response = _Response(fault.status, copy.deepcopy(fault.body or {}))
@@ -455,9 +457,9 @@ class FakeStripe:
                 return None
             return response
 
-    def _take_fault(self, path: str) -> _Fault | None:
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
         for fault in self._faults:
-            if fault.path is None or path.startswith(fault.path):
+            if (fault.path is None or path.startswith(fault.path)) and fault.method in (None, method):
                 self._faults.remove(fault)
                 return fault
         return None

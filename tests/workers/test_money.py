@@ -289,3 +289,75 @@ def test_linking_billing_to_an_existing_tenant_is_checked_by_the_worker(admin, s
     assert {tier: licenses(admin, t)[tier]["purchased"] for tier in TIERS} == {"starter": 3, "team": 0, "enterprise": 0}
     other.client.close()
     scim.client.close()
+
+
+BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
+USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+ATTACK_USERS = 100_000
+
+
+def test_a_100000_user_bulk_attack_stops_at_the_guard_without_a_stripe_call(admin, stack):
+    """Given a billed tenant with 5 enterprise seats whose Enterprise group gives access, and whose first
+    purchase (its first sync: 10 users) is behind it,
+    When a holder of its SCIM token creates 100,000 users with /Bulk and puts them all in that group,
+    Then the purchase for them is held as awaiting_approval and Stripe sees no call at all (not even a read);
+    10 users hold the seats and the rest wait with the guard's reason.
+    When the IdP (or the admin) deletes the users again, Then the held purchase ends as no longer needed:
+    a purchase never buys for users who are gone.
+    """
+    fake, worker = stack
+    fake.add_subscription("sub_attack", customer="cus_attack", items={"price_enterprise": 5})
+    scim = connect_tenant(admin, "Attacked", stripe_customer_id="cus_attack", stripe_subscription_id="sub_attack")
+    t = scim.tenant_id
+    wait_seats_read(admin, t, {"starter": 0, "team": 0, "enterprise": 5}, worker)
+    with Idp(scim.tenant_url, scim.token, concurrency=4) as idp:
+        group = idp.create_group("Enterprise")
+        people(idp, "legit", 10, group)
+        save_mapping(admin, t, user_groups=[group], license_groups={"enterprise": [group]})
+        wait_caught_up(admin, t, worker=worker)
+        assert [p["status"] for p in purchases(admin, t)] == ["succeeded"]
+        calls_before_attack = len(fake.calls)
+
+        def bulk(start: int) -> list[str]:
+            count = min(999, ATTACK_USERS - start)
+            ops = [{"method": "POST", "path": "/Users", "bulkId": f"u{i}",
+                    "data": {"schemas": [USER], "userName": f"x{start + i}@attack.example", "active": True}}
+                   for i in range(count)]
+            ops.append({"method": "PATCH", "path": f"/Groups/{group}", "data": {"schemas": [PATCH], "Operations": [
+                {"op": "add", "path": "members", "value": [{"value": f"bulkId:u{i}"} for i in range(count)]}]}})
+            answer = idp.client.post("/Bulk", json={"schemas": [BULK], "Operations": ops}, timeout=300)
+            assert answer.status_code == 200, answer.text[:500]
+            results = answer.json()["Operations"]
+            assert all(r["status"] in ("200", "201", "204") for r in results), results[-1]
+            return [r["location"].rsplit("/", 1)[1] for r in results[:-1]]
+
+        created = [uid for ids in idp.pool.map(bulk, range(0, ATTACK_USERS, 999)) for uid in ids]
+    assert len(created) == ATTACK_USERS
+    wait_caught_up(admin, t, timeout=600, worker=worker)
+
+    first, held = purchases(admin, t)
+    assert held["status"] == "awaiting_approval"
+    assert held["demand"]["enterprise"] == ATTACK_USERS + 10
+    assert f"enterprise 10 → {ATTACK_USERS + 10}" in held["hold_reason"]
+    assert len(fake.calls) == calls_before_attack, "no Stripe call: the guard held it at planning"
+    assert licenses(admin, t)["enterprise"] == {"purchased": 10, "assigned": 10}
+    users = users_by_id(admin, t)
+    waiting = [u for u in users.values() if u["status"] == "pending_license"]
+    assert len(waiting) == ATTACK_USERS
+    assert waiting[0]["status_reason"].startswith("Waiting for the admin to approve")
+
+    # The users go again (here: deactivated in bulk, as an IdP does); the held purchase follows the demand.
+    with Idp(scim.tenant_url, scim.token, concurrency=4) as idp:
+        def deactivate(start: int) -> None:
+            ops = [{"method": "PATCH", "path": f"/Users/{uid}", "data": {"schemas": [PATCH], "Operations": [
+                {"op": "replace", "path": "active", "value": False}]}} for uid in created[start:start + 1000]]
+            answer = idp.client.post("/Bulk", json={"schemas": [BULK], "Operations": ops}, timeout=300)
+            assert answer.status_code == 200, answer.text[:500]
+
+        list(idp.pool.map(deactivate, range(0, ATTACK_USERS, 1000)))
+    wait_caught_up(admin, t, timeout=600, worker=worker)
+    ended = purchases(admin, t)[-1]
+    assert ended["status"] == "cancelled" and "no longer needed" in ended["error"]
+    assert len(fake.calls) == calls_before_attack and len(fake.posts("/v1/subscriptions/")) == 1
+    scim.client.close()
