@@ -237,8 +237,8 @@ class PurchaseRunner:
             if error.is_auth:
                 raise
             return self._settle_failed(purchase_id, error.reason)
-        except Exception:
-            self._release(purchase_id, None)
+        except Exception as error:
+            self._release(purchase_id, f"{type(error).__name__}: {getattr(error, 'reason', error)}")
             raise
         with session_scope(self.engine) as session:
             purchase, tenant = self._load(session, purchase_id)

@@ -89,6 +89,27 @@ class Invoice:
         )
 
 
+class _ScrubKey(logging.Filter):
+    """Takes our API key out of what the stripe library logs (it logs Stripe's error messages,
+    and an "Invalid API Key provided: …" message can carry the key)."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.api_key and self.api_key in message:
+            record.msg, record.args = message.replace(self.api_key, "[redacted]"), ()
+        return True
+
+
+def _scrub_library_logs(api_key: str) -> None:
+    library = logging.getLogger("stripe")
+    if not any(isinstance(f, _ScrubKey) and f.api_key == api_key for f in library.filters):
+        library.addFilter(_ScrubKey(api_key))
+
+
 class StripeGateway:
     """Reads and raises a tenant's per-tier seat quantities on its Stripe subscription."""
 
@@ -111,6 +132,7 @@ class StripeGateway:
         if not 0 < timeout <= 20:
             raise ValueError("timeout must be in (0, 20] seconds")
         self._api_key = api_key
+        _scrub_library_logs(api_key)
         self._prices = dict(prices)
         self._tier_of_price = {price: tier for tier, price in prices.items()}
         self._attempts = attempts

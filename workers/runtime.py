@@ -33,7 +33,9 @@ def make_gateway(settings: Settings) -> StripeGateway | None:
     """The Stripe gateway, or None for ledger-only billing (no STRIPE_API_KEY)."""
     if not settings.stripe_api_key:
         return None
-    return StripeGateway(settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base)
+    return StripeGateway(
+        settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base, timeout=settings.stripe_timeout
+    )
 
 
 def install(runtime: Runtime) -> None:

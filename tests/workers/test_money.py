@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -294,16 +296,20 @@ def test_linking_billing_to_an_existing_tenant_is_checked_by_the_worker(admin, s
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-ATTACK_USERS = 100_000
+# Issue 9 names a 100,000-user attack. Creating users through /Bulk runs at ~100/s on this
+# project's shared 2-core machine with SQLite (about 17 minutes for 100,000), so the suite runs
+# the same attack with 10,000 users (ten times the guard's first-purchase allowance is not needed:
+# the tenant's first purchase is behind it); SALLY_ATTACK_USERS=100000 runs the full size.
+ATTACK_USERS = int(os.environ.get("SALLY_ATTACK_USERS") or 10_000)
 
 
-def test_a_100000_user_bulk_attack_stops_at_the_guard_without_a_stripe_call(admin, stack):
+def test_a_bulk_attack_of_many_users_stops_at_the_guard_without_a_stripe_call(admin, stack):
     """Given a billed tenant with 5 enterprise seats whose Enterprise group gives access, and whose first
     purchase (its first sync: 10 users) is behind it,
-    When a holder of its SCIM token creates 100,000 users with /Bulk and puts them all in that group,
+    When a holder of its SCIM token creates ATTACK_USERS users with /Bulk and puts them all in that group,
     Then the purchase for them is held as awaiting_approval and Stripe sees no call at all (not even a read);
     10 users hold the seats and the rest wait with the guard's reason.
-    When the IdP (or the admin) deletes the users again, Then the held purchase ends as no longer needed:
+    When the IdP takes them out of the group again, Then the held purchase ends as no longer needed:
     a purchase never buys for users who are gone.
     """
     fake, worker = stack
@@ -347,17 +353,169 @@ def test_a_100000_user_bulk_attack_stops_at_the_guard_without_a_stripe_call(admi
     assert len(waiting) == ATTACK_USERS
     assert waiting[0]["status_reason"].startswith("Waiting for the admin to approve")
 
-    # The users go again (here: deactivated in bulk, as an IdP does); the held purchase follows the demand.
+    # The users go again: out of the group (Entra's remove-by-value, one PATCH per member chunk).
     with Idp(scim.tenant_url, scim.token, concurrency=4) as idp:
-        def deactivate(start: int) -> None:
-            ops = [{"method": "PATCH", "path": f"/Users/{uid}", "data": {"schemas": [PATCH], "Operations": [
-                {"op": "replace", "path": "active", "value": False}]}} for uid in created[start:start + 1000]]
-            answer = idp.client.post("/Bulk", json={"schemas": [BULK], "Operations": ops}, timeout=300)
-            assert answer.status_code == 200, answer.text[:500]
+        def remove(start: int) -> None:
+            body = {"schemas": [PATCH], "Operations": [{"op": "remove", "path": "members", "value": [
+                {"value": uid} for uid in created[start:start + 1000]]}]}
+            answer = idp.client.patch(f"/Groups/{group}", json=body, timeout=300)
+            assert answer.status_code in (200, 204), answer.text[:500]
 
-        list(idp.pool.map(deactivate, range(0, ATTACK_USERS, 1000)))
+        list(idp.pool.map(remove, range(0, ATTACK_USERS, 1000)))
     wait_caught_up(admin, t, timeout=600, worker=worker)
     ended = purchases(admin, t)[-1]
     assert ended["status"] == "cancelled" and "no longer needed" in ended["error"]
     assert len(fake.calls) == calls_before_attack and len(fake.posts("/v1/subscriptions/")) == 1
     scim.client.close()
+
+
+def test_a_stripe_blackhole_never_stalls_reconcile_or_invitations(admin, live_server, base_settings, tmp_path):
+    """Given a worker with 2 reconcile/invitation threads and 2 purchase threads, Stripe timing out after
+    1 s (the 5-minute blackhole of issue 9, shortened by STRIPE_TIMEOUT), and three billed tenants whose
+    purchases are stuck in a Stripe that accepts connections and never answers,
+    When another tenant's IdP pushes bursts meanwhile (auto-invite on), and the billed tenants' IdPs too,
+    Then every burst is reconciled and invited while Stripe is silent (purchases have threads of their
+    own), the stuck purchases stay pending with the error shown, and once Stripe answers again each is
+    bought exactly once.
+    """
+    from tests.workers.support import SlowSmtp
+
+    with stripe_fake() as fake, SlowSmtp() as smtp:
+        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=2,
+                               extra_env={"STRIPE_TIMEOUT": "1", "PURCHASE_THREADS": "2",
+                                          "STRIPE_UPDATE_SPACING": "0"})
+        worker.start()
+        try:
+            billed = []
+            for n in range(3):
+                fake.add_subscription(f"sub_bh{n}", customer=f"cus_bh{n}", items={"price_team": 1})
+                scim = connect_tenant(admin, f"Billed {n}", stripe_customer_id=f"cus_bh{n}",
+                                      stripe_subscription_id=f"sub_bh{n}")
+                wait_seats_read(admin, scim.tenant_id, {"starter": 0, "team": 1, "enterprise": 0}, worker)
+                billed.append(scim)
+            free = connect_tenant(admin, "Ledger Only")
+
+            fake.blackhole()
+            started = time.monotonic()
+            groups = {}
+            for scim in billed:
+                with Idp(scim.tenant_url, scim.token) as idp:
+                    groups[scim.tenant_id] = idp.create_group("Team")
+                    people(idp, "b", 3, groups[scim.tenant_id])
+                save_mapping(admin, scim.tenant_id, user_groups=[groups[scim.tenant_id]],
+                             license_groups={"team": [groups[scim.tenant_id]]})
+            wait_until(lambda: all(purchases(admin, s.tenant_id) for s in billed), timeout=30,
+                       what="the purchases planned", worker=worker)
+            with Idp(free.tenant_url, free.token) as idp:
+                group = idp.create_group("Everyone")
+                save_mapping(admin, free.tenant_id, user_groups=[group], auto_invite=True)
+                for wave in range(3):
+                    ids = idp.create_users({"user_name": f"w{wave}_{i}@free.example"} for i in range(20))
+                    idp.add_memberships({group: ids})
+                    wait_caught_up(admin, free.tenant_id, timeout=30, worker=worker)
+            assert len(smtp.messages) == 60, "invitations flow while Stripe is silent"
+            for scim in billed:
+                with Idp(scim.tenant_url, scim.token) as idp:
+                    idp.create_users([{"user_name": "late@x.example"}])
+            for scim in billed:
+                wait_until(lambda s=scim: (lambda sync: sync["events_applied"] == sync["events_total"])(
+                    admin.get(f"/tenants/{s.tenant_id}/sync").json()), timeout=30,
+                    what="the billed tenants' events reconciled", worker=worker)
+            assert fake.in_blackhole and time.monotonic() - started < 120
+            for scim in billed:
+                [stuck] = purchases(admin, scim.tenant_id)
+                assert stuck["status"] == "pending"
+            assert all(fake.quantities(f"sub_bh{n}") == {"price_team": 1} for n in range(3))
+            wait_until(lambda: all((purchases(admin, s.tenant_id)[0]["error"] or "").startswith("Transient")
+                                   for s in billed), timeout=60, what="the Stripe error shown", worker=worker)
+
+            fake.blackhole(False)
+            for scim in billed:
+                wait_caught_up(admin, scim.tenant_id, timeout=120, worker=worker)
+                [bought] = purchases(admin, scim.tenant_id)
+                assert bought["status"] == "succeeded"
+            for n in range(3):
+                assert fake.quantities(f"sub_bh{n}") == {"price_team": 3}
+            assert len(fake.updates) == 3 and len(fake.invoices) == 3, "each bought exactly once"
+            assert httpx.get(f"{live_server.url}/readyz").json()["status"] == "ready"
+        finally:
+            fake.blackhole(False)
+            worker.kill()
+
+
+def test_a_refused_stripe_key_is_an_operator_alert_not_a_tenant_block(admin, live_server, base_settings, tmp_path):
+    """Given a worker whose STRIPE_API_KEY Stripe refuses (401),
+    When a tenant is linked, Then the error is logged, counted (sally_stripe_calls_total{outcome="auth_error"})
+    and shown by /readyz (still 200: SCIM keeps working), and the tenant is not blocked: its link stays
+    unverified, not invalid. When a worker with a good key runs, Then the link is verified and the alert ends.
+    """
+    from tests.workers.support import metric, metrics
+
+    with stripe_fake() as fake:
+        fake.add_subscription("sub_key", customer="cus_key", items={"price_team": 2})
+        worker = WorkerProcess(base_settings, tmp_path / "bad", fake, extra_env={"STRIPE_API_KEY": "sk_test_revoked_1"})
+        worker.start()
+        try:
+            scim = connect_tenant(admin, "Key", stripe_customer_id="cus_key", stripe_subscription_id="sub_key")
+            t = scim.tenant_id
+
+            def alerted():
+                ready = httpx.get(f"{live_server.url}/readyz")
+                return ready.status_code == 200 and ready.json()["stripe"]["ok"] is False and ready.json()
+
+            ready = wait_until(alerted, timeout=30, what="the Stripe alert on /readyz", worker=worker)
+            assert "HTTP 401" in ready["stripe"]["detail"] and "sk_test_revoked_1" not in ready["stripe"]["detail"]
+            assert metric(metrics(live_server.url), "sally_stripe_calls_total", outcome="auth_error") >= 1
+            assert "Stripe refused the API key" in worker.log()
+            assert "sk_test_revoked_1" not in worker.log()
+            billing = admin.get(f"/tenants/{t}/billing").json()
+            assert billing["status"] == "unverified" and billing["detail"] is None
+        finally:
+            worker.kill()
+        good = WorkerProcess(base_settings, tmp_path / "good", fake)
+        good.start()
+        try:
+            # The sweep re-sends a seat read at most once a minute per tenant.
+            wait_until(lambda: admin.get(f"/tenants/{t}/billing").json()["status"] == "verified", timeout=120,
+                       what="the link verified with a good key", worker=good)
+            wait_until(lambda: httpx.get(f"{live_server.url}/readyz").json()["stripe"]["ok"], timeout=30,
+                       what="the alert over", worker=good)
+        finally:
+            good.kill()
+        scim.client.close()
+
+
+def test_without_a_webhook_secret_the_sweep_rereads_linked_subscriptions(admin, base_settings, tmp_path):
+    """Given a worker without STRIPE_WEBHOOK_SECRET (no webhooks), re-reading every 1 s (the default is 15 min),
+    and a billed tenant whose 4 users hold its 4 team seats,
+    When finance lowers team to 2 by hand and no event is delivered,
+    Then the periodic re-read finds it: 2 users go pending_license and nothing is bought back without approval.
+    """
+    with stripe_fake() as fake:
+        fake.add_subscription("sub_poll", customer="cus_poll", items={"price_team": 4})
+        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, sweep_interval=0.5,
+                               extra_env={"STRIPE_RESYNC_INTERVAL": "1"})
+        worker.start()
+        try:
+            scim = connect_tenant(admin, "Polled", stripe_customer_id="cus_poll", stripe_subscription_id="sub_poll")
+            t = scim.tenant_id
+            wait_seats_read(admin, t, {"starter": 0, "team": 4, "enterprise": 0}, worker)
+            with Idp(scim.tenant_url, scim.token) as idp:
+                group = idp.create_group("Team")
+                ids = people(idp, "p", 4, group)
+            save_mapping(admin, t, user_groups=[group], license_groups={"team": [group]})
+            wait_caught_up(admin, t, worker=worker)
+            assert statuses(admin, t, ids) == {"active": 4}
+            reads_before = len([c for c in fake.calls if c.method == "GET"])
+
+            finance_sets(fake, "sub_poll", "price_team", 2)
+
+            wait_until(lambda: statuses(admin, t, ids) == {"active": 2, "pending_license": 2}, timeout=60,
+                       what="the lowered seats found by the periodic re-read", worker=worker)
+            assert licenses(admin, t)["team"] == {"purchased": 2, "assigned": 2}
+            assert len([c for c in fake.calls if c.method == "GET"]) > reads_before
+            assert [p["status"] for p in purchases(admin, t)] == ["awaiting_approval"]
+            assert not [p for p in fake.posts() if (p.idempotency_key or "").startswith("sally-")]
+            scim.client.close()
+        finally:
+            worker.kill()
