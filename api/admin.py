@@ -16,12 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import tenants, views
-from billing import guard, ledger
-from billing.locks import lock_tenant
 from api.scim import directory
 from api.scim.render import iso
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
+from billing import guard, ledger
+from billing.locks import lock_tenant
 from models.db import session_scope
 from models.settings import TIERS, Settings
 from models.tables import GroupMapping, ScimGroup, Tenant, utcnow
@@ -73,7 +73,7 @@ class AdminApi:
             Route(p + "/tenants/{t}/users/{id}", self.endpoint(self.remove_user, status=204, wakes=True), methods=["DELETE"]),
             Route(p + "/tenants/{t}/licenses", self.endpoint(self.licenses), methods=["GET"]),
             Route(p + "/tenants/{t}/purchases", self.endpoint(self.purchases), methods=["GET"]),
-            Route(p + "/tenants/{t}/purchases/{id}/approve", self.endpoint(self.approve_purchase, sends=True),
+            Route(p + "/tenants/{t}/purchases/{id}/approve", self.endpoint(self.approve_purchase, sends=True, wakes=True),
                   methods=["POST"]),
             Route(p + "/tenants/{t}/purchases/{id}/reject", self.endpoint(self.reject_purchase, wakes=True),
                   methods=["POST"]),

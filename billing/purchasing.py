@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from billing.ledger import record_invoice
 from billing.licenses import TIERS
 from billing.locks import lock_tenant
 from billing.seats import (
@@ -25,7 +26,6 @@ from billing.seats import (
     seat_needs,
     set_purchased_seats,
 )
-from billing.ledger import record_invoice
 from billing.stripe_gateway import Invoice, PermanentBillingError, SubscriptionState
 from models.db import session_scope
 from models.tables import Purchase, Tenant, utcnow

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
+import stripe
 from sqlalchemy import func, select
 
 from api.app import Services, create_app
@@ -70,8 +71,6 @@ def seed(engine, *, subscription: str | None = "sub_w") -> tuple[str, str]:
 
 def buy(fake: FakeStripe, purchase_id: str, starter: int) -> str:
     """What the worker's update does in Stripe: raise starter, billed at once, labelled with the purchase."""
-    import stripe
-
     client = stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url}, max_network_retries=0)
     item = fake.subscription("sub_w")["items"]["data"][0]["id"]
     client.v1.subscriptions.update("sub_w", params={
@@ -181,8 +180,6 @@ def test_a_failed_payment_then_a_late_paid_ends_paid(app, fake, clean_db):
     Then payment_failed shows "failed" until invoice.paid arrives, and paid is final."""
     _, purchase_id = seed(clean_db)
     fake.decline_payments("cus_w")
-    import stripe
-
     client = stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url}, max_network_retries=0)
     item = fake.subscription("sub_w")["items"]["data"][0]["id"]
     # allow_incomplete: the update goes through, the invoice stays open (unpaid).

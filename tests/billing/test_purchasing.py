@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import stripe
 from sqlalchemy import select, update
 
 from billing.purchasing import PurchaseRunner, sync_seats
@@ -109,8 +110,6 @@ def test_a_key_older_than_20_hours_is_replanned_with_a_new_key(admin, clean_db, 
     with pytest.raises(TransientBillingError):
         runner.run(purchase_id)
     old_key = purchase(clean_db, purchase_id).idempotency_key
-    import stripe
-
     item = fake.subscription("sub_k")["items"]["data"][0]["id"]
     stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url}, max_network_retries=0).v1.subscriptions.update(
         "sub_k", params={"items": [{"id": item, "quantity": 3}]})
@@ -187,8 +186,6 @@ def test_the_guard_holds_at_the_freeze_when_stripe_shows_fewer_seats(admin, clea
     admin.put(f"/tenants/{t}/scim/config", json={
         **{k: v for k, v in admin.get(f"/tenants/{t}/scim/config").json().items() if k != "spend_guard"},
         "spend_guard": {"first_purchase_seats": 0}})
-    import stripe
-
     item = fake.subscription("sub_k")["items"]["data"][0]["id"]
     stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url}, max_network_retries=0).v1.subscriptions.update(
         "sub_k", params={"items": [{"id": item, "quantity": 0}]})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -501,8 +502,6 @@ def test_a_stripe_that_never_answers_frees_the_caller_within_the_timeout(fake):
     Then it fails as transient (the same key may be retried) within about the attempts' timeouts,
     not after the library's default 80 s.
     """
-    import time
-
     gateway = StripeGateway(fake.api_key, PRICES, api_base=fake.url, attempts=2, wait_seconds=0.01, timeout=0.5)
     fake.blackhole()
     started = time.monotonic()

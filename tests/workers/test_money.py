@@ -25,8 +25,11 @@ from tests.conftest import connect_tenant
 from tests.workers.support import (
     TIERS,
     Idp,
+    SlowSmtp,
     WorkerProcess,
     licenses,
+    metric,
+    metrics,
     purchases,
     sally_scim_command,
     save_mapping,
@@ -378,8 +381,6 @@ def test_a_stripe_blackhole_never_stalls_reconcile_or_invitations(admin, live_se
     own), the stuck purchases stay pending with the error shown, and once Stripe answers again each is
     bought exactly once.
     """
-    from tests.workers.support import SlowSmtp
-
     with stripe_fake() as fake, SlowSmtp() as smtp:
         worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=2,
                                extra_env={"STRIPE_TIMEOUT": "1", "PURCHASE_THREADS": "2",
@@ -449,8 +450,6 @@ def test_a_refused_stripe_key_is_an_operator_alert_not_a_tenant_block(admin, liv
     and shown by /readyz (still 200: SCIM keeps working), and the tenant is not blocked: its link stays
     unverified, not invalid. When a worker with a good key runs, Then the link is verified and the alert ends.
     """
-    from tests.workers.support import metric, metrics
-
     with stripe_fake() as fake:
         fake.add_subscription("sub_key", customer="cus_key", items={"price_team": 2})
         worker = WorkerProcess(base_settings, tmp_path / "bad", fake, extra_env={"STRIPE_API_KEY": "sk_test_revoked_1"})
