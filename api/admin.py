@@ -16,15 +16,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import tenants, views
-from api.scim import directory
 from api.scim.render import iso
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
 from billing import guard, ledger
 from billing.locks import lock_tenant
 from models.db import session_scope
+from models.directory import groups, users
+from models.directory.events import record_event
+from models.directory.members import member_counts
 from models.settings import TIERS, Settings
-from models.tables import GroupMapping, ScimGroup, Tenant, utcnow
+from models.tables import GroupMapping, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +196,7 @@ class AdminApi:
     def put_config(self, session: Session, tenant: Tenant, path: dict, body: dict) -> dict[str, Any]:
         wanted = _parse_config(body)
         group_ids = {gid for ids in wanted["slots"].values() for gid in ids}
-        known = set()
-        for chunk in _chunks(sorted(group_ids)):
-            known.update(
-                gid for (gid,) in session.execute(
-                    select(ScimGroup.id).where(ScimGroup.tenant_id == tenant.id, ScimGroup.id.in_(chunk))
-                )
-            )
+        known = groups.known_group_ids(session, tenant.id, sorted(group_ids))
         unknown = sorted(group_ids - known)
         if unknown:
             raise AdminError(400, "unknown_group", f"Unknown group id(s) for this tenant: {', '.join(unknown[:10])}.")
@@ -222,17 +218,13 @@ class AdminApi:
         tenant.guard_first_purchase = spend_guard["first_purchase_seats"]
         session.add(tenant)
         # A mapping change re-evaluates everyone it touches: the whole tenant.
-        directory.record_event(session, tenant.id, "config_changed", None)
+        record_event(session, tenant.id, "config_changed", None)
         session.flush()
         return self.get_config(session, tenant, path, None)
 
     def groups(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
-        rows = list(
-            session.execute(
-                select(ScimGroup).where(ScimGroup.tenant_id == tenant.id).order_by(ScimGroup.display_name_key, ScimGroup.id)
-            ).scalars()
-        )
-        counts = directory.member_counts(session, [g.id for g in rows])
+        rows = groups.groups_by_name(session, tenant.id)
+        counts = member_counts(session, [g.id for g in rows])
         return [
             {"id": g.id, "displayName": g.display_name, "externalId": g.external_id, "members": counts[g.id]}
             for g in rows
@@ -244,11 +236,11 @@ class AdminApi:
         return views.user_rows(session, tenant.id)
 
     def remove_user(self, session: Session, tenant: Tenant, path: dict, _body: None) -> None:
-        user = directory.get_user_any(session, tenant.id, path["id"])
+        user = users.get_user_any(session, tenant.id, path["id"])
         if user is None:
             raise AdminError(404, "not_found", f"User '{path['id']}' not found.")
         if user.deleted_at is None:
-            directory.delete_user(session, user, kind="user_removed")
+            users.delete_user(session, user, kind="user_removed")
 
     def licenses(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.licenses(session, tenant)
@@ -296,7 +288,7 @@ class AdminApi:
         except guard.PurchaseStateError as error:
             raise AdminError(409, error.code, error.detail) from None
         # The users' reasons follow the decision at the next reconcile.
-        directory.record_event(session, tenant.id, "purchase_decided", [])
+        record_event(session, tenant.id, "purchase_decided", [])
         return views.purchase_row(purchase)
 
     # ------------------------------------------------------------ billing
@@ -330,11 +322,6 @@ def _holds_nul(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def _chunks(items: list[str], size: int = 500):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _id_list(value: Any, where: str) -> list[str]:

@@ -24,6 +24,10 @@ from api.tenants import TenantError
 from api.webhooks import StripeWebhooks
 from models.db import make_engine
 from models.settings import Settings
+from workers.broker import make_broker, redis_client, resolve_redis_url
+from workers.names import PURCHASE_SEATS, QUEUES
+from workers.telemetry import Telemetry, queue_depths, stripe_alert_key
+from workers.wakeup import Waker
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,6 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
-        from dramatiq import Message
-
-        from workers.broker import PURCHASE_QUEUE, QUEUES, make_broker, redis_client, resolve_redis_url
-        from workers.telemetry import Telemetry, queue_depths, stripe_alert_key
-        from workers.wakeup import Waker
-
         url = resolve_redis_url(settings)
         client = redis_client(url)
         broker = make_broker(settings, url)
@@ -80,9 +78,7 @@ class Services:
             # By actor name: the web process never imports the actors. A lost message
             # is re-sent by the sweep (the purchase row is the truth).
             try:
-                broker.enqueue(Message(
-                    queue_name=PURCHASE_QUEUE, actor_name="purchase_seats", args=(purchase_id,), kwargs={}, options={}
-                ))
+                waker.enqueue(PURCHASE_SEATS, purchase_id)
             except Exception:  # noqa: BLE001 - the approval is committed; the sweep delivers it
                 log.warning("could not enqueue purchase %s; the sweep will", purchase_id)
 

@@ -161,7 +161,8 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
-    from workers.broker import INVITE_QUEUE, RECONCILE_QUEUE, release_embedded_redis, resolve_redis_url
+    from workers.broker import release_embedded_redis, resolve_redis_url
+    from workers.names import INVITE_QUEUE, RECONCILE_QUEUE
 
     argv = [
         "workers.entrypoint",

@@ -8,8 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from api.scim.directory import record_event
 from api.tokens import new_token, token_digest
+from models.directory.events import record_event
 from models.tables import Purchase, Tenant, utcnow
 
 PROVIDERS = ("entra", "google", "okta", "onelogin", "pingone")

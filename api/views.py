@@ -10,6 +10,8 @@ from sqlmodel import Session
 
 from api.scim.render import iso
 from billing.ledger import ledger_rows
+from models.directory import events
+from models.directory.users import invitation_address
 from models.settings import TIERS
 from models.tables import (
     Account,
@@ -17,10 +19,8 @@ from models.tables import (
     Purchase,
     ScimUser,
     SeatCount,
-    SyncEvent,
     Tenant,
 )
-from workers.reconcile import invitation_address
 
 
 def _iso(moment: Any) -> str | None:
@@ -123,9 +123,7 @@ def billing(tenant: Tenant) -> dict[str, Any]:
 
 
 def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
-    total, applied = session.execute(
-        select(func.count(), func.count(SyncEvent.applied_at)).where(SyncEvent.tenant_id == tenant.id)
-    ).one()
+    total, applied = events.counts(session, tenant.id)
     pending_purchases = session.execute(
         select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
     ).scalar_one()

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import exists, select
 from sqlmodel import Session
 
-from billing.licenses import TIERS
+from models.settings import TIERS
 from models.tables import Purchase, Tenant
 
 HELD = "awaiting_approval"

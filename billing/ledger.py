@@ -18,9 +18,9 @@ from sqlalchemy import insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from billing.licenses import TIERS
 from billing.stripe_gateway import Invoice
-from models.tables import Purchase, StripeEvent, SyncEvent, Tenant, utcnow
+from models.settings import TIERS
+from models.tables import Purchase, StripeEvent, SyncEvent, Tenant, as_utc, utcnow
 
 SUBSCRIPTION_EVENTS = frozenset(
     {"customer.subscription.updated", "customer.subscription.created", "customer.subscription.deleted"}
@@ -49,13 +49,6 @@ class EventOutcome:
     @property
     def duplicate(self) -> bool:
         return self.outcome == "duplicate"
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; they are UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)
 
 
 def _from_unix(value: Any) -> datetime | None:
@@ -153,7 +146,7 @@ def _invoice_event(session: Session, type_: str, created: datetime, obj: Mapping
             purchase = None
     if purchase is None:
         return EventOutcome("ignored: not the invoice of a Sally purchase")
-    last = _aware(purchase.invoice_event_at)
+    last = as_utc(purchase.invoice_event_at) if purchase.invoice_event_at else None
     rank = INVOICE_EVENTS[type_]
     if last is not None and (created, rank) < (last, INVOICE_EVENTS.get(_last_type(purchase), 0)):
         return EventOutcome("stale: a newer event of this invoice was applied", purchase.tenant_id)
@@ -222,8 +215,7 @@ def format_amount(minor: int | None, currency: str | None) -> str:
 
 
 def _iso(moment: datetime | None) -> str:
-    moment = _aware(moment)
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if moment else ""
+    return as_utc(moment).isoformat().replace("+00:00", "Z") if moment else ""
 
 
 def ledger_rows(session: Session, tenant_id: str, since: datetime | None = None) -> list[Purchase]:

@@ -6,13 +6,12 @@ feeds them the directory and the purchased quantities and acts on the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TIERS: tuple[str, ...] = ("starter", "team", "enterprise")
-"""License tiers, lowest first: a user in several license groups gets the first."""
+from models.settings import TIERS
 
 Role = Literal["admin", "user"]
 
@@ -97,18 +96,6 @@ def entitlement(active: bool, group_ids: AbstractSet[str], mapping: GroupMapping
     return Entitlement(role=role, tier=tier)
 
 
-def seat_demand(tiers: Iterable[str | None]) -> dict[str, int]:
-    """Count the users per tier (None = no license); every tier is in the answer."""
-    counts = dict.fromkeys(TIERS, 0)
-    for tier in tiers:
-        if tier is None:
-            continue
-        if tier not in counts:
-            raise ValueError(f"unknown license tier: {tier!r}")
-        counts[tier] += 1
-    return counts
-
-
 def plan_tier(purchased: int, holders: int, waiting: int, cap: int | None) -> TierPlan:
     """Plan one tier: who of the waiting users gets a seat now, and how many seats to own.
 
@@ -143,16 +130,18 @@ def plan_tier(purchased: int, holders: int, waiting: int, cap: int | None) -> Ti
     return TierPlan(grant=grant, target=target, over_cap=over_cap)
 
 
+def raised_to(current: Mapping[str, int], demand: Mapping[str, int]) -> dict[str, int]:
+    """Every tier at max(current, demand): a purchase raises seats, never lowers them."""
+    return {tier: max(current.get(tier, 0), demand.get(tier, 0)) for tier in TIERS}
+
+
 def purchase_targets(purchased: Mapping[str, int], plans: Mapping[str, TierPlan]) -> dict[str, int] | None:
     """Absolute quantities for all tiers if any tier must grow, else None.
 
     One purchase covers every short tier; tiers that need nothing keep their
     current quantity (absolute targets make a late duplicate harmless).
     """
-    targets = {
-        tier: max(purchased.get(tier, 0), plans[tier].target if tier in plans else 0)
-        for tier in TIERS
-    }
+    targets = raised_to(purchased, {tier: plan.target for tier, plan in plans.items()})
     if all(targets[tier] == purchased.get(tier, 0) for tier in TIERS):
         return None
     return targets

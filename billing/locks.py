@@ -7,6 +7,8 @@ import hashlib
 from sqlalchemy import text
 from sqlmodel import Session
 
+from models.db import is_postgres
+
 
 def tenant_lock_key(tenant_id: str) -> int:
     """A stable signed 64-bit key for pg_advisory_xact_lock."""
@@ -21,7 +23,7 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
     write transaction starts with BEGIN IMMEDIATE (models.db), which already
     serialises writers across threads and processes.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": tenant_lock_key(tenant_id)})
 
 
@@ -30,7 +32,7 @@ def try_lock_tenant(session: Session, tenant_id: str) -> bool:
 
     On SQLite the write transaction already holds the database's one write lock.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         return bool(
             session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": tenant_lock_key(tenant_id)}).scalar()
         )

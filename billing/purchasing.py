@@ -7,20 +7,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Protocol
+from datetime import datetime, timedelta
+from typing import Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from billing.gateway import Gateway
 from billing.ledger import record_invoice
-from billing.licenses import TIERS
+from billing.licenses import raised_to
 from billing.locks import lock_tenant
 from billing.seats import (
     Allocation,
     allocate,
-    billed,
     guard_check,
     purchased_seats,
     seat_needs,
@@ -28,16 +28,10 @@ from billing.seats import (
 )
 from billing.stripe_gateway import Invoice, PermanentBillingError, SubscriptionState
 from models.db import session_scope
-from models.tables import Purchase, Tenant, utcnow
+from models.settings import TIERS
+from models.tables import Purchase, Tenant, as_utc, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class Gateway(Protocol):
-    def read_subscription(self, subscription_id: str) -> SubscriptionState: ...
-    def build_update(self, state: SubscriptionState, targets: dict[str, int], metadata: dict[str, str]) -> dict: ...
-    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> Invoice | None: ...
-    def find_invoice(self, subscription_id: str, purchase_id: str) -> Invoice | None: ...
 
 
 @dataclass
@@ -89,13 +83,6 @@ def metadata_for(purchase: Purchase, before: dict[str, int], after: dict[str, in
     }
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; they are UTC."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)
-
-
 @dataclass(frozen=True)
 class Frozen:
     """The exact request a purchase sends (and every retry replays)."""
@@ -115,7 +102,7 @@ class PurchaseRunner:
     def __init__(
         self,
         engine: Engine,
-        gateway: Gateway | None,
+        gateway: Gateway,
         clock: Callable[[], datetime] = utcnow,
         pace: Callable[[str, str], float] | None = None,
         lease: timedelta = LEASE_TTL,
@@ -191,12 +178,12 @@ class PurchaseRunner:
             if purchase.status != "pending":
                 return Outcome("already_settled")
             now = self.clock()
-            lease = _aware(purchase.lease_until)
+            lease = as_utc(purchase.lease_until) if purchase.lease_until else None
             if lease is not None and lease > now:
                 # Another worker is talking to Stripe for it (a duplicate or the sweep's
                 # message): it will settle it; a second call would only race it.
                 return Outcome("in_flight")
-            if self.gateway is None or not billed(tenant, True):
+            if not self.gateway.bills(tenant):
                 if purchase.request_body is not None:
                     # Frozen by a worker that has Stripe: the update may have run and been
                     # charged. Recording it as not billed would hide that; it waits, visibly,
@@ -205,7 +192,7 @@ class PurchaseRunner:
                     session.add(purchase)
                     return Outcome("waiting_for_stripe")
                 return self._settle_not_billed(session, tenant, purchase)
-            frozen_at = _aware(purchase.key_created_at)
+            frozen_at = as_utc(purchase.key_created_at) if purchase.key_created_at else None
             if purchase.request_body is not None and frozen_at is not None and now - frozen_at > KEY_MAX_AGE:
                 # Stripe would have forgotten this key (24 h): a replay could buy twice.
                 # Drop the frozen request; the freeze below re-reads the subscription
@@ -225,7 +212,6 @@ class PurchaseRunner:
 
     def _freeze(self, purchase_id: str) -> Outcome | Frozen:
         """Read the subscription, re-read demand and caps, apply the guard, store body and key."""
-        assert self.gateway is not None
         with session_scope(self.engine) as session:
             tenant = session.get(Tenant, session.get(Purchase, purchase_id).tenant_id)
             subscription_id = tenant.stripe_subscription_id
@@ -264,7 +250,7 @@ class PurchaseRunner:
             if purchase.approved_at is not None:
                 # The admin approved the demand shown; anything beyond is the next purchase's.
                 needs = {tier: min(needs[tier], int(purchase.demand.get(tier, 0))) for tier in TIERS}
-            after = {tier: max(before.get(tier, 0), needs[tier]) for tier in TIERS}
+            after = raised_to(before, needs)
             purchase.quantities_before = before
             purchase.demand = needs
             if after == before:
@@ -297,7 +283,6 @@ class PurchaseRunner:
 
     def _send(self, purchase_id: str, frozen: Frozen) -> Outcome | Invoice | None:
         """Call Stripe with the stored body and key; every retry replays them verbatim."""
-        assert self.gateway is not None
         wait = self.pace(frozen.subscription_id, frozen.key) if self.pace is not None else 0.0
         if wait > 0:
             # Stripe limits how fast one subscription may be updated and invoiced.
@@ -342,13 +327,12 @@ class PurchaseRunner:
         purchase.lease_until = None
         session.add_all([purchase, tenant])
         session.flush()
-        allocation = allocate(session, tenant, self.clock(), billing_configured=True, trigger="held by the spend guard")
+        allocation = allocate(session, tenant, self.clock(), gateway=self.gateway, trigger="held by the spend guard")
         return Outcome("awaiting_approval", next_purchase_id=allocation.purchase_id)
 
     def _settle_found(
         self, session: Session, tenant: Tenant, purchase: Purchase, subscription_id: str, seats: dict[str, int]
     ) -> Outcome:
-        assert self.gateway is not None
         invoice = self.gateway.find_invoice(subscription_id, purchase.id)
         return self._settle(session, tenant, purchase, "succeeded", purchase.quantities_before or seats,
                             purchase.quantities_after or seats, invoice, None)
@@ -363,7 +347,7 @@ class PurchaseRunner:
         session.delete(purchase)
         session.flush()
         allocation = allocate(
-            session, tenant, now, billing_configured=self.gateway is not None, trigger="seats read from Stripe"
+            session, tenant, now, gateway=self.gateway, trigger="seats read from Stripe"
         )
         return Outcome("nothing_to_buy", next_purchase_id=allocation.purchase_id)
 
@@ -391,9 +375,7 @@ class PurchaseRunner:
                 return Outcome("already_settled")
             before = purchase.quantities_before or {}
             # Refused before the body was frozen: what it would have asked for (never below before).
-            after = purchase.quantities_after or {
-                tier: max(before.get(tier, 0), purchase.demand.get(tier, 0)) for tier in TIERS
-            }
+            after = purchase.quantities_after or raised_to(before, purchase.demand)
             return self._settle(session, tenant, purchase, "failed", before, after, None, reason)
 
     def _settle_not_billed(self, session: Session, tenant: Tenant, purchase: Purchase) -> Outcome:
@@ -402,7 +384,7 @@ class PurchaseRunner:
         needs = seat_needs(session, tenant)
         if purchase.approved_at is not None:
             needs = {tier: min(needs[tier], int(purchase.demand.get(tier, 0))) for tier in TIERS}
-        after = {tier: max(before.get(tier, 0), needs[tier]) for tier in TIERS}
+        after = raised_to(before, needs)
         purchase.demand = needs
         if after == {tier: before.get(tier, 0) for tier in TIERS}:
             return self._nothing_to_buy(session, tenant, purchase, {tier: before.get(tier, 0) for tier in TIERS})
@@ -448,7 +430,7 @@ class PurchaseRunner:
         session.add(tenant)
         session.flush()
         allocation: Allocation = allocate(
-            session, tenant, now, billing_configured=self.gateway is not None, trigger="demand grew while a purchase was settling"
+            session, tenant, now, gateway=self.gateway, trigger="demand grew while a purchase was settling"
         )
         return Outcome(status, next_purchase_id=allocation.purchase_id)
 
@@ -463,7 +445,7 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
     """
     with session_scope(engine) as session:
         tenant = session.get(Tenant, tenant_id)
-        if tenant is None or not tenant.stripe_subscription_id or tenant.seats_synced_at is not None:
+        if tenant is None or not gateway.bills(tenant) or tenant.seats_synced_at is not None:
             return None
         subscription_id = tenant.stripe_subscription_id
     try:
@@ -495,7 +477,7 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
                 tenant.billing_status, tenant.billing_detail = "invalid", problem
         session.add(tenant)
         session.flush()
-        return allocate(session, tenant, now, billing_configured=True, trigger="seats read from Stripe")
+        return allocate(session, tenant, now, gateway=gateway, trigger="seats read from Stripe")
 
 
 def link_problem(tenant: Tenant, state: SubscriptionState) -> str | None:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable, Sequence
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from billing.gateway import Gateway
 from billing.guard import HELD, OPEN_STATUSES, GuardPolicy, hold_reason, is_first_purchase
-from billing.licenses import TIERS, TierPlan, plan_tier, purchase_targets
+from billing.licenses import TierPlan, plan_tier, purchase_targets, raised_to
+from models.db import chunks
+from models.settings import TIERS
 from models.tables import Account, Purchase, SeatCount, Tenant, new_id
 
-BATCH = 500
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
@@ -35,9 +36,6 @@ class Allocation:
     needs_seat_sync: bool = False
 
 
-def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
@@ -119,7 +117,7 @@ def _review_held(
         return None, None
     held.demand = dict(needed)
     held.quantities_before = dict(purchased)
-    after = {tier: max(purchased[tier], needed[tier]) for tier in TIERS}
+    after = raised_to(purchased, needed)
     held.hold_reason = guard_check(session, tenant, purchased, after)
     if held.hold_reason is None:
         held.status = "pending"
@@ -132,13 +130,8 @@ def _review_held(
     return held, None
 
 
-def billed(tenant: Tenant, billing_configured: bool) -> bool:
-    """Seats of this tenant are bought in Stripe (else purchases are recorded as not_billed)."""
-    return billing_configured and bool(tenant.stripe_subscription_id)
-
-
 def allocate(
-    session: Session, tenant: Tenant, now: datetime, *, billing_configured: bool, trigger: str
+    session: Session, tenant: Tenant, now: datetime, *, gateway: Gateway, trigger: str
 ) -> Allocation:
     """Give free seats to the longest-waiting users, mark the rest, plan one purchase if short.
 
@@ -148,7 +141,7 @@ def allocate(
     result = Allocation()
     purchased = purchased_seats(session, tenant.id)
     holders = _holders(session, tenant.id)
-    if billed(tenant, billing_configured) and tenant.seats_synced_at is not None:
+    if gateway.bills(tenant) and tenant.seats_synced_at is not None:
         if _revoke_beyond(session, tenant.id, purchased, holders, now):
             holders = _holders(session, tenant.id)
     waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
@@ -178,7 +171,7 @@ def allocate(
         for tier in TIERS
     }
     in_flight = pending_purchase(session, tenant.id)
-    is_billed = billed(tenant, billing_configured)
+    is_billed = gateway.bills(tenant)
     blocked = tenant.billing_blocked or None
     targets = purchase_targets(purchased, plans)
     if targets is not None and blocked is not None:
@@ -208,7 +201,7 @@ def allocate(
         plan = plans[tier]
         queue = waiting[tier]
         grant, rest = queue[:plan.grant], queue[plan.grant:]
-        for chunk in _chunks(grant):
+        for chunk in chunks(grant):
             session.execute(
                 update(Account)
                 .where(Account.user_id.in_(chunk))
@@ -233,7 +226,7 @@ def allocate(
             (buying_reason, rest[:buying_count]),
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 # Only rows whose reason changes: a tenant with many waiting users is
                 # re-allocated on every reconcile, and rewriting them all each time
                 # would make a burst's cost grow with the square of its size.
@@ -281,7 +274,7 @@ def _revoke_beyond(
             .limit(extra)
         ).scalars().all()
         reason = REASON_LOWERED.format(tier=tier, seats=purchased[tier])
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             session.execute(
                 update(Account)
                 .where(Account.user_id.in_(chunk))
@@ -300,7 +293,7 @@ def _plan_purchase(
     Checked here, with the seats last read, so a held purchase costs no Stripe
     call at all; the purchase job checks again against the subscription it reads.
     """
-    after = {tier: max(purchased[tier], needed[tier]) for tier in TIERS}
+    after = raised_to(purchased, needed)
     reason = guard_check(session, tenant, purchased, after)
     purchase = Purchase(
         id=new_id(),

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import stripe
 import tenacity
 
-from billing.licenses import TIERS
+from models.retries import retry_policy
+from models.settings import TIERS
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,10 @@ class StripeGateway:
         # The default repr would be harmless today; this one can never grow the key.
         return f"StripeGateway(prices={self._prices!r})"
 
+    def bills(self, tenant: Any) -> bool:
+        """A tenant linked to a Stripe subscription has its seats bought there."""
+        return bool(tenant.stripe_subscription_id)
+
     def read_subscription(self, subscription_id: str) -> SubscriptionState:
         """Current quantity and item id per tier; items with prices that are not ours are ignored."""
         subscription = self._call(lambda: self._client.v1.subscriptions.retrieve(subscription_id))
@@ -269,12 +274,12 @@ class StripeGateway:
 
     def _call(self, request: Callable[[], T]) -> T:
         """Run one Stripe request, retrying transient faults, translating every Stripe error."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self._attempts),
-            wait=tenacity.wait_exponential(multiplier=self._wait_seconds, max=self._wait_seconds * 16),
+        retrying = retry_policy(
+            attempts=self._attempts,
+            wait_seconds=self._wait_seconds,
+            max_wait_seconds=self._wait_seconds * 16,
             retry=tenacity.retry_if_exception(_is_transient),
             before_sleep=self._log_retry,
-            reraise=True,
         )
         try:
             return retrying(request)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Ids per IN (...) list: well under SQLite's 999 bound parameters of old builds.
+BATCH = 500
 
 
 def make_engine(database_url: str, *, pool_size: int = 20) -> Engine:
@@ -68,5 +72,18 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def is_postgres(engine: Engine) -> bool:
+def is_postgres(bind: Engine | Session) -> bool:
+    """Whether an engine (or a session's bind) speaks PostgreSQL rather than SQLite."""
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
     return engine.dialect.name == "postgresql"
+
+
+def insert_ignore(session: Session) -> Any:
+    """The dialect's INSERT with ON CONFLICT DO NOTHING (both dialects spell it alike)."""
+    return pg_insert if is_postgres(session) else sqlite_insert
+
+
+def chunks(items: Sequence[Any], size: int = BATCH) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of at most `size` items, for IN (...) lists and multi-row inserts."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

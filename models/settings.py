@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-TIERS = ("starter", "team", "enterprise")
+TIERS: tuple[str, ...] = ("starter", "team", "enterprise")
+"""License tiers, lowest first: a user in several license groups gets the first."""
 
 
 class SettingsError(ValueError):
@@ -102,10 +103,6 @@ class Settings:
         object.__setattr__(self, "database_url", normalise_database_url(self.database_url))
         object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         object.__setattr__(self, "var_dir", Path(self.var_dir))
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
     @property
     def outbox_dir(self) -> Path:

@@ -15,6 +15,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in aware UTC; a naive value is UTC (SQLite hands back the wall-clock digits only)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

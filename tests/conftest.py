@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
 import threading
 import time
@@ -22,6 +21,7 @@ from sqlalchemy.engine import Engine, make_url
 from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings, normalise_database_url
+from tests.fakes.ports import free_port
 from tests.fakes.stripe_server import DEFAULT_WEBHOOK_SECRET
 
 ADMIN_TOKEN = "test-admin-token"
@@ -32,12 +32,6 @@ TABLES = (
     "stripe_event", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
     "sync_event", "scim_group", "scim_user", "tenant",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _postgres_test_database(base_url: str) -> str:

@@ -23,6 +23,8 @@ from typing import Iterator
 import httpx
 import pytest
 
+from tests.fakes.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 240  # `make run` creates .venv and pip-installs before it serves
 STOP_TIMEOUT = 30
@@ -32,12 +34,6 @@ NOT_IN_A_CHECKOUT = shutil.ignore_patterns(".git", ".venv", "var", "__pycache__"
 pytestmark = pytest.mark.skipif(
     os.environ.get("SALLY_SKIP_MAKE_RUN") == "1", reason="SALLY_SKIP_MAKE_RUN=1: `make run` end-to-end test skipped"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_checkout(destination: Path) -> None:

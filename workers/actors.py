@@ -14,7 +14,15 @@ from billing.purchasing import PurchaseRunner
 from billing.purchasing import sync_seats as sync_seats_from_stripe
 from billing.stripe_gateway import BillingError, PermanentBillingError
 from workers import invitations, runtime
-from workers.broker import INVITE_QUEUE, PURCHASE_QUEUE, RECONCILE_QUEUE
+from workers.names import (
+    INVITE_QUEUE,
+    PURCHASE_QUEUE,
+    PURCHASE_SEATS,
+    RECONCILE_QUEUE,
+    RECONCILE_TENANT,
+    SEND_INVITATION,
+    SYNC_SEATS,
+)
 from workers.reconcile import Reconciler
 from workers.wakeup import pending_key
 
@@ -85,7 +93,7 @@ def _retries_so_far() -> int:
 
 
 @dramatiq.actor(
-    actor_name="reconcile_tenant", queue_name=RECONCILE_QUEUE,
+    actor_name=RECONCILE_TENANT, queue_name=RECONCILE_QUEUE,
     max_retries=RECONCILE_RETRIES, min_backoff=500, max_backoff=15_000,
 )
 def reconcile_tenant(tenant_id: str) -> None:
@@ -98,17 +106,17 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
 
     try:
-        result = Reconciler(rt.engine, billing_configured=rt.gateway is not None).run(tenant_id, on_locked=clear_pending)
+        result = Reconciler(rt.engine, rt.gateway).run(tenant_id, on_locked=clear_pending)
     except Exception:
-        rt.telemetry.job("reconcile_tenant", "error")
+        rt.telemetry.job(RECONCILE_TENANT, "error")
         raise
     if result.busy:
         # Another worker is reconciling this tenant; the flag stays set, so writes
         # meanwhile send nothing more and this one message comes back for them.
-        rt.telemetry.job("reconcile_tenant", "busy")
+        rt.telemetry.job(RECONCILE_TENANT, "busy")
         reconcile_tenant.send_with_options(args=(tenant_id,), delay=BUSY_RETRY_MS)
         return
-    rt.telemetry.job("reconcile_tenant", "ok")
+    rt.telemetry.job(RECONCILE_TENANT, "ok")
     if result.purchase_id:
         send_purchase(rt, result.purchase_id)
     if result.needs_seat_sync:
@@ -120,16 +128,16 @@ def reconcile_tenant(tenant_id: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name="purchase_seats", queue_name=PURCHASE_QUEUE,
+    actor_name=PURCHASE_SEATS, queue_name=PURCHASE_QUEUE,
     max_retries=PURCHASE_RETRIES, min_backoff=1_000, max_backoff=60_000,
 )
 def purchase_seats(purchase_id: str) -> None:
     """Run one purchase through the protocol (frozen body and key, Stripe, settle)."""
     rt = runtime.current()
     runner = PurchaseRunner(rt.engine, rt.gateway, pace=lambda subscription, key: _pace(rt, subscription, key))
-    with _failures_counted(rt, "purchase_seats"):
+    with _failures_counted(rt, PURCHASE_SEATS):
         outcome = runner.run(purchase_id)
-    rt.telemetry.job("purchase_seats", outcome.status)
+    rt.telemetry.job(PURCHASE_SEATS, outcome.status)
     if outcome.stripe_called:
         rt.telemetry.stripe("failed" if outcome.status == "failed" else "ok")
         rt.telemetry.stripe_ok()
@@ -140,17 +148,15 @@ def purchase_seats(purchase_id: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name="sync_seats", queue_name=PURCHASE_QUEUE,
+    actor_name=SYNC_SEATS, queue_name=PURCHASE_QUEUE,
     max_retries=PURCHASE_RETRIES, min_backoff=1_000, max_backoff=60_000,
 )
 def sync_seats(tenant_id: str) -> None:
     """Read the seats bought from the tenant's Stripe subscription, then allocate."""
     rt = runtime.current()
-    if rt.gateway is None:
-        return
-    with _failures_counted(rt, "sync_seats"):
+    with _failures_counted(rt, SYNC_SEATS):
         allocation = sync_seats_from_stripe(rt.engine, rt.gateway, tenant_id)
-    rt.telemetry.job("sync_seats", "ok")
+    rt.telemetry.job(SYNC_SEATS, "ok")
     if allocation is not None:  # None: the seats were known already, Stripe was not called
         rt.telemetry.stripe("ok")
         rt.telemetry.stripe_ok()
@@ -159,7 +165,7 @@ def sync_seats(tenant_id: str) -> None:
 
 
 @dramatiq.actor(
-    actor_name="send_invitation", queue_name=INVITE_QUEUE,
+    actor_name=SEND_INVITATION, queue_name=INVITE_QUEUE,
     max_retries=INVITE_RETRIES, min_backoff=1_000, max_backoff=60_000,
 )
 def send_invitation(*invitation_ids: str) -> None:
@@ -172,7 +178,7 @@ def send_invitation(*invitation_ids: str) -> None:
         result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, invitation_ids)
     except Exception as error:
         # The database (or a bug), not the mail server: nothing says which rows were sent.
-        rt.telemetry.job("send_invitation", "error")
+        rt.telemetry.job(SEND_INVITATION, "error")
         if _retries_so_far() >= INVITE_RETRIES:
             _give_up(rt, invitation_ids, error)
             return
@@ -180,14 +186,14 @@ def send_invitation(*invitation_ids: str) -> None:
     # One count per invitation and outcome: sent, failed, already_done,
     # claimed_elsewhere, retry (Dramatiq retries the job), postponed.
     for outcome, count in result.counts().items():
-        rt.telemetry.job("send_invitation", outcome, count)
+        rt.telemetry.job(SEND_INVITATION, outcome, count)
     postponed = result.ids("postponed")
     if postponed:
         # A slow mail server: the rows the claim's time budget did not cover, as a new job.
         send_invitation.send(*postponed)
     if result.error is not None:
         # And one "error" per failed job, as for the other actors.
-        rt.telemetry.job("send_invitation", "error")
+        rt.telemetry.job(SEND_INVITATION, "error")
         if _retries_so_far() >= INVITE_RETRIES:
             _give_up(rt, result.ids("retry"), result.error)
             return

@@ -11,13 +11,9 @@ from dramatiq.brokers.redis import RedisBroker
 
 from models.settings import Settings
 from workers.embedded_redis import EmbeddedRedis
+from workers.names import QUEUES
 
 log = logging.getLogger(__name__)
-
-RECONCILE_QUEUE = "reconcile"
-PURCHASE_QUEUE = "purchases"
-INVITE_QUEUE = "invitations"
-QUEUES = (RECONCILE_QUEUE, PURCHASE_QUEUE, INVITE_QUEUE)
 
 _embedded: dict[str, EmbeddedRedis] = {}
 

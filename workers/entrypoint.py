@@ -7,7 +7,7 @@ from dramatiq.middleware import CurrentMessage
 
 from models.settings import Settings
 from workers import runtime
-from workers.broker import setup_worker_broker
+from workers.broker import resolve_redis_url, setup_worker_broker
 from workers.purchase_pool import PurchaseWorkerMiddleware
 from workers.sweep import SweepMiddleware
 
@@ -18,8 +18,6 @@ def setup(settings: Settings) -> dramatiq.Broker:
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(SweepMiddleware(settings.sweep_interval))
     broker.add_middleware(PurchaseWorkerMiddleware(settings.purchase_threads))
-    from workers.broker import resolve_redis_url
-
     runtime.install(runtime.build(settings, broker, resolve_redis_url(settings)))
     return broker
 

@@ -33,16 +33,17 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from models.db import session_scope
+from models.db import chunks, session_scope
 from models.settings import Settings
-from models.tables import Account, Invitation, ScimUser, Tenant, utcnow
+from models.directory import users as directory_users
+from models.tables import Account, Invitation, Tenant, as_utc, utcnow
 from workers.mailer import (
     Mail,
     PermanentMailError,
@@ -118,8 +119,7 @@ def batches(invitation_ids: Sequence[str], *, size: int = BATCH_SIZE, spread: in
     if not ids:
         return
     size = max(1, min(size, -(-len(ids) // max(1, spread))))
-    for start in range(0, len(ids), size):
-        yield ids[start:start + size]
+    yield from chunks(ids, size)
 
 
 def send_invitation(
@@ -145,7 +145,7 @@ def send_invitations(
 ) -> BatchResult:
     """Claim, send and record a batch; a transient failure is returned (sent rows recorded, the rest released)."""
     ids = list(dict.fromkeys(invitation_ids))
-    claimed_at = _utc(now())
+    claimed_at = as_utc(now())
     claims, outcomes = _claim(engine, ids, claimed_at)
     result = BatchResult(outcomes)
     if not claims:
@@ -158,7 +158,7 @@ def send_invitations(
     last_record = claimed_at
     deferred_in_a_row = 0
     for index, claim in enumerate(claims):
-        moment = _utc(now())
+        moment = as_utc(now())
         if moment - claimed_at > SEND_BUDGET:
             # A slow server: the rest would be sent after their lease ran out.
             postponed = claims[index:]
@@ -199,10 +199,10 @@ def send_invitations(
                      claim.invitation_id, type(error).__name__, len(claims) - index)
             break
         # A crash from here to the commit that records it is the one resend window.
-        sent.append((claim, _utc(now())))
+        sent.append((claim, as_utc(now())))
         deferred_in_a_row = 0
 
-    _record(engine, sent, failed, _utc(now()), release=retry, postpone=postponed, claimed_at=claimed_at)
+    _record(engine, sent, failed, as_utc(now()), release=retry, postpone=postponed, claimed_at=claimed_at)
     _note(result, sent, failed)
     result.outcomes.update((claim.invitation_id, "retry") for claim, _ in retry)
     result.outcomes.update((claim.invitation_id, "postponed") for claim in postponed)
@@ -216,7 +216,7 @@ def give_up(
 ) -> list[str]:
     """Mark pending invitations failed after the job's last retry, so the admin sees why; returns those it marked."""
     ids = [invitation_ids] if isinstance(invitation_ids, str) else list(invitation_ids)
-    at = _utc(now())
+    at = as_utc(now())
     given_up: list[str] = []
     with session_scope(engine) as session:
         # Only "pending": a row still "sending" may have been accepted by the
@@ -245,7 +245,7 @@ def give_up(
 
 def due_invitations(session: Session, now: datetime, limit: int = 1000) -> list[str]:
     """Ids the sweep should (re-)enqueue: pending without a recent enqueue, or sending with an expired lease."""
-    now = _utc(now)
+    now = as_utc(now)
     not_recently_enqueued = or_(Invitation.enqueued_at.is_(None), Invitation.enqueued_at < now - ENQUEUE_GRACE)
     statement = (
         select(Invitation.id)
@@ -269,7 +269,7 @@ def mark_enqueued(session: Session, invitation_ids: Iterable[str], now: datetime
         session.execute(
             update(Invitation)
             .where(Invitation.id.in_(ids), Invitation.status.in_(("pending", "sending")))
-            .values(enqueued_at=_utc(now))
+            .values(enqueued_at=as_utc(now))
         )
 
 
@@ -324,10 +324,9 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
         ).all())
         names = {
             user_id: _display_name(display_name, data)
-            for user_id, display_name, data in session.execute(
-                select(ScimUser.id, ScimUser.display_name, ScimUser.data)
-                .where(ScimUser.id.in_([row.user_id for row in taken.values()]))
-            )
+            for user_id, (display_name, data) in directory_users.names(
+                session, [row.user_id for row in taken.values()]
+            ).items()
         }
     claims = [
         _Claim(
@@ -467,8 +466,3 @@ def _display_name(display_name: str | None, data: Any) -> str | None:
     return None
 
 
-def _utc(value: datetime) -> datetime:
-    # SQLite stores the wall-clock digits only: every timestamp must be UTC to compare.
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)

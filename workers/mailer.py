@@ -42,6 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 import tenacity
 
+from models.retries import retry_policy
 from models.tables import utcnow
 
 if TYPE_CHECKING:
@@ -155,12 +156,12 @@ class SmtpMailer:
 
     def send(self, mail: Mail) -> None:
         """Deliver one message; raises PermanentMailError, or TransientMailError once the attempts are spent."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self._attempts),
-            wait=tenacity.wait_exponential(multiplier=self._wait_seconds, max=self._wait_seconds * 8),
+        retrying = retry_policy(
+            attempts=self._attempts,
+            wait_seconds=self._wait_seconds,
+            max_wait_seconds=self._wait_seconds * 8,
             retry=tenacity.retry_if_exception_type(TransientMailError),
             before_sleep=self._log_retry,
-            reraise=True,
         )
         retrying(self._send_once, mail)
 

@@ -15,7 +15,7 @@ import logging
 from dramatiq import Worker
 from dramatiq.middleware import Middleware
 
-from workers.broker import PURCHASE_QUEUE
+from workers.names import PURCHASE_QUEUE
 
 log = logging.getLogger(__name__)
 

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from billing.gateway import Gateway
 from billing.licenses import GroupMapping, entitlement
 from billing.locks import try_lock_tenant
-from billing.seats import allocate, billed
-from models.db import session_scope
+from billing.seats import allocate
+from models.db import chunks, insert_ignore, session_scope
+from models.directory import events as directory_events
+from models.directory.members import group_ids_of_users
+from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
+from models.settings import TIERS
 from models.tables import (
     Account,
-    GroupMember,
     Invitation,
     ScimUser,
-    SyncEvent,
     Tenant,
     utcnow,
 )
@@ -32,9 +32,6 @@ from models.tables import (
 from workers.mailer import message_id
 
 BATCH_EVENTS = 5000
-CHUNK = 500
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-NO_ADDRESS = "No email address: the user has no emails and a userName that is not an address."
 
 
 @dataclass
@@ -45,23 +42,6 @@ class ReconcileResult:
     purchase_id: str | None = None
     needs_seat_sync: bool = False
     invitation_ids: list[str] = field(default_factory=list)
-
-
-def invitation_address(user: ScimUser) -> str | None:
-    """Primary email, else the first email, else userName when it is an address (CONTRACT.md)."""
-    emails = [e for e in user.data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
-    for email in emails:
-        if email.get("primary") is True and email["value"].strip():
-            return email["value"].strip()
-    for email in emails:
-        if email["value"].strip():
-            return email["value"].strip()
-    return user.user_name if EMAIL.match(user.user_name) else None
-
-
-def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupMapping]:
@@ -82,7 +62,7 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
         {
             "user_groups": slots.get("user", []),
             "admin_groups": slots.get("admin", []),
-            "license_groups": {tier: slots.get(tier, []) for tier in ("starter", "team", "enterprise")},
+            "license_groups": {tier: slots.get(tier, []) for tier in TIERS},
         }
     )
     return tenant, mapping
@@ -91,9 +71,9 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
 class Reconciler:
     """Applies a tenant's events one by one (never by watermark), under the tenant's lock."""
 
-    def __init__(self, engine: Engine, *, billing_configured: bool, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, engine: Engine, gateway: Gateway, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
-        self.billing_configured = billing_configured
+        self.gateway = gateway
         self.clock = clock
 
     def run(
@@ -115,14 +95,7 @@ class Reconciler:
             # auto_invite and seat_cap we also see. Read the other way round, a mapping
             # saved in between would be applied with the old settings and marked done.
             # (SQLite's BEGIN IMMEDIATE serialises writers: there the order is moot.)
-            events = list(
-                session.execute(
-                    select(SyncEvent.id, SyncEvent.kind, SyncEvent.user_ids)
-                    .where(SyncEvent.tenant_id == tenant_id, SyncEvent.applied_at.is_(None))
-                    .order_by(SyncEvent.id)
-                    .limit(batch + 1)
-                )
-            )
+            events = directory_events.unapplied(session, tenant_id, batch + 1)
             result.more = len(events) > batch
             events = events[:batch]
             if not events:
@@ -140,14 +113,13 @@ class Reconciler:
             triggers = sorted({kind for _, kind, _ in events})
             allocation = allocate(
                 session, tenant, now,
-                billing_configured=self.billing_configured,
+                gateway=self.gateway,
                 trigger="SCIM sync: " + ", ".join(triggers),
             )
             result.purchase_id = allocation.purchase_id
             result.needs_seat_sync = allocation.needs_seat_sync
             ids = [event_id for event_id, _, _ in events]
-            for chunk in _chunks(ids):
-                session.execute(update(SyncEvent).where(SyncEvent.id.in_(chunk)).values(applied_at=now))
+            directory_events.mark_applied(session, ids, now)
             tenant.last_reconciled_at = now
             session.add(tenant)
             result.applied = len(ids)
@@ -157,30 +129,13 @@ class Reconciler:
         self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None, now: datetime
     ) -> list[str]:
         """Recompute role and wanted tier of the given users (None = all); returns new invitation ids."""
-        users: dict[str, ScimUser] = {}
-        memberships: dict[str, set[str]] = {}
+        users: dict[str, ScimUser] = users_by_id(session, tenant.id, user_ids)
+        memberships = group_ids_of_users(session, tenant.id, user_ids)
         accounts: dict[str, Account] = {}
         if user_ids is None:
-            users = {u.id: u for u in session.execute(select(ScimUser).where(ScimUser.tenant_id == tenant.id)).scalars()}
-            for member_id, group_id in session.execute(
-                select(GroupMember.member_id, GroupMember.group_id).where(
-                    GroupMember.tenant_id == tenant.id, GroupMember.member_type == "User"
-                )
-            ):
-                memberships.setdefault(member_id, set()).add(group_id)
             accounts = {a.user_id: a for a in session.execute(select(Account).where(Account.tenant_id == tenant.id)).scalars()}
         else:
-            for chunk in _chunks(user_ids):
-                # By primary key alone, the tenant checked here: without planner
-                # statistics PostgreSQL may otherwise scan the tenant's userName index.
-                users.update(
-                    (u.id, u) for u in session.execute(select(ScimUser).where(ScimUser.id.in_(chunk))).scalars()
-                    if u.tenant_id == tenant.id
-                )
-                for member_id, group_id in session.execute(
-                    select(GroupMember.member_id, GroupMember.group_id).where(GroupMember.member_id.in_(chunk))
-                ):
-                    memberships.setdefault(member_id, set()).add(group_id)
+            for chunk in chunks(user_ids):
                 accounts.update(
                     (a.user_id, a) for a in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars()
                 )
@@ -242,7 +197,6 @@ class Reconciler:
         """Invitation rows in this commit (once per user for the tenant's life, by a unique index)."""
         if not wanted:
             return []
-        insert_ignore = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
         created: list[str] = []
         rows = [
             {
@@ -258,16 +212,13 @@ class Reconciler:
             }
             for row in wanted
         ]
-        for start in range(0, len(rows), CHUNK):
+        for chunk in chunks(rows):
             statement = (
-                insert_ignore(Invitation)
-                .values(rows[start:start + CHUNK])
+                insert_ignore(session)(Invitation)
+                .values(list(chunk))
                 .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
                 .returning(Invitation.id)
             )
             created.extend(inv_id for (inv_id,) in session.execute(statement))
         return created
 
-
-def seats_need_sync(tenant: Tenant, billing_configured: bool) -> bool:
-    return billed(tenant, billing_configured) and tenant.seats_synced_at is None and not tenant.billing_blocked

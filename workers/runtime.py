@@ -8,9 +8,12 @@ from typing import Any
 import redis
 from sqlalchemy.engine import Engine
 
+from billing.gateway import Gateway, LedgerGateway
 from billing.stripe_gateway import StripeGateway
 from models.db import make_engine
 from models.settings import Settings
+from workers.broker import redis_client
+from workers.mailer import make_mailer
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
 
@@ -21,7 +24,7 @@ class Runtime:
     engine: Engine
     redis: redis.Redis
     waker: Waker
-    gateway: StripeGateway | None
+    gateway: Gateway
     mailer: Any
     telemetry: Telemetry
 
@@ -29,10 +32,10 @@ class Runtime:
 _current: Runtime | None = None
 
 
-def make_gateway(settings: Settings) -> StripeGateway | None:
-    """The Stripe gateway, or None for ledger-only billing (no STRIPE_API_KEY)."""
+def make_gateway(settings: Settings) -> Gateway:
+    """The Stripe gateway, or the ledger-only one when there is no STRIPE_API_KEY."""
     if not settings.stripe_api_key:
-        return None
+        return LedgerGateway()
     return StripeGateway(
         settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base, timeout=settings.stripe_timeout
     )
@@ -50,9 +53,6 @@ def current() -> Runtime:
 
 
 def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
-    from workers.broker import redis_client
-    from workers.mailer import make_mailer
-
     client = redis_client(redis_url)
     return Runtime(
         settings=settings,

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import redis
 from dramatiq.middleware import Middleware
 from sqlalchemy import func, or_, select, update
 
-from models.db import session_scope
-from models.tables import Purchase, SyncEvent, Tenant, utcnow
+from models.db import chunks, session_scope
+from models.directory import events as directory_events
+from models.tables import Purchase, Tenant, as_utc, utcnow
 from workers import invitations, runtime
+from workers.names import PURCHASE_SEATS, SEND_INVITATION, SYNC_SEATS
 from workers.purchase_pool import is_purchase_worker
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ class Sweeper:
 
     def run_once(self) -> dict[str, int]:
         """One pass, if no other worker is sweeping; returns what it re-sent."""
-        from workers import actors
-
         interval_ms = int(self.rt.settings.sweep_interval * 1000)
         try:
             if not self.rt.redis.set(self.lock_key, "1", nx=True, px=max(1000, interval_ms - 500)):
@@ -47,11 +47,7 @@ class Sweeper:
         stale = now - RESEND_AFTER
         sent = {"tenants": 0, "purchases": 0, "seat_syncs": 0, "invitations": 0}
         with session_scope(self.rt.engine) as session:
-            tenants = list(session.execute(
-                select(SyncEvent.tenant_id, func.min(SyncEvent.created_at))
-                .where(SyncEvent.applied_at.is_(None))
-                .group_by(SyncEvent.tenant_id)
-            ))
+            tenants = directory_events.oldest_unapplied(session)
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
                 .where(
@@ -65,57 +61,50 @@ class Sweeper:
             )]
             if purchases:
                 session.execute(update(Purchase).where(Purchase.id.in_(purchases)).values(enqueued_at=now))
-            seat_syncs: list[str] = []
-            if self.rt.gateway is not None and not self.rt.settings.stripe_webhook_secret:
+            if not self.rt.settings.stripe_webhook_secret:
                 # No webhooks tell us what finance changes by hand: re-read each linked
-                # subscription every STRIPE_RESYNC_INTERVAL (the read below sends it).
+                # subscription every STRIPE_RESYNC_INTERVAL (the seat read below sends it).
                 due_before = now - timedelta(seconds=self.rt.settings.stripe_resync_interval)
-                session.execute(
-                    update(Tenant)
-                    .where(
+                stale_reads = [t.id for t in session.execute(
+                    select(Tenant).where(
                         Tenant.stripe_subscription_id.is_not(None),
                         Tenant.seats_synced_at <= due_before,
                         Tenant.billing_blocked.is_(None),
                         ~Tenant.id.in_(select(Purchase.tenant_id).where(Purchase.status == "pending")),
                     )
-                    .values(seats_synced_at=None)
+                ).scalars() if self.rt.gateway.bills(t)]
+                for chunk in chunks(stale_reads):
+                    session.execute(update(Tenant).where(Tenant.id.in_(chunk)).values(seats_synced_at=None))
+            seat_syncs = [t.id for t in session.execute(
+                select(Tenant).where(
+                    Tenant.stripe_subscription_id.is_not(None),
+                    Tenant.seats_synced_at.is_(None),
+                    Tenant.billing_blocked.is_(None),
                 )
-            if self.rt.gateway is not None:
-                seat_syncs = [t for (t,) in session.execute(
-                    select(Tenant.id).where(
-                        Tenant.stripe_subscription_id.is_not(None),
-                        Tenant.seats_synced_at.is_(None),
-                        Tenant.billing_blocked.is_(None),
-                    )
-                )]
+            ).scalars() if self.rt.gateway.bills(t)]
             due = invitations.due_invitations(session, now, limit=BATCH)
             invitations.mark_enqueued(session, due, now)
         for tenant_id, oldest in tenants:
-            if _aware(oldest) <= now - STALE_EVENTS:
+            if as_utc(oldest) <= now - STALE_EVENTS:
                 self.rt.waker.send(tenant_id)
                 sent["tenants"] += 1
             else:
                 # Coalesced: a tenant whose message is still queued is not sent again.
                 sent["tenants"] += int(self.rt.waker.wake(tenant_id))
         for purchase_id in purchases:
-            actors.purchase_seats.send(purchase_id)
+            self.rt.waker.enqueue(PURCHASE_SEATS, purchase_id)
         sent["purchases"] = len(purchases)
         for tenant_id in seat_syncs:
             key = f"{self.rt.settings.redis_namespace}:seat-sync-sent:{tenant_id}"
             if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
-                actors.sync_seats.send(tenant_id)
+                self.rt.waker.enqueue(SYNC_SEATS, tenant_id)
                 sent["seat_syncs"] += 1
         for batch in invitations.batches(due, spread=self.rt.settings.worker_threads):
-            actors.send_invitation.send(*batch)
+            self.rt.waker.enqueue(SEND_INVITATION, *batch)
         sent["invitations"] = len(due)
         if any(sent.values()):
             log.info("sweep re-sent %s", sent)
         return sent
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class SweepMiddleware(Middleware):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from dramatiq import Message
 from dramatiq.broker import Broker
 
-from workers.broker import RECONCILE_QUEUE
+from workers.names import QUEUE_OF, RECONCILE_TENANT
 
 log = logging.getLogger(__name__)
 
-RECONCILE_ACTOR = "reconcile_tenant"
 # A pending flag older than this is stale (its message was lost); the sweep
 # would deliver the work anyway, this only bounds how long writes stay quiet.
 PENDING_TTL_SECONDS = 30
@@ -47,12 +47,11 @@ class Waker:
             return False
 
     def send(self, tenant_id: str) -> None:
+        """Enqueue a reconcile of the tenant, coalesced or not."""
+        self.enqueue(RECONCILE_TENANT, tenant_id)
+
+    def enqueue(self, actor_name: str, *args: Any) -> None:
+        """Send a message to an actor by its name: no actor module is imported (the broker binds them)."""
         self.broker.enqueue(
-            Message(
-                queue_name=RECONCILE_QUEUE,
-                actor_name=RECONCILE_ACTOR,
-                args=(tenant_id,),
-                kwargs={},
-                options={},
-            )
+            Message(queue_name=QUEUE_OF[actor_name], actor_name=actor_name, args=args, kwargs={}, options={})
         )

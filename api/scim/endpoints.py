@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.scim import directory, discovery
+from api.scim import discovery
 from api.scim.bulk import run_bulk
 from api.scim.errors import (
     InvalidFilterError,
@@ -19,6 +19,7 @@ from api.scim.errors import (
     MethodNotAllowedError,
     NotFoundError,
     ScimError,
+    from_directory,
 )
 from api.scim.http import (
     Authenticator,
@@ -29,13 +30,15 @@ from api.scim.http import (
     list_response,
     read_json,
 )
-from api.scim.patch import MemberChanges, Patcher, member_values
-from api.scim.query import DEFAULT_COUNT, MAX_RESULTS
+from api.scim.patch import Patcher, member_values
+from api.scim.query import DEFAULT_COUNT, MAX_RESULTS, list_resources
 from api.scim.render import (
     etag,
+    group_doc,
     group_json,
     parse_attribute_list,
     project,
+    user_doc,
     user_json,
     wants,
 )
@@ -47,6 +50,9 @@ from api.scim.schema import (
     normalise_resource,
 )
 from models.db import session_scope
+from models.directory import groups, users
+from models.directory.errors import DirectoryError
+from models.directory.members import MemberChanges, groups_of, members_of
 from models.settings import Settings
 
 Handler = Callable[[Session, AuthorizedTenant, Call], Response]
@@ -141,7 +147,11 @@ class ScimApi:
         try:
             with session_scope(self.engine) as session:
                 tenant, touched = self.auth.tenant(session, call.tenant_id, call.headers.get("authorization"))
-                response = handler(session, tenant, call)
+                try:
+                    response = handler(session, tenant, call)
+                except DirectoryError as exc:
+                    # Every SCIM call (Bulk operations too) passes here: the one translation.
+                    raise from_directory(exc) from None
         except ScimError:
             if touched:
                 # The refused request rolled back its last_request_at, yet the
@@ -166,14 +176,14 @@ class ScimApi:
     @staticmethod
     def _locked_user(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
         """The user a write names, locked, and still at the version If-Match asks for."""
-        user = directory.get_user(session, tenant.id, call.path["id"], lock=True)
+        user = users.get_user(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(user.version)
         return user
 
     @staticmethod
     def _locked_group(session: Session, tenant: AuthorizedTenant, call: Call) -> Any:
         """The group a write names, locked, and still at the version If-Match asks for."""
-        group = directory.get_group(session, tenant.id, call.path["id"], lock=True)
+        group = groups.get_group(session, tenant.id, call.path["id"], lock=True)
         call.check_if_match(group.version)
         return group
 
@@ -181,33 +191,33 @@ class ScimApi:
 
     def create_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(USER_RESOURCE, call.body)
-        user = directory.create_user(session, tenant.id, doc)
+        user = users.create_user(session, tenant.id, doc)
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url), 201)
 
     def get_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        user = directory.get_user(session, tenant.id, call.path["id"])
+        user = users.get_user(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(user.version):
             return Response(status_code=304, headers={"ETag": etag(user.version)})
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def replace_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
         doc = normalise_resource(USER_RESOURCE, call.body)
-        directory.update_user(session, user, doc)
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        users.update_user(session, user, doc)
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        doc = Patcher(USER_RESOURCE, directory.user_doc(user)).apply(call.body)
-        directory.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
-        groups = directory.groups_of(session, [user.id])[user.id]
-        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, groups))
+        doc = Patcher(USER_RESOURCE, user_doc(user)).apply(call.body)
+        users.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
+        user_groups = groups_of(session, [user.id])[user.id]
+        return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def delete_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        directory.delete_user(session, user)
+        users.delete_user(session, user)
         return Response(status_code=204)
 
     def list_users(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -221,14 +231,14 @@ class ScimApi:
     def create_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         doc = normalise_resource(GROUP_RESOURCE, call.body)
         members = member_values(doc.pop("members", None))
-        group = directory.create_group(session, tenant.id, doc, members)
-        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)), 201)
+        group = groups.create_group(session, tenant.id, doc, members)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members_of(session, group.id)), 201)
 
     def get_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        group = directory.get_group(session, tenant.id, call.path["id"])
+        group = groups.get_group(session, tenant.id, call.path["id"])
         if call.headers.get("if-none-match") == etag(group.version):
             return Response(status_code=304, headers={"ETag": etag(group.version)})
-        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        members = members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def replace_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -238,24 +248,24 @@ class ScimApi:
         # PUT carries the whole member list (Okta, PingOne): applied as a diff,
         # so only real changes become membership events.
         changes.replace_all(member_values(doc.pop("members", None)))
-        directory.update_group(session, group, doc, changes)
-        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, directory.members_of(session, group.id)))
+        groups.update_group(session, group, doc, changes)
+        return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members_of(session, group.id)))
 
     def patch_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
         changes = MemberChanges()
-        doc = Patcher(GROUP_RESOURCE, directory.group_doc(group), changes).apply(call.body)
-        directory.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
+        doc = Patcher(GROUP_RESOURCE, group_doc(group), changes).apply(call.body)
+        groups.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
         if not call.params.get("attributes"):
             # RFC 7644 §3.5.2 allows 204: a 1-member PATCH on a 20,000-member
             # group must not cost a 20,000-member answer.
             return Response(status_code=204, headers={"ETag": etag(group.version)})
-        members = directory.members_of(session, group.id) if self._wants_members(call) else None
+        members = members_of(session, group.id) if self._wants_members(call) else None
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members))
 
     def delete_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
-        directory.delete_group(session, group)
+        groups.delete_group(session, group)
         return Response(status_code=204)
 
     def list_groups(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
@@ -274,7 +284,7 @@ class ScimApi:
         errors: list[InvalidFilterError] = []
         for resource in (USER_RESOURCE, GROUP_RESOURCE):
             try:
-                page = directory.list_resources(
+                page = list_resources(
                     session, tenant.id, resource.name, call.base_url,
                     filter_text=params.get("filter"), start_index=1, count=MAX_RESULTS,
                     sort_by=None, descending=False,
@@ -308,7 +318,7 @@ class ScimApi:
         sort_order = str(params.get("sortOrder") or "ascending").lower()
         if sort_order not in ("ascending", "descending"):
             raise InvalidValueError("'sortOrder' must be 'ascending' or 'descending'.")
-        page = directory.list_resources(
+        page = list_resources(
             session,
             tenant.id,
             resource.name,

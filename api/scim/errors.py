@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from models.directory import errors as directory
+
 
 class ScimError(Exception):
     """A SCIM error answer; one handler turns it into the error body."""
@@ -89,3 +91,20 @@ class TooManyRequestsError(ScimError):
 
 class NotImplementedScimError(ScimError):
     status = 501
+
+
+# The one place the directory's domain errors become SCIM errors (RFC 7644 §3.12).
+_FROM_DIRECTORY: dict[type[directory.DirectoryError], type[ScimError]] = {
+    directory.NotFoundError: NotFoundError,
+    directory.UniquenessError: UniquenessError,
+    directory.InvalidValueError: InvalidValueError,
+    directory.DirectoryError: InvalidValueError,
+}
+
+
+def from_directory(exc: directory.DirectoryError) -> ScimError:
+    """The SCIM error (status, scimType) for what the directory refused, with its message."""
+    for kind in type(exc).__mro__:
+        if kind in _FROM_DIRECTORY:
+            return _FROM_DIRECTORY[kind](exc.message)
+    raise TypeError(f"not a DirectoryError: {exc!r}")

@@ -39,9 +39,11 @@ import operator
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Union
+
+from models.tables import as_utc
 
 __all__ = [
     "MAX_DEPTH",
@@ -340,7 +342,7 @@ def _parse_datetime(text: str) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    return as_utc(value)
 
 
 # --------------------------------------------------------------------------- parser

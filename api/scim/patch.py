@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from api.scim import filter as scim_filter
@@ -15,42 +14,11 @@ from api.scim.errors import (
     NoTargetError,
 )
 from api.scim.schema import EXTERNAL_ID, PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
+from models.directory.members import MemberChanges
 
 # Attributes a client may echo back but never change: silently ignored in
 # pathless values (Okta's group rename PATCH carries the group's `id`).
 _IGNORED_TOP = {"id", "meta", "schemas"}
-
-
-@dataclass
-class MemberChanges:
-    """What a PATCH does to a group's members, in the order the operations said it."""
-
-    replace: dict[str, str | None] | None = None
-    add: dict[str, str | None] = field(default_factory=dict)
-    remove: set[str] = field(default_factory=set)
-
-    def add_member(self, member_id: str, member_type: str | None) -> None:
-        self.remove.discard(member_id)
-        if self.replace is not None:
-            self.replace[member_id] = member_type
-        else:
-            self.add[member_id] = member_type
-
-    def remove_member(self, member_id: str) -> None:
-        self.add.pop(member_id, None)
-        if self.replace is not None:
-            self.replace.pop(member_id, None)
-        else:
-            self.remove.add(member_id)
-
-    def replace_all(self, members: dict[str, str | None]) -> None:
-        self.replace = dict(members)
-        self.add.clear()
-        self.remove.clear()
-
-    @property
-    def empty(self) -> bool:
-        return self.replace is None and not self.add and not self.remove
 
 
 def member_values(value: Any) -> dict[str, str | None]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable
+
+import orjson
 
 from api.scim.errors import InvalidValueError
 from api.scim.schema import (
@@ -12,15 +14,14 @@ from api.scim.schema import (
     USER_SCHEMA,
     ResourceSchema,
 )
+from models.tables import as_utc
 
 ALWAYS = {"id", "schemas"}
 _CORE_PREFIXES = tuple(s.lower() + ":" for s in (USER_SCHEMA, GROUP_SCHEMA, *LEGACY_CORE_SCHEMAS))
 
 
 def iso(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return as_utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def etag(version: int) -> str:
@@ -73,6 +74,27 @@ def group_json(row: Any, base_url: str, members: Iterable[tuple[str, str]] | Non
         ]
     out["meta"] = meta("Group", location, row.created_at, row.updated_at, row.version)
     return out
+
+
+def user_doc(user: Any) -> dict[str, Any]:
+    """The stored document with the column-held attributes, as PATCH and PUT see it."""
+    # A deep copy: PATCH edits nested values in place, and SQLAlchemy compares
+    # the JSON column with the loaded object to decide whether to write it.
+    doc = orjson.loads(orjson.dumps(user.data))
+    doc["userName"] = user.user_name
+    if user.external_id is not None:
+        doc["externalId"] = user.external_id
+    return doc
+
+
+def group_doc(group: Any) -> dict[str, Any]:
+    """The stored document of a group without its members, as PATCH sees it."""
+    doc = orjson.loads(orjson.dumps(group.data))
+    doc["schemas"] = [GROUP_SCHEMA]
+    doc["displayName"] = group.display_name
+    if group.external_id is not None:
+        doc["externalId"] = group.external_id
+    return doc
 
 
 def _split(resource: ResourceSchema, path: str) -> tuple[str, str | None]:

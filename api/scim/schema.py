@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
@@ -423,25 +423,3 @@ def declared_schemas(resource: ResourceSchema, data: dict[str, Any]) -> list[str
     return schemas
 
 
-def required_string(data: dict[str, Any], name: str, max_length: int = 512) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidValueError(f"'{name}' is required and must be a non-empty string.")
-    if len(value) > max_length:
-        raise InvalidValueError(f"'{name}' is longer than {max_length} characters.")
-    return value
-
-
-def optional_string(data: dict[str, Any], name: str, max_length: int = 512) -> str | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidValueError(f"'{name}' must be a string.")
-    if len(value) > max_length:
-        raise InvalidValueError(f"'{name}' is longer than {max_length} characters.")
-    return value
-
-
-def attribute_names(attrs: Iterable[Attr]) -> list[str]:
-    return [attr.name for attr in attrs]

@@ -15,7 +15,6 @@ from billing.licenses import (
     plan_tier,
     purchase_targets,
     role_for,
-    seat_demand,
     tier_for,
 )
 
@@ -182,18 +181,6 @@ def test_from_config_rejects_an_unknown_tier():
 def test_tiers_are_in_ascending_order():
     """The order of TIERS is the order "lowest wins" walks."""
     assert TIERS == ("starter", "team", "enterprise")
-
-
-def test_seat_demand_counts_every_tier():
-    """Given users' tiers (None = no license), Then every tier is counted, zero included."""
-    assert seat_demand(["team", None, "team", "starter"]) == {"starter": 1, "team": 2, "enterprise": 0}
-    assert seat_demand([]) == {"starter": 0, "team": 0, "enterprise": 0}
-
-
-def test_seat_demand_rejects_an_unknown_tier():
-    """Given a tier name that is not one of ours, Then the count refuses it rather than dropping it."""
-    with pytest.raises(ValueError):
-        seat_demand(["gold"])
 
 
 @pytest.mark.parametrize(

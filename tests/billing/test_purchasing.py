@@ -51,7 +51,7 @@ def planned(admin, engine, fake, users: int) -> tuple[str, str, list[str]]:
     """A billed tenant (2 team seats read) whose `users` team users have made a purchase pending."""
     scim = connect_tenant(admin, "Keys", stripe_customer_id="cus_k", stripe_subscription_id="sub_k")
     # Linked: the worker reads (and checks) the subscription first.
-    assert Reconciler(engine, billing_configured=True).run(scim.tenant_id).needs_seat_sync
+    assert Reconciler(engine, gateway(fake)).run(scim.tenant_id).needs_seat_sync
     sync_seats(engine, gateway(fake), scim.tenant_id)
     ids = []
     for i in range(users):
@@ -61,7 +61,7 @@ def planned(admin, engine, fake, users: int) -> tuple[str, str, list[str]]:
                                               "members": [{"value": uid} for uid in ids]}).json()["id"]
     scim.client.close()
     admin.put(f"/tenants/{scim.tenant_id}/scim/config", json={"user_groups": [group], "license_groups": {"team": [group]}})
-    Reconciler(engine, billing_configured=True).run(scim.tenant_id)
+    Reconciler(engine, gateway(fake)).run(scim.tenant_id)
     with engine.connect() as connection:
         [purchase_id] = connection.execute(select(Purchase.id).where(Purchase.status == "pending")).scalars().all()
     return scim.tenant_id, purchase_id, ids

@@ -23,6 +23,7 @@ import httpx
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
+from billing.gateway import LedgerGateway
 from billing.purchasing import PurchaseRunner
 from models.settings import TIERS, Settings
 from models.tables import Invitation, Purchase, SyncEvent
@@ -447,8 +448,8 @@ class Replay:
         """Run the pipeline for this tenant until nothing is left, as a calm worker would:
         reconcile, every purchase it plans (no Stripe here: settled as not_billed), every
         invitation it queues (accepted by an in-memory mail server)."""
-        reconciler = Reconciler(self.engine, billing_configured=False)
-        runner = PurchaseRunner(self.engine, None)
+        reconciler = Reconciler(self.engine, LedgerGateway())
+        runner = PurchaseRunner(self.engine, LedgerGateway())
         tenant = self.tenant_id
         unapplied = select(SyncEvent.id).where(SyncEvent.tenant_id == tenant, SyncEvent.applied_at.is_(None))
         purchases = select(Purchase.id).where(Purchase.tenant_id == tenant, Purchase.status == "pending")

@@ -28,7 +28,7 @@ import pytest
 
 from models.settings import Settings
 from tests.fakes.stripe_server import FakeStripe
-from tests.workers.test_mailer import FakeSmtp
+from tests.fakes.smtp_server import FakeSmtp
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"starter": "price_starter", "team": "price_team", "enterprise": "price_enterprise"}

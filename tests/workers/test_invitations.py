@@ -24,15 +24,15 @@ from dramatiq.middleware import CurrentMessage, Middleware
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
+from billing.gateway import LedgerGateway
 from models.db import make_engine, session_scope
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
 from tests.workers.support import bind_actors, drain
-from tests.workers.test_mailer import FakeSmtp
 from workers import runtime
-from workers.broker import QUEUES
+from workers.names import QUEUES
 from workers.invitations import (
     BATCH_SIZE,
     CLAIM_LEASE,
@@ -46,7 +46,7 @@ from workers.invitations import (
     send_invitation,
     send_invitations,
 )
-from workers.mailer import OutboxMailer, SmtpMailer, TransientMailError, make_mailer, message_id
+from workers.mailer import OutboxMailer, TransientMailError, make_mailer, message_id
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
@@ -109,18 +109,6 @@ def settings(tmp_path: Path) -> Settings:
         public_base_url="https://sally.example/",
         mail_from="Sally <no-reply@sally.example>",
     )
-
-
-@pytest.fixture
-def smtp():
-    with FakeSmtp() as server:
-        yield server
-
-
-@pytest.fixture
-def mailer(smtp):
-    with SmtpMailer(smtp.url, timeout=5, attempts=3, wait_seconds=0.01) as mailer:
-        yield mailer
 
 
 @pytest.fixture
@@ -691,7 +679,7 @@ def jobs(engine, settings, mailer, redis_client, base_settings) -> Iterator[Jobs
     namespace = f"{base_settings.redis_namespace}inv{uuid.uuid4().hex[:8]}"
     rt = runtime.Runtime(
         settings=dataclasses.replace(settings, redis_namespace=namespace), engine=engine, redis=redis_client,
-        waker=Waker(broker, redis_client, namespace), gateway=None, mailer=mailer,
+        waker=Waker(broker, redis_client, namespace), gateway=LedgerGateway(), mailer=mailer,
         telemetry=Telemetry(redis_client, namespace),
     )
     runtime.install(rt)

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from billing.purchasing import PurchaseRunner, sync_seats
+from billing.gateway import Gateway, LedgerGateway
 from billing.stripe_gateway import StripeGateway
 from models.tables import Invitation, Purchase, SyncEvent
 from tests.conftest import connect_tenant
@@ -45,9 +46,9 @@ def users_by_name(admin, tenant_id: str) -> dict[str, dict]:
     return {u["userName"]: u for u in admin.get(f"/tenants/{tenant_id}/users").json()}
 
 
-def drain(engine, tenant_id: str, gw=None) -> None:
+def drain(engine, tenant_id: str, gw: Gateway = LedgerGateway()) -> None:
     """Run reconcile and every purchase it plans until nothing is left (a calm worker)."""
-    reconciler = Reconciler(engine, billing_configured=gw is not None)
+    reconciler = Reconciler(engine, gw)
     for _ in range(20):
         result = reconciler.run(tenant_id)
         if result.needs_seat_sync:

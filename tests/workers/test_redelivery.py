@@ -24,6 +24,7 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 
 from billing.purchasing import PurchaseRunner
+from billing.gateway import LedgerGateway
 from billing.stripe_gateway import StripeGateway
 from models.db import make_engine
 from models.tables import Account, Invitation, Purchase, ScimGroup, ScimUser, SeatCount, SyncEvent, Tenant
@@ -47,7 +48,7 @@ from tests.workers.support import (
     licenses as licenses_of,
 )
 from workers import runtime
-from workers.broker import QUEUES
+from workers.names import QUEUES
 from workers.mailer import SmtpMailer
 from workers.reconcile import Reconciler
 
@@ -371,7 +372,7 @@ def test_a_purchase_sent_to_stripe_is_never_recorded_as_not_billed_by_a_worker_w
     [purchase] = purchases(admin, t)
     assert purchase["status"] == "pending" and len(pipeline.fake.updates) == 1, "Stripe did the work"
 
-    outcome = PurchaseRunner(engine, None).run(purchase["id"])  # what a worker without a key does
+    outcome = PurchaseRunner(engine, LedgerGateway()).run(purchase["id"])  # what a worker without a key does
 
     assert outcome.status == "waiting_for_stripe"
     [purchase] = purchases(admin, t)
@@ -452,7 +453,7 @@ def test_a_mapping_saved_while_a_reconcile_runs_is_applied_with_its_own_settings
     scim.client.close()
     worker_engine = make_engine(base_settings.database_url)
     try:
-        Reconciler(worker_engine, billing_configured=False).run(t)
+        Reconciler(worker_engine, LedgerGateway()).run(t)
         saved: list[dict] = []
 
         def admin_saves_meanwhile(conn, cursor, statement, parameters, context, executemany) -> None:
@@ -461,11 +462,11 @@ def test_a_mapping_saved_while_a_reconcile_runs_is_applied_with_its_own_settings
                                           auto_invite=True, seat_cap={"team": 2}))
 
         event.listen(worker_engine, "before_cursor_execute", admin_saves_meanwhile)
-        result = Reconciler(worker_engine, billing_configured=False).run(t)
+        result = Reconciler(worker_engine, LedgerGateway()).run(t)
         event.remove(worker_engine, "before_cursor_execute", admin_saves_meanwhile)
         assert saved, "the admin's change was committed while the reconcile ran"
         assert result.purchase_id is not None
-        PurchaseRunner(worker_engine, None).run(result.purchase_id)
+        PurchaseRunner(worker_engine, LedgerGateway()).run(result.purchase_id)
     finally:
         worker_engine.dispose()
 

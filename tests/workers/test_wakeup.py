@@ -11,7 +11,8 @@ from sqlalchemy import select
 
 from api.app import Services, create_app
 from models.tables import ScimUser
-from workers.broker import RECONCILE_QUEUE, make_broker
+from workers.broker import make_broker
+from workers.names import RECONCILE_QUEUE
 from workers.wakeup import Waker, pending_key
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
