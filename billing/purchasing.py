@@ -39,7 +39,7 @@ class Outcome:
     """What a purchase job did; `next_purchase_id` must be enqueued after the commit.
 
     ``retry_in``: seconds after which the same purchase must be sent again
-    (Stripe's per-subscription pace); ``auth_error``: Stripe refused our API key.
+    (Stripe's per-subscription pace). A refused API key is raised, not returned.
     """
 
     status: str
