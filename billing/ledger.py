@@ -242,7 +242,7 @@ def csv_lines(tenant: Tenant, purchases: Iterable[Purchase]) -> Iterator[str]:
     for p in purchases:
         before, after = p.quantities_before or {}, p.quantities_after or {}
         yield flush([
-            p.id, p.tenant_id, tenant.name, _iso(p.created_at), _iso(p.settled_at), p.status,
+            p.id, p.tenant_id, _safe_cell(tenant.name), _iso(p.created_at), _iso(p.settled_at), p.status,
             p.subscription_id or tenant.stripe_subscription_id or "", p.stripe_invoice_id or "",
             p.invoice_status or "", p.payment_status or "", (p.currency or "").upper(),
             format_amount(p.amount_due, p.currency), format_amount(p.amount_paid, p.currency),
@@ -255,5 +255,5 @@ def csv_lines(tenant: Tenant, purchases: Iterable[Purchase]) -> Iterator[str]:
 
 def _safe_cell(text: str) -> str:
     # A spreadsheet runs a cell that starts with = + - @ as a formula (CSV injection);
-    # the trigger and error texts can carry words an IdP sent.
+    # the tenant's name, the trigger and the error texts are free text.
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text

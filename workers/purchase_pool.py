@@ -43,6 +43,8 @@ class PurchaseWorkerMiddleware(Middleware):
         if not whitelist or PURCHASE_QUEUE in whitelist:
             # The main worker consumes purchases itself (no --queues): nothing to add.
             return
+        # Dramatiq logs "adding a middleware of the same type twice" here: each Worker
+        # registers its own consumer-adding middleware, which is what two workers need.
         inner = Worker(broker, queues={PURCHASE_QUEUE}, worker_threads=self.threads)
         setattr(inner, INNER, True)
         inner.start()

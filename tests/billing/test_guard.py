@@ -64,3 +64,4 @@ def test_custom_settings_of_the_tenant_apply():
     before = {**NONE, "starter": 50}
     assert hold_reason(policy, before, {**before, "starter": 55}, first=False) is None
     assert hold_reason(policy, before, {**before, "starter": 56}, first=False) is not None
+
