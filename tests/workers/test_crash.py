@@ -71,7 +71,10 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
     """
     with stripe_fake() as fake, SlowSmtp(delay=SMTP_DELAY) as smtp:
         fake.add_subscription("sub_crash", customer="cus_crash", items={"price_starter": 1})
-        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=THREADS)
+        # Purchases go to Stripe as soon as they are planned (no coalescing delay), so the kill
+        # lands while the wave's invitations are still being sent, as the scenario needs.
+        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=THREADS,
+                               extra_env={"STRIPE_UPDATE_SPACING": "0"})
         lose_one, armed, killed = threading.Event(), threading.Event(), threading.Event()
         killed_key: list[str] = []
 
