@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -19,7 +21,7 @@ from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
 from api.scim.errors import ScimError
 from api.scim.http import error_response
-from api.scim.ratelimit import RateLimitMiddleware
+from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
 from api.webhooks import StripeWebhooks
 from models.db import make_engine
@@ -27,7 +29,7 @@ from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import PURCHASE_SEATS, QUEUES
 from workers.telemetry import Telemetry, queue_depths, stripe_alert_key
-from workers.wakeup import Waker
+from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class Services:
         ping_broker: Callable[[], bool],
         pipeline_stats: Callable[[], dict[str, Any]] | None = None,
         redis_url: str | None = None,
+        wake_async: Callable[[str], Awaitable[Any]] | None = None,
         send_purchase: Callable[[str], Any] | None = None,
         stripe_alert: Callable[[], str | None] | None = None,
     ) -> None:
@@ -50,6 +53,8 @@ class Services:
         self.ping_broker = ping_broker
         self.pipeline_stats = pipeline_stats
         self.redis_url = redis_url
+        # The same wake-up for the event loop (the async hot path), when there is one.
+        self.wake_async = wake_async
         self.send_purchase = send_purchase
         self.stripe_alert = stripe_alert
 
@@ -89,7 +94,65 @@ class Services:
                 return None
             return value.decode() if value else None
 
-        return cls(make_engine(settings.database_url), waker.wake, ping, stats, url, send_purchase, stripe_alert)
+        flags = RedisPerLoop(url)
+
+        async def wake_async(tenant_id: str) -> bool:
+            # The coalescing flag on the loop; the rare message itself (once per
+            # reconcile, not per write) goes through the broker in the thread pool.
+            try:
+                claimed = await flags.get().set(pending_key(settings.redis_namespace, tenant_id), "1",
+                                                nx=True, ex=PENDING_TTL_SECONDS)
+            except REDIS_ERRORS as exc:
+                log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
+                return False
+            return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
+
+        return cls(
+            make_engine(settings.database_url), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake,
+            send_purchase=send_purchase, stripe_alert=stripe_alert,
+        )
+
+
+class WakeBatcher:
+    """Concurrent wake-ups of one tenant share one Redis round trip (a group commit for wake-ups).
+
+    A request joins the batch only after its own commit, and a batch is sent
+    only after everyone in it joined, so every write in a batch committed before
+    its flag was set: the reconcile that clears the flag reads them all.
+    """
+
+    def __init__(self, wake_one: Callable[[str], Awaitable[bool]]) -> None:
+        self.wake_one = wake_one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next: dict[str, asyncio.Future[bool]] = {}
+        self._sending: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def wake(self, tenant_id: str) -> bool:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._next, self._sending, self._tasks = loop, {}, set(), set()
+        batch = self._next.get(tenant_id)
+        if batch is None:
+            batch = self._next[tenant_id] = loop.create_future()
+            if tenant_id not in self._sending:
+                self._sending.add(tenant_id)
+                task = loop.create_task(self._send(tenant_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(batch)
+
+    async def _send(self, tenant_id: str) -> None:
+        try:
+            while (batch := self._next.pop(tenant_id, None)) is not None:
+                try:
+                    woke = await self.wake_one(tenant_id)
+                except Exception:  # noqa: BLE001 - the write is committed; the sweep is the fallback
+                    log.exception("wake-up of tenant %s failed; the sweep will deliver it", tenant_id)
+                    woke = False
+                batch.set_result(woke)
+        finally:
+            self._sending.discard(tenant_id)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Starlette:
@@ -98,7 +161,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
     metrics = WebMetrics()
     if services.pipeline_stats is not None:
         metrics.registry.register(PipelineCollector(services.pipeline_stats))
-    scim = ScimApi(settings, services.engine, services.wake)
+    scim = ScimApi(settings, services.engine, services.wake, wake_async=services.wake_async,
+                   redis_url=services.redis_url)
     admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
     webhooks = StripeWebhooks(settings, services.engine, services.wake)
 
@@ -162,7 +226,13 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         *admin.routes(),
         *webhooks.routes(),
     ]
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        await scim.close()
+
     app = Starlette(
+        lifespan=lifespan,
         routes=routes,
         exception_handlers={
             ScimError: on_scim_error,
@@ -171,15 +241,6 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             Exception: on_crash,
         },
     )
-    if settings.scim_rate_limit > 0:
-        if services.redis_url is None:
-            raise ValueError("SCIM_RATE_LIMIT needs Redis: the counters are shared by every web process")
-        app.add_middleware(
-            RateLimitMiddleware,
-            limit=settings.scim_rate_limit,
-            redis_url=services.redis_url,
-            namespace=settings.redis_namespace,
-        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.metrics = metrics
     app.state.services = services

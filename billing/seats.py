@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -47,6 +47,32 @@ def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:
     return seats
 
 
+def seats_of(session: Session, tenant_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Seats bought and seats held per tier, from the tenant's seat_count rows (one short query)."""
+    purchased, held = dict.fromkeys(TIERS, 0), dict.fromkeys(TIERS, 0)
+    for tier, bought, assigned in session.execute(
+        select(SeatCount.tier, SeatCount.purchased, SeatCount.assigned).where(SeatCount.tenant_id == tenant_id)
+    ):
+        purchased[tier], held[tier] = bought, assigned
+    return purchased, held
+
+
+def change_held(session: Session, tenant_id: str, deltas: dict[str, int], now: datetime) -> None:
+    """Add to the seats held per tier; every change of an account's license goes through here."""
+    table = SeatCount.__table__
+    for tier, delta in deltas.items():
+        if not delta:
+            continue
+        changed = session.execute(
+            update(table)
+            .where(table.c.tenant_id == tenant_id, table.c.tier == tier)
+            .values(assigned=table.c.assigned + delta, updated_at=now)
+        ).rowcount
+        if not changed:
+            # Callers hold the tenant's lock: nobody else inserts this row meanwhile.
+            session.execute(insert(table).values(tenant_id=tenant_id, tier=tier, purchased=0, assigned=delta, updated_at=now))
+
+
 def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, int], now: datetime) -> None:
     """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase)."""
     existing = {row.tier: row for row in session.execute(
@@ -77,7 +103,7 @@ def guard_check(session: Session, tenant: Tenant, before: dict[str, int], after:
 
 def seat_needs(session: Session, tenant: Tenant) -> dict[str, int]:
     """Seats the users need per tier now (holders and waiting users, within the cap): re-read before a freeze."""
-    holders = _holders(session, tenant.id)
+    _, holders = seats_of(session, tenant.id)
     waiting = dict.fromkeys(TIERS, 0)
     for tier, count in session.execute(
         select(Account.wanted_tier, func.count())
@@ -139,11 +165,11 @@ def allocate(
     purchase and planning the next one happen in the same commit.
     """
     result = Allocation()
-    purchased = purchased_seats(session, tenant.id)
-    holders = _holders(session, tenant.id)
+    # Seats held are kept beside the seats bought (change_held), not counted from
+    # the accounts: the cost of one change does not grow with the tenant.
+    purchased, holders = seats_of(session, tenant.id)
     if gateway.bills(tenant) and tenant.seats_synced_at is not None:
-        if _revoke_beyond(session, tenant.id, purchased, holders, now):
-            holders = _holders(session, tenant.id)
+        holders = _revoke_beyond(session, tenant.id, purchased, holders, now)
     waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
     for user_id, tier in session.execute(
         select(Account.user_id, Account.wanted_tier)
@@ -208,6 +234,7 @@ def allocate(
                 .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
             )
         result.granted[tier] = len(grant)
+        change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
         # The users the cap keeps out are the last in line.
         buying_count = len(rest) - plan.over_cap
@@ -242,29 +269,18 @@ def allocate(
     return result
 
 
-def _holders(session: Session, tenant_id: str) -> dict[str, int]:
-    holders = dict.fromkeys(TIERS, 0)
-    for tier, count in session.execute(
-        select(Account.license, func.count())
-        .where(Account.tenant_id == tenant_id, Account.license.is_not(None))
-        .group_by(Account.license)
-    ):
-        holders[tier] = count
-    return holders
-
-
 def _revoke_beyond(
     session: Session, tenant_id: str, purchased: dict[str, int], holders: dict[str, int], now: datetime
-) -> bool:
+) -> dict[str, int]:
     """Seats Stripe no longer has (finance lowered a quantity by hand) are taken back at once.
 
     The users licensed last give theirs back first and wait as pending_license
     with the reason, like anyone waiting for a seat: a license Stripe does not
-    bill is never kept silently (issue 9). Returns whether any was taken back.
+    bill is never kept silently (issue 9). Returns the seats held afterwards.
     """
-    revoked = False
+    held = dict(holders)
     for tier in TIERS:
-        extra = holders[tier] - purchased[tier]
+        extra = held[tier] - purchased[tier]
         if extra <= 0:
             continue
         ids = session.execute(
@@ -280,9 +296,10 @@ def _revoke_beyond(
                 .where(Account.user_id.in_(chunk))
                 .values(license=None, status="pending_license", status_reason=reason, waiting_since=now, updated_at=now)
             )
-        revoked = True
+        change_held(session, tenant_id, {tier: -len(ids)}, now)
+        held[tier] -= len(ids)
     session.flush()
-    return revoked
+    return held
 
 
 def _plan_purchase(

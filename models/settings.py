@@ -74,8 +74,11 @@ class Settings:
     worker_threads: int = 8
     # Largest SCIM request body we read (RFC 7644 §3.7.4 maxPayloadSize).
     max_body_bytes: int = 2 * 1024 * 1024
-    # Requests per second per tenant before 429; 0 turns the limit off.
-    scim_rate_limit: int = 0
+    # Requests per second per bearer token before 429; 0 turns the limit off.
+    # Well above the pace of an IdP's provisioning cycle (issue 8).
+    scim_rate_limit: int = 200
+    # Failed SCIM authentications per client address per minute before 429.
+    scim_auth_failure_limit: int = 30
     sweep_interval: float = 10.0
     # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
     # 400 to everything and the sweep re-reads each linked subscription instead.
@@ -135,7 +138,8 @@ class Settings:
             worker_processes=_int(env, "WORKER_PROCESSES", 1, 1),
             worker_threads=_int(env, "WORKER_THREADS", 8, 1),
             max_body_bytes=_int(env, "SCIM_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),
-            scim_rate_limit=_int(env, "SCIM_RATE_LIMIT", 0, 0),
+            scim_rate_limit=_int(env, "SCIM_RATE_LIMIT", 200, 0),
+            scim_auth_failure_limit=_int(env, "SCIM_AUTH_FAILURE_LIMIT", 30, 0),
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",

@@ -202,6 +202,9 @@ class SeatCount(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
     tier: str = Field(primary_key=True, max_length=16)
     purchased: int = 0
+    # Seats of this tier held (accounts whose license is this tier), kept by the
+    # pipeline where it changes a license, so allocation never counts accounts.
+    assigned: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     updated_at: datetime = Field(default_factory=utcnow)
 
 

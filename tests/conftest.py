@@ -97,6 +97,10 @@ def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
         stripe_webhook_secret=DEFAULT_WEBHOOK_SECRET,
         # Each run its own namespace: several runs may share one Redis server.
         redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
+        # The suite sends hundreds of requests a second and many wrong tokens from
+        # one address; tests/api/test_limits.py sets these limits where it tests them.
+        scim_rate_limit=0,
+        scim_auth_failure_limit=0,
     )
 
 

@@ -13,7 +13,7 @@ from sqlmodel import Session
 from billing.gateway import Gateway
 from billing.licenses import GroupMapping, entitlement
 from billing.locks import try_lock_tenant
-from billing.seats import allocate
+from billing.seats import allocate, change_held
 from models.db import chunks, insert_ignore, session_scope
 from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
@@ -145,6 +145,7 @@ class Reconciler:
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
         invitations: list[dict[str, Any]] = []
+        freed: dict[str, int] = {}
         for user in users.values():
             deleted = user.deleted_at is not None
             ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
@@ -187,10 +188,14 @@ class Reconciler:
                             invitations.append({"user_id": user.id, "address": address})
             after = (account.role, account.wanted_tier, account.license, account.status,
                      account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
+            if before[2] is not None and before[2] != account.license:
+                # Only ever to None here (allocation grants seats): one fewer held.
+                freed[before[2]] = freed.get(before[2], 0) - 1
             if after != before or account.user_id not in accounts:
                 account.updated_at = now
                 session.add(account)
         session.flush()
+        change_held(session, tenant.id, freed, now)
         return self._queue_invitations(session, tenant.id, invitations, now)
 
     def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:

@@ -36,12 +36,20 @@ class Waker:
         try:
             if not self.client.set(key, "1", nx=True, ex=PENDING_TTL_SECONDS):
                 return False
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
+            return False
+        return self.send_claimed(tenant_id)
+
+    def send_claimed(self, tenant_id: str) -> bool:
+        """Send the message whose pending flag the caller just set; never raises (the flag is released on failure)."""
+        try:
             self.send(tenant_id)
             return True
         except (redis.RedisError, OSError) as exc:
             log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
             try:
-                self.client.delete(key)
+                self.client.delete(pending_key(self.namespace, tenant_id))
             except (redis.RedisError, OSError):
                 pass
             return False

@@ -93,11 +93,22 @@ class NotImplementedScimError(ScimError):
     status = 501
 
 
+class ServiceUnavailableError(ScimError):
+    """503 with Retry-After (RFC 7231 §6.6.4): the database does not answer; the client retries."""
+
+    status = 503
+    RETRY_AFTER_SECONDS = 2
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)})
+
+
 # The one place the directory's domain errors become SCIM errors (RFC 7644 §3.12).
 _FROM_DIRECTORY: dict[type[directory.DirectoryError], type[ScimError]] = {
     directory.NotFoundError: NotFoundError,
     directory.UniquenessError: UniquenessError,
     directory.InvalidValueError: InvalidValueError,
+    directory.UnavailableError: ServiceUnavailableError,
     directory.DirectoryError: InvalidValueError,
 }
 

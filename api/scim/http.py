@@ -10,7 +10,8 @@ from typing import Any, Awaitable, Callable
 import orjson
 from sqlalchemy import select, update
 from sqlmodel import Session
-from starlette.requests import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from api.scim.errors import (
@@ -32,6 +33,8 @@ SCIM_MEDIA_TYPE = "application/scim+json"
 LAST_SEEN_EVERY_SECONDS = 30.0
 MAX_INT_PARAM = 2**31 - 1
 MAX_JSON_DEPTH = 32
+# Bodies past this are parsed and validated in the thread pool, not on the event loop.
+OFF_LOOP_BYTES = 64 * 1024
 
 
 class ScimResponse(Response):
@@ -64,6 +67,9 @@ def contained(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
             return await endpoint(request)
         except ScimError:
             raise
+        except ClientDisconnect:
+            # The client hung up before its body arrived: nothing was written, nobody to answer.
+            return Response(status_code=400)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return error_response(InternalError("Internal server error."))
@@ -96,6 +102,14 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             raise PayloadTooLargeError(f"The request body is larger than {max_bytes} bytes.")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    if len(raw) > OFF_LOOP_BYTES:
+        # A large body would hold the event loop (every other request) while it parses.
+        return await run_in_threadpool(parse_json, raw)
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, checked storable; 400 when it is not JSON."""
     if not raw.strip():
         raise InvalidSyntaxError("The request body is empty; a JSON object is required.")
     try:
@@ -194,14 +208,20 @@ class Authenticator:
         if found is None or found.id != tenant_id or not found.scim_enabled:
             raise UnauthorizedError()
         tenant = AuthorizedTenant(found.id)
-        now = self.clock()
-        if now - self._last_seen.get(tenant_id, -LAST_SEEN_EVERY_SECONDS) >= LAST_SEEN_EVERY_SECONDS:
-            # last_request_at is for the admin's eyes; writing it at most every
-            # 30 s per process keeps the tenant row out of the hot path.
-            self._last_seen[tenant_id] = now
+        if self.due(tenant_id):
             self.touch(session, tenant_id)
             return tenant, True
         return tenant, False
+
+    def due(self, tenant_id: str) -> bool:
+        """Whether last_request_at should be written now (and note that it will be)."""
+        # last_request_at is for the admin's eyes; writing it at most every
+        # 30 s per process keeps the tenant row out of the hot path.
+        now = self.clock()
+        if now - self._last_seen.get(tenant_id, -LAST_SEEN_EVERY_SECONDS) >= LAST_SEEN_EVERY_SECONDS:
+            self._last_seen[tenant_id] = now
+            return True
+        return False
 
     @staticmethod
     def touch(session: Session, tenant_id: str) -> None:

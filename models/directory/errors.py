@@ -21,3 +21,7 @@ class UniquenessError(DirectoryError):
 
 class InvalidValueError(DirectoryError):
     """A value the mirror cannot store (missing, wrong type, too long, unknown member)."""
+
+
+class UnavailableError(DirectoryError):
+    """The database does not answer (restarting, unreachable): retry shortly."""

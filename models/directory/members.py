@@ -8,7 +8,7 @@ from typing import Sequence
 from sqlalchemy import delete, func, select
 from sqlmodel import Session
 
-from models.db import chunks, insert_ignore
+from models.db import chunks, insert_ignore, is_postgres
 from models.directory.errors import InvalidValueError
 from models.tables import GroupMember, ScimGroup, ScimUser
 
@@ -112,10 +112,45 @@ def member_counts(session: Session, group_ids: Sequence[str]) -> dict[str, int]:
     return counts
 
 
+# PostgreSQL: one statement text whatever the number of members (ids as one array
+# parameter), so psycopg prepares it once per connection; an IN list or a
+# multi-row VALUES of a new length is parsed, and planned, again on every PATCH.
+PG_USERS_BY_ID = "SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY(%(ids)s)"
+PG_GROUPS_BY_ID = "SELECT id, tenant_id FROM scim_group WHERE id = ANY(%(ids)s)"
+PG_ADD_MEMBERS = (
+    "INSERT INTO group_member (group_id, member_id, tenant_id, member_type) "
+    "SELECT %(group_id)s, m.id, %(tenant_id)s, m.kind FROM unnest(%(ids)s::varchar[], %(kinds)s::varchar[]) AS m(id, kind) "
+    "ON CONFLICT (group_id, member_id) DO NOTHING RETURNING member_id, member_type"
+)
+PG_REMOVE_MEMBERS = (
+    "DELETE FROM group_member WHERE group_id = %(group_id)s AND member_id = ANY(%(ids)s) "
+    "RETURNING member_id, member_type"
+)
+
+
+def _refuse_unknown(ids: list[str], found: dict[str, str]) -> None:
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
+
+
 def _resolve_members(session: Session, tenant_id: str, wanted: dict[str, str | None]) -> dict[str, str]:
     """Member id → "User"/"Group"; an id that is neither in this tenant is refused (RFC 7643 §4.2)."""
     ids = list(wanted)
     found: dict[str, str] = {}
+    if is_postgres(session):
+        connection = session.connection()
+        for uid, owner, deleted_at in connection.exec_driver_sql(PG_USERS_BY_ID, {"ids": ids}):
+            if owner == tenant_id and deleted_at is None:
+                found[uid] = "User"
+        missing = [i for i in ids if i not in found]
+        if missing:
+            for gid, owner in connection.exec_driver_sql(PG_GROUPS_BY_ID, {"ids": missing}):
+                if owner == tenant_id:
+                    found[gid] = "Group"
+        _refuse_unknown(ids, found)
+        return found
     # Looked up by primary key alone, tenant and deletion checked here: without
     # planner statistics (a new tenant, autovacuum behind) PostgreSQL may pick the
     # partial userName index and read every user of the tenant for one member.
@@ -130,10 +165,7 @@ def _resolve_members(session: Session, tenant_id: str, wanted: dict[str, str | N
         for gid, owner in session.execute(select(ScimGroup.id, ScimGroup.tenant_id).where(ScimGroup.id.in_(chunk))):
             if owner == tenant_id:
                 found[gid] = "Group"
-    unknown = [i for i in ids if i not in found]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
-        raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
+    _refuse_unknown(ids, found)
     return found
 
 
@@ -151,6 +183,14 @@ def apply_member_changes(session: Session, group: ScimGroup, changes: MemberChan
         if group.id in add:
             raise InvalidValueError("A group cannot be a member of itself.")
         kinds = _resolve_members(session, group.tenant_id, add)
+        if is_postgres(session):
+            ids = list(add)
+            inserted = session.connection().exec_driver_sql(PG_ADD_MEMBERS, {
+                "group_id": group.id, "tenant_id": group.tenant_id, "ids": ids, "kinds": [kinds[m] for m in ids],
+            })
+            touched.extend(mid for mid, mtype in inserted if mtype == "User")
+            add = {}
+    if add:
         rows = [
             {"group_id": group.id, "member_id": mid, "tenant_id": group.tenant_id, "member_type": kinds[mid]}
             for mid in add
@@ -166,6 +206,10 @@ def apply_member_changes(session: Session, group: ScimGroup, changes: MemberChan
         )
         inserted = session.connection().execute(statement, rows)
         touched.extend(mid for mid, mtype in inserted if mtype == "User")
+    if remove and is_postgres(session):
+        removed = session.connection().exec_driver_sql(PG_REMOVE_MEMBERS, {"group_id": group.id, "ids": sorted(remove)})
+        touched.extend(mid for mid, mtype in removed if mtype == "User")
+        remove = set()
     if remove:
         for chunk in chunks(sorted(remove)):
             statement = (

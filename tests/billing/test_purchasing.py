@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from billing.purchasing import PurchaseRunner, sync_seats
 from billing.stripe_gateway import PermanentBillingError, StripeGateway, TransientBillingError
 from models.db import session_scope
-from models.tables import Account, Purchase, utcnow
+from models.tables import Purchase, utcnow
 from tests.conftest import connect_tenant
 from tests.fakes.stripe_server import FakeStripe
 from workers.reconcile import Reconciler
@@ -150,9 +150,10 @@ def test_demand_is_reread_right_before_the_request_is_frozen(admin, clean_db, fa
     purchase job runs, Then the request raises team to 3, not 6: a purchase never buys for users who are gone."""
     t, purchase_id, ids = planned(admin, clean_db, fake, 6)
     assert purchase(clean_db, purchase_id).demand["team"] == 6
-    with session_scope(clean_db) as session:
-        session.execute(update(Account).where(Account.user_id.in_(ids[:3])).values(
-            role=None, wanted_tier=None, license=None, status="no_access"))
+    for user_id in ids[:3]:
+        assert admin.delete(f"/tenants/{t}/users/{user_id}").status_code == 204
+    Reconciler(clean_db, gateway(fake)).run(t)
+    assert purchase(clean_db, purchase_id).status == "pending", "still the same purchase, not yet frozen"
 
     PurchaseRunner(clean_db, gateway(fake)).run(purchase_id)
 

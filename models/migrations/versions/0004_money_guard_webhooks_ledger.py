@@ -1,14 +1,14 @@
 """money: spend guard, Stripe webhook events, invoice amounts on the ledger, leases
 
 Revision ID: 0004
-Revises: 0002
+Revises: p001 (main's head; written against 0002)
 Create Date: 2026-12-02
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0004'
-down_revision = '0002'
+down_revision = 'p001'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,272 @@
+"""The directory's hot writes on PostgreSQL: psycopg's async pool on the event loop, few round trips per write.
+
+An IdP's first cycle is thousands of `POST /Users` and member PATCHes in a
+burst (DESIGN.md "The SCIM write path is the hot path"). A create is ONE
+statement: a data-modifying CTE that checks the token, inserts the user and
+appends its sync event, atomically (autocommit: one statement, one
+transaction), with no thread-pool hop and no ORM. A group write is one short
+transaction in pipeline mode (GroupWrite). psycopg prepares a statement it has
+run a few times, so the server plans it once per connection. SQLite keeps the
+synchronous functions of this package, in the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import orjson
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy.engine import make_url
+
+from models.directory.errors import InvalidValueError, NotFoundError, UnavailableError, UniquenessError
+from models.directory.fields import folded_key
+from models.directory.members import PG_REMOVE_MEMBERS, MemberChanges
+from models.directory.users import UserFields, _user_data
+from models.tables import new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+CHECKOUT_TIMEOUT_SECONDS = 5.0
+
+# The token, the user and its event in one statement. The partial unique index
+# (tenant, case-folded userName) WHERE deleted_at IS NULL decides uniqueness:
+# ON CONFLICT DO NOTHING turns a duplicate into "no row", never an error.
+CREATE_USER = """
+WITH t AS (
+    SELECT id FROM tenant WHERE token_hash = %(digest)s AND id = %(tenant)s AND scim_enabled
+), u AS (
+    INSERT INTO scim_user (id, tenant_id, user_name, user_name_key, external_id, display_name,
+                           active, data, version, created_at, updated_at, deleted_at)
+    SELECT %(id)s, t.id, %(user_name)s, %(key)s, %(external_id)s, %(display_name)s,
+           %(active)s, %(data)s::json, 1, %(now)s, %(now)s, NULL FROM t
+    ON CONFLICT (tenant_id, user_name_key) WHERE deleted_at IS NULL DO NOTHING
+    RETURNING id
+), e AS (
+    INSERT INTO sync_event (tenant_id, kind, user_ids, created_at)
+    SELECT %(tenant)s, 'user_created', %(user_ids)s::json, %(now)s FROM u
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM e)
+"""
+
+TENANT_OF_TOKEN = "SELECT id, scim_enabled FROM tenant WHERE token_hash = %s"
+TOUCH = "UPDATE tenant SET last_request_at = %s WHERE id = %s"
+# The group locked and its version bumped in ONE statement that also checks the
+# token (revocation at once); RETURNING gives what the PATCH needs. A refused
+# PATCH (412, 400) rolls the bump back with everything else.
+LOCK_AND_BUMP_GROUP = """
+UPDATE scim_group g SET version = g.version + 1, updated_at = %(now)s FROM tenant t
+WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.id = g.tenant_id AND t.token_hash = %(digest)s AND t.scim_enabled
+RETURNING g.version, g.display_name, g.external_id, g.data
+"""
+MEMBERS = "SELECT member_id, member_type FROM group_member WHERE group_id = %s"
+# Lookup of the wanted members (Users of the tenant not deleted, or its Groups)
+# and the insert of the known ones in one statement; the caller refuses the PATCH
+# (and so rolls the insert back) when some id is unknown.
+ADD_KNOWN_MEMBERS = """
+WITH
+-- Looked up by primary key alone (MATERIALIZED keeps the planner from merging
+-- the tenant and deletion checks into the scan): without statistics (a new
+-- tenant, autovacuum behind) PostgreSQL may otherwise pick the partial userName
+-- index and read every user of the tenant for each id.
+users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY(%(ids)s::varchar[])),
+groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group WHERE id = ANY(%(ids)s::varchar[])),
+known AS (
+    SELECT id, 'User'::varchar AS kind FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL
+    UNION ALL
+    SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
+), ins AS (
+    INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
+    SELECT %(group)s, id, %(tenant)s, kind FROM known
+    ON CONFLICT (group_id, member_id) DO NOTHING RETURNING member_id, member_type
+)
+SELECT (SELECT array_agg(id) FROM known), (SELECT array_agg(member_id) FROM ins WHERE member_type = 'User')
+"""
+REWRITE_GROUP = """
+UPDATE scim_group SET display_name = %(name)s, display_name_key = %(key)s, external_id = %(external_id)s,
+       data = %(data)s::json
+WHERE id = %(group)s
+"""
+GROUP_EVENT = "INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) VALUES (%s, 'group_updated', %s::json, %s)"
+
+
+def conninfo(database_url: str) -> str:
+    """libpq connection string of a SQLAlchemy PostgreSQL URL (the driver suffix dropped)."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@dataclass
+class LockedGroup:
+    """A group a write holds locked, its version already bumped."""
+
+    version: int
+    display_name: str
+    external_id: str | None
+    data: dict[str, Any]
+
+
+class GroupWrite:
+    """One group write's transaction: the locked group and what the write may do to it."""
+
+    def __init__(self, conn: AsyncConnection[Any], tenant_id: str, group_id: str, group: LockedGroup, now: Any) -> None:
+        self.conn = conn
+        self.tenant_id = tenant_id
+        self.group_id = group_id
+        self.group = group
+        self.now = now
+
+    async def rewrite(self, name: str, external_id: str | None, data: dict[str, Any]) -> None:
+        """Store the group's new displayName, externalId and document."""
+        await self.conn.execute(REWRITE_GROUP, {
+            "name": name, "key": folded_key(name, "displayName"), "external_id": external_id,
+            "data": orjson.dumps(data).decode(), "group": self.group_id,
+        })
+
+    async def apply_members(self, changes: MemberChanges) -> list[str]:
+        """The member rows of the write (as members.apply_member_changes); the users whose membership changed."""
+        conn, group_id = self.conn, self.group_id
+        if changes.replace is not None:
+            current = {mid: kind for mid, kind in await (await conn.execute(MEMBERS, (group_id,))).fetchall()}
+            add = {mid: t for mid, t in changes.replace.items() if mid not in current}
+            remove = {mid for mid in current if mid not in changes.replace}
+        else:
+            add, remove = changes.add, changes.remove
+        touched: list[str] = []
+        if add:
+            if group_id in add:
+                raise InvalidValueError("A group cannot be a member of itself.")
+            ids = list(add)
+            known, users = await (await conn.execute(  # type: ignore[misc]
+                ADD_KNOWN_MEMBERS, {"ids": ids, "tenant": self.tenant_id, "group": group_id})).fetchone()
+            known = set(known or ())
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+                raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
+            touched.extend(users or ())
+        if remove:
+            removed = await conn.execute(PG_REMOVE_MEMBERS, {"group_id": group_id, "ids": sorted(remove)})
+            touched.extend(mid for mid, kind in await removed.fetchall() if kind == "User")
+        return touched
+
+    async def record_event(self, user_ids: list[str]) -> None:
+        """The write's sync event (sent with the COMMIT in pipeline mode)."""
+        await self.conn.execute(GROUP_EVENT, (self.tenant_id, orjson.dumps(sorted(set(user_ids))).decode(), self.now))
+
+
+class AsyncDatabase:
+    """A psycopg async pool per event loop, opened on first use (nothing connects at import or build time)."""
+
+    def __init__(self, database_url: str, *, max_size: int = 20,
+                 checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS) -> None:
+        self._conninfo = conninfo(database_url)
+        self.max_size = max_size
+        self.checkout_timeout = checkout_timeout
+        self._pool: AsyncConnectionPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening = asyncio.Lock()
+
+    async def _current(self) -> AsyncConnectionPool:
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._loop is loop:
+            return self._pool
+        if self._loop is not loop:
+            # A pool belongs to one loop (a test's asyncio.run makes a new one each time).
+            self._pool, self._loop, self._opening = None, loop, asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                pool = AsyncConnectionPool(
+                    self._conninfo, min_size=1, max_size=self.max_size, open=False,
+                    # Autocommit: each hot-path statement is its own transaction.
+                    # No check on checkout (a round trip per request): a connection
+                    # broken by a server restart is discarded when it is returned.
+                    kwargs={"autocommit": True},
+                )
+                await pool.open()
+                self._pool = pool
+        return self._pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        try:
+            pool = await self._current()
+            async with pool.connection(timeout=self.checkout_timeout) as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # The server restarts or is gone: a retryable refusal, never a crash or a
+            # hang (the pool drops the broken connection and reconnects by itself).
+            log.warning("database unavailable on the SCIM hot path (%s)", type(exc).__name__)
+            raise UnavailableError("The database is unavailable; retry shortly.") from None
+
+    async def close(self) -> None:
+        if self._pool is not None and self._loop is asyncio.get_running_loop():
+            await self._pool.close()
+        self._pool = None
+
+    async def tenant_of(self, digest: str) -> tuple[str, bool] | None:
+        """(tenant id, scim_enabled) of a token digest, or None."""
+        async with self.connection() as conn:
+            row = await (await conn.execute(TENANT_OF_TOKEN, (digest,))).fetchone()
+        return None if row is None else (row[0], bool(row[1]))
+
+    async def touch(self, tenant_id: str) -> None:
+        """Write the tenant's last_request_at."""
+        async with self.connection() as conn:
+            await conn.execute(TOUCH, (utcnow(), tenant_id))
+
+    async def create_user(self, tenant_id: str, digest: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Insert a user and its event in one statement; the row, or None when the token is not this tenant's."""
+        fields = UserFields.of(doc)
+        now = utcnow()
+        row = {
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "user_name": fields.user_name,
+            "user_name_key": folded_key(fields.user_name, "userName"),
+            "external_id": fields.external_id,
+            "display_name": fields.display_name,
+            "active": fields.active,
+            "data": _user_data(doc),
+            "version": 1,
+            "created_at": now,
+            "updated_at": now,
+            "deleted_at": None,
+        }
+        params = {
+            "digest": digest, "tenant": tenant_id, "id": row["id"], "user_name": row["user_name"],
+            "key": row["user_name_key"], "external_id": row["external_id"], "display_name": row["display_name"],
+            "active": row["active"], "data": orjson.dumps(row["data"]).decode(),
+            "user_ids": orjson.dumps([row["id"]]).decode(), "now": now,
+        }
+        async with self.connection() as conn:
+            authorized, created = await (await conn.execute(CREATE_USER, params)).fetchone()  # type: ignore[misc]
+        if not authorized:
+            return None
+        if not created:
+            raise UniquenessError(f"userName '{fields.user_name}' is already taken in this tenant.")
+        return row
+
+    @asynccontextmanager
+    async def group_write(self, tenant_id: str, digest: str, group_id: str) -> AsyncIterator[GroupWrite | None]:
+        """A group write's transaction, the group locked; None when the token is refused.
+
+        Pipeline mode: BEGIN goes with the first statement and the last
+        statements with COMMIT, so a member PATCH is three round trips.
+        """
+        now = utcnow()
+        async with self.connection() as conn, conn.pipeline(), conn.transaction():
+            row = await (await conn.execute(
+                LOCK_AND_BUMP_GROUP, {"now": now, "group": group_id, "tenant": tenant_id, "digest": digest})).fetchone()
+            if row is None:
+                found = await (await conn.execute(TENANT_OF_TOKEN, (digest,))).fetchone()
+                if found is None or found[0] != tenant_id or not found[1]:
+                    yield None
+                    return
+                raise NotFoundError(f"Group '{group_id}' not found.")
+            yield GroupWrite(conn, tenant_id, group_id, LockedGroup(*row), now)

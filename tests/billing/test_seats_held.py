@@ -1,0 +1,58 @@
+"""seat_count.assigned: the seats held per tier, kept by the pipeline instead of counted per reconcile."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from models.tables import Account, SeatCount
+from tests.workers.test_pipeline import drain, make_group, make_user
+
+PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def _held(engine, tenant_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(seat_count.assigned, accounts actually holding a license) per tier."""
+    with engine.connect() as conn:
+        kept = {t: n for t, n in conn.execute(
+            select(SeatCount.tier, SeatCount.assigned).where(SeatCount.tenant_id == tenant_id)) if n}
+        counted = dict(conn.execute(
+            select(Account.license, func.count()).where(Account.tenant_id == tenant_id, Account.license.is_not(None))
+            .group_by(Account.license)).all())
+    return kept, counted
+
+
+def test_the_seats_held_follow_every_license_change(admin, tenant, engine):
+    """Given users gaining, changing and losing tiers through group changes, deactivation and deletion,
+    when each change is reconciled, then the kept count per tier equals the accounts holding that tier,
+    and a freed seat goes to the next user waiting without a new purchase."""
+    c = tenant.client
+    ann, bob, cid, dan = (make_user(c, f"{n}@x.com") for n in ("ann", "bob", "cid", "dan"))
+    users = make_group(c, "Users", [ann, bob, cid, dan])
+    starter = make_group(c, "Starter", [ann, bob])
+    team = make_group(c, "Team", [cid, dan])
+    r = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={
+        "user_groups": [users], "license_groups": {"starter": [starter], "team": [team]}})
+    assert r.status_code == 200, r.text
+    drain(engine, tenant.tenant_id)
+    assert _held(engine, tenant.tenant_id) == ({"starter": 2, "team": 2}, {"starter": 2, "team": 2})
+
+    def patch(group: str, op: str, member: str) -> None:
+        body = {"schemas": [PATCH], "Operations": [{"op": op, "path": "members", "value": [{"value": member}]}]}
+        assert c.patch(f"/Groups/{group}", json=body).status_code in (200, 204)
+
+    patch(starter, "remove", bob)  # bob: starter → no license (still has access)
+    patch(team, "add", ann)  # ann: lowest tier stays starter: nothing changes
+    drain(engine, tenant.tenant_id)
+    assert _held(engine, tenant.tenant_id) == ({"starter": 1, "team": 2}, {"starter": 1, "team": 2})
+
+    assert c.patch(f"/Users/{cid}", json={"schemas": [PATCH], "Operations": [
+        {"op": "replace", "path": "active", "value": False}]}).status_code == 200  # cid loses access
+    assert c.delete(f"/Users/{dan}").status_code == 204  # dan deleted
+    drain(engine, tenant.tenant_id)
+    assert _held(engine, tenant.tenant_id) == ({"starter": 1}, {"starter": 1})
+
+    purchases = len(admin.get(f"/tenants/{tenant.tenant_id}/purchases").json())
+    patch(team, "add", bob)  # bob takes one of the two team seats freed above: no purchase
+    drain(engine, tenant.tenant_id)
+    assert _held(engine, tenant.tenant_id) == ({"starter": 1, "team": 1}, {"starter": 1, "team": 1})
+    assert len(admin.get(f"/tenants/{tenant.tenant_id}/purchases").json()) == purchases
