@@ -96,7 +96,9 @@ class Sweeper:
         sent["purchases"] = len(purchases)
         for tenant_id in seat_syncs:
             key = f"{self.rt.settings.redis_namespace}:seat-sync-sent:{tenant_id}"
-            if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
+            # Never throttled longer than the periodic re-read's own interval.
+            every = max(1, int(min(SEAT_SYNC_EVERY_SECONDS, self.rt.settings.stripe_resync_interval)))
+            if self.rt.redis.set(key, "1", nx=True, ex=every):
                 self.rt.waker.enqueue(SYNC_SEATS, tenant_id)
                 sent["seat_syncs"] += 1
         for batch in invitations.batches(due, spread=self.rt.settings.worker_threads):
