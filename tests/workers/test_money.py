@@ -327,7 +327,9 @@ def test_a_bulk_attack_of_many_users_stops_at_the_guard_without_a_stripe_call(ad
         wait_caught_up(admin, t, worker=worker)
         assert [p["status"] for p in purchases(admin, t)] == ["succeeded"]
         calls_before_attack = len(fake.calls)
-
+    # New connections for the attack: the ones above idled past the server's keep-alive
+    # while the pipeline caught up, and reusing one races the server closing it.
+    with Idp(scim.tenant_url, scim.token, concurrency=4) as idp:
         def bulk(start: int) -> list[str]:
             count = min(999, ATTACK_USERS - start)
             ops = [{"method": "POST", "path": "/Users", "bulkId": f"u{i}",
