@@ -23,8 +23,9 @@ from api.scim.errors import ScimError
 from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
+from api.web.pages import WebPages
 from api.webhooks import StripeWebhooks
-from models.db import make_engine
+from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import PURCHASE_SEATS, QUEUES
@@ -108,7 +109,7 @@ class Services:
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
 
         return cls(
-            make_engine(settings.database_url), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake,
+            engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake,
             send_purchase=send_purchase, stripe_alert=stripe_alert,
         )
 
@@ -165,6 +166,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
                    redis_url=services.redis_url)
     admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
     webhooks = StripeWebhooks(settings, services.engine, services.wake)
+    pages = WebPages(settings, services.engine, services.wake, services.send_purchase)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -225,6 +227,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
         *scim.routes(),
         *admin.routes(),
         *webhooks.routes(),
+        *pages.routes(),
     ]
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -37,7 +37,8 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from models.db import make_engine
     from models.migrate import upgrade
 
-    engine = make_engine(settings.database_url)
+    # No statement timeout here: a migration may rewrite a large table.
+    engine = make_engine(settings.database_url, connect_timeout=settings.database_connect_timeout)
     upgrade(engine)
     engine.dispose()
     print("database schema is up to date")
@@ -47,14 +48,15 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 def create_tenant_with_scim(
     settings: Settings, name: str, provider: str, customer: str | None, subscription: str | None
 ) -> dict[str, str]:
-    from api import tenants
-    from models.db import make_engine, session_scope
+    from api import service
+    from models.db import engine_from_settings, session_scope
 
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     try:
         with session_scope(engine) as session:
-            tenant = tenants.create_tenant(session, name, customer, subscription)
-            credentials = tenants.connect_scim(session, tenant, provider, settings.public_base_url)
+            # Audited like the admin API and the page, by who did it.
+            tenant = service.create_tenant(session, service.CLI_ACTOR, name, customer, subscription)
+            credentials = service.connect_scim(session, settings, service.CLI_ACTOR, tenant, provider)
             return {"tenant_id": tenant.id, "tenant_url": credentials.tenant_url, "token": credentials.token}
     finally:
         engine.dispose()
@@ -86,16 +88,16 @@ def cmd_tenant_create(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_purchases_export(settings: Settings, args: argparse.Namespace) -> int:
     """Print a tenant's purchase ledger as CSV for finance (no broker, no Stripe call)."""
     from api import tenants
-    from api.admin import parse_since
+    from api.service import parse_since
     from billing.ledger import csv_lines, ledger_rows
-    from models.db import make_engine, session_scope
+    from models.db import engine_from_settings, session_scope
 
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         print(f"sally-scim: {exc}", file=sys.stderr)
         return 2
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     try:
         with session_scope(engine) as session:
             try:
@@ -132,6 +134,7 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     # with the default action that would kill the process before `finally`
     # releases the embedded Redis, leaving a redis-server behind.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    log.info("admin page at %s/ (sign in with the admin token)", settings.public_base_url)
     try:
         if not settings.redis_url:
             # Attach here so the embedded Redis outlives uvicorn's worker processes.
@@ -186,12 +189,12 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
 def _demo_credentials(settings: Settings) -> dict[str, str]:
     """The embedded default's demo tenant, kept in SALLY_VAR_DIR so a restart keeps it."""
     from api import tenants
-    from models.db import make_engine, session_scope
+    from models.db import engine_from_settings, session_scope
 
     path = settings.var_dir / "demo-tenant.json"
     if path.exists():
         stored = json.loads(path.read_text())
-        engine = make_engine(settings.database_url)
+        engine = engine_from_settings(settings)
         try:
             with session_scope(engine) as session:
                 try:
@@ -254,10 +257,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         print(
             "\n"
             f"  Sally SCIM is running at http://{settings.host}:{settings.port}\n"
+            f"  Admin page:       {settings.public_base_url}/\n"
             f"  Admin token:      {admin_token}\n"
             f"  Demo Tenant URL:  {demo['tenant_url']}\n"
             f"  Demo Token:       {demo['token']}\n"
-            f"  (kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
+            f"  (sign in to the admin page with the admin token;\n"
+            f"   kept in {settings.var_dir}/; Ctrl-C stops everything)\n",
             flush=True,
         )
         while not stopping:

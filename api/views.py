@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
@@ -27,13 +27,48 @@ def _iso(moment: Any) -> str | None:
     return iso(moment) if moment is not None else None
 
 
-def user_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
-    rows = session.execute(
+def _user_filter(tenant_id: str, search: str | None, user_ids: list[str] | None) -> list[Any]:
+    where: list[Any] = [ScimUser.tenant_id == tenant_id]
+    if user_ids is not None:
+        where.append(ScimUser.id.in_(user_ids))
+    if search and search.strip():
+        # userName_key is casefolded already; displayName and externalId are
+        # compared lower-cased (SQLite's lower() is ASCII-only: good enough to search).
+        term = "%" + search.strip().casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append(
+            or_(
+                ScimUser.user_name_key.like(term, escape="\\"),
+                func.lower(ScimUser.display_name).like(term, escape="\\"),
+                func.lower(ScimUser.external_id).like(term, escape="\\"),
+            )
+        )
+    return where
+
+
+def count_users(session: Session, tenant_id: str, search: str | None = None) -> int:
+    """How many users ``user_rows`` would list without a limit."""
+    return session.execute(select(func.count()).select_from(ScimUser).where(*_user_filter(tenant_id, search, None))).scalar_one()
+
+
+def user_rows(
+    session: Session,
+    tenant_id: str,
+    *,
+    search: str | None = None,
+    user_ids: list[str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Users with their access (every user unless searched, narrowed or paged), oldest first."""
+    query = (
         select(ScimUser, Account)
         .join(Account, Account.user_id == ScimUser.id, isouter=True)
-        .where(ScimUser.tenant_id == tenant_id)
+        .where(*_user_filter(tenant_id, search, user_ids))
         .order_by(ScimUser.created_at, ScimUser.id)
     )
+    if limit is not None:
+        query = query.limit(limit).offset(offset)
+    rows = session.execute(query)
     out = []
     for user, account in rows:
         status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")

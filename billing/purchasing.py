@@ -243,7 +243,7 @@ class PurchaseRunner:
             # changed it by hand since the last read).
             note_lowered_seats(tenant, purchased_seats(session, tenant.id), before)
             tenant.billing_status, tenant.billing_detail = "verified", None
-            set_purchased_seats(session, tenant.id, before, now)
+            set_purchased_seats(session, tenant.id, before, now, state.prices)
             tenant.seats_synced_at = now
             # Demand and caps right now, under the lock: never buy for users who are gone.
             needs = seat_needs(session, tenant)
@@ -260,7 +260,7 @@ class PurchaseRunner:
                     return self._settle_found(session, tenant, purchase, subscription_id, before)
                 # The subscription already has the seats (finance raised it by hand, or
                 # the users are gone): nothing to buy.
-                return self._nothing_to_buy(session, tenant, purchase, before)
+                return self._nothing_to_buy(session, tenant, purchase, before, state.prices)
             if purchase.approved_at is None:
                 reason = guard_check(session, tenant, before, after)
                 if reason is not None:
@@ -337,10 +337,13 @@ class PurchaseRunner:
         return self._settle(session, tenant, purchase, "succeeded", purchase.quantities_before or seats,
                             purchase.quantities_after or seats, invoice, None)
 
-    def _nothing_to_buy(self, session: Session, tenant: Tenant, purchase: Purchase, seats: dict[str, int]) -> Outcome:
+    def _nothing_to_buy(
+        self, session: Session, tenant: Tenant, purchase: Purchase, seats: dict[str, int],
+        prices: dict[str, tuple[int | None, str | None]] | None = None,
+    ) -> Outcome:
         """Record the seats read from Stripe and drop the plan: the ledger lists purchases only."""
         now = self.clock()
-        set_purchased_seats(session, tenant.id, seats, now)
+        set_purchased_seats(session, tenant.id, seats, now, prices)
         tenant.seats_synced_at = now
         tenant.billing_blocked = None
         session.add(tenant)
@@ -468,7 +471,7 @@ def sync_seats(engine: Engine, gateway: Gateway, tenant_id: str, clock: Callable
             problem = link_problem(tenant, state)
         if problem is None and state is not None:
             note_lowered_seats(tenant, purchased_seats(session, tenant_id), state.quantities)
-            set_purchased_seats(session, tenant_id, state.quantities, now)
+            set_purchased_seats(session, tenant_id, state.quantities, now, state.prices)
             tenant.seats_synced_at = now
             tenant.billing_status, tenant.billing_detail = "verified", None
         else:

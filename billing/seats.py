@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Mapping, Sequence
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import DateTime, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -14,7 +15,7 @@ from billing.guard import HELD, OPEN_STATUSES, GuardPolicy, hold_reason, is_firs
 from billing.licenses import TierPlan, plan_tier, purchase_targets, raised_to
 from models.db import chunks
 from models.settings import TIERS
-from models.tables import Account, Purchase, SeatCount, Tenant, new_id
+from models.tables import Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
 
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
@@ -73,8 +74,18 @@ def change_held(session: Session, tenant_id: str, deltas: dict[str, int], now: d
             session.execute(insert(table).values(tenant_id=tenant_id, tier=tier, purchased=0, assigned=delta, updated_at=now))
 
 
-def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, int], now: datetime) -> None:
-    """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase)."""
+def set_purchased_seats(
+    session: Session,
+    tenant_id: str,
+    quantities: dict[str, int],
+    now: datetime,
+    prices: Mapping[str, tuple[int | None, str | None]] | None = None,
+) -> None:
+    """Record the seats bought per tier (Stripe's item quantities, or a not_billed purchase).
+
+    ``prices`` (tier → unit_amount, currency, as read from the subscription's
+    items) is stored beside them when given; a tier without an item keeps none.
+    """
     existing = {row.tier: row for row in session.execute(
         select(SeatCount).where(SeatCount.tenant_id == tenant_id)
     ).scalars()}
@@ -82,6 +93,8 @@ def set_purchased_seats(session: Session, tenant_id: str, quantities: dict[str, 
         row = existing.get(tier) or SeatCount(tenant_id=tenant_id, tier=tier)
         row.purchased = int(quantities.get(tier, 0))
         row.updated_at = now
+        if prices is not None and tier in prices:
+            row.unit_amount, row.currency = prices[tier]
         session.add(row)
     session.flush()
 
@@ -233,6 +246,7 @@ def allocate(
                 .where(Account.user_id.in_(chunk))
                 .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
             )
+            _write_history(session, chunk, now)
         result.granted[tier] = len(grant)
         change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
@@ -256,7 +270,14 @@ def allocate(
             for chunk in chunks(ids):
                 # Only rows whose reason changes: a tenant with many waiting users is
                 # re-allocated on every reconcile, and rewriting them all each time
-                # would make a burst's cost grow with the square of its size.
+                # would make a burst's cost grow with the square of its size. Only
+                # those users get a history row too (the pass repeats).
+                changed = list(session.execute(
+                    select(Account.user_id).where(
+                        Account.user_id.in_(chunk),
+                        or_(Account.status != "pending_license", Account.status_reason.is_distinct_from(reason)),
+                    )
+                ).scalars())
                 session.execute(
                     update(Account)
                     .where(
@@ -265,6 +286,7 @@ def allocate(
                     )
                     .values(status="pending_license", status_reason=reason, updated_at=now)
                 )
+                _write_history(session, changed, now)
     session.flush()
     return result
 
@@ -296,10 +318,23 @@ def _revoke_beyond(
                 .where(Account.user_id.in_(chunk))
                 .values(license=None, status="pending_license", status_reason=reason, waiting_since=now, updated_at=now)
             )
+            _write_history(session, chunk, now)
         change_held(session, tenant_id, {tier: -len(ids)}, now)
         held[tier] -= len(ids)
     session.flush()
     return held
+def _write_history(session: Session, user_ids: Sequence[str], now: datetime) -> None:
+    """Copy these accounts' outcome into account_history, in the caller's transaction."""
+    if not user_ids:
+        return
+    session.execute(
+        insert(AccountHistory).from_select(
+            ["tenant_id", "user_id", "created_at", "role", "license", "status", "status_reason"],
+            select(Account.tenant_id, Account.user_id, literal(now, DateTime(timezone=True)), Account.role,
+                   Account.license, Account.status, Account.status_reason)
+            .where(Account.user_id.in_(user_ids)),
+        )
+    )
 
 
 def _plan_purchase(

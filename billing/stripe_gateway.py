@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import stripe
@@ -63,6 +63,9 @@ class SubscriptionState:
     item_ids: dict[str, str]
     customer: str | None = None
     status: str | None = None
+    # Per tier present: (price.unit_amount in minor units, price.currency), for the
+    # admin page's preview; unit_amount is None for tiered or metered prices.
+    prices: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class StripeGateway:
         subscription = self._call(lambda: self._client.v1.subscriptions.retrieve(subscription_id))
         quantities = dict.fromkeys(TIERS, 0)
         item_ids: dict[str, str] = {}
+        prices: dict[str, tuple[int | None, str | None]] = {}
         for item in subscription.to_dict()["items"]["data"]:
             price = item["price"]
             price_id = price["id"] if isinstance(price, dict) else price
@@ -172,12 +176,23 @@ class StripeGateway:
             # Stripe allows one item per price on a subscription, so a tier has at most one item.
             quantities[tier] = item.get("quantity") or 0
             item_ids[tier] = item["id"]
+            if isinstance(price, dict):
+                amount = price.get("unit_amount")
+                currency = price.get("currency")
+                prices[tier] = (
+                    amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
+                    currency if isinstance(currency, str) else None,
+                )
         raw = subscription.to_dict()
         customer = raw.get("customer")
         if isinstance(customer, dict):
             customer = customer.get("id")
         return SubscriptionState(
-            quantities=quantities, item_ids=item_ids, customer=customer, status=raw.get("status")
+            quantities=quantities,
+            item_ids=item_ids,
+            customer=customer,
+            status=raw.get("status"),
+            prices=prices,
         )
 
     def build_update(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -13,13 +14,33 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
+if TYPE_CHECKING:
+    from models.settings import Settings
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Ids per IN (...) list: well under SQLite's 999 bound parameters of old builds.
 BATCH = 500
 
 
-def make_engine(database_url: str, *, pool_size: int = 20) -> Engine:
-    """Build the engine; SQLite gets WAL, a busy timeout and immediate write locks."""
+def engine_from_settings(settings: "Settings", *, pool_size: int = 20) -> Engine:
+    """The engine every process uses, with the statement and connect timeouts of its settings."""
+    return make_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        statement_timeout=settings.database_statement_timeout,
+        connect_timeout=settings.database_connect_timeout,
+    )
+
+
+def make_engine(
+    database_url: str,
+    *,
+    pool_size: int = 20,
+    statement_timeout: float | None = None,
+    connect_timeout: float | None = None,
+) -> Engine:
+    """Build the engine; SQLite gets WAL, a busy timeout and immediate write locks;
+    PostgreSQL gets a statement timeout and a connect timeout when given (seconds)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -33,11 +54,27 @@ def make_engine(database_url: str, *, pool_size: int = 20) -> Engine:
         return engine
     return create_engine(
         url,
+        connect_args=postgres_connect_args(statement_timeout, connect_timeout),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
     )
+
+
+def postgres_connect_args(statement_timeout: float | None, connect_timeout: float | None) -> dict[str, object]:
+    """psycopg connection arguments for the two timeouts (seconds; None or 0 leaves one unset)."""
+    args: dict[str, object] = {}
+    if connect_timeout:
+        # libpq counts whole seconds (and treats 1 as 2); it bounds the TCP
+        # connect and the start-up handshake, so a server that accepts and
+        # never answers cannot hold a request thread forever.
+        args["connect_timeout"] = max(1, math.ceil(connect_timeout))
+    if statement_timeout:
+        # Set at connection start (no extra round trip per checkout): a runaway
+        # query is cancelled by the server and its locks are released.
+        args["options"] = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+    return args
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,8 @@ def _seconds(
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value >= minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {raw}")
+    if not math.isfinite(value) or not value >= minimum:
+        raise SettingsError(f"{name} must be a finite number of at least {minimum}, got {raw}")
     if maximum is not None and value > maximum:
         raise SettingsError(f"{name} must be at most {maximum}, got {raw}")
     return value
@@ -51,6 +52,42 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+@dataclass(frozen=True)
+class ScimLimits:
+    """Bounded work per SCIM request: each cap is a setting, advertised in /ServiceProviderConfig."""
+
+    # PatchOp "Operations" per PATCH request (SCIM_MAX_PATCH_OPERATIONS).
+    max_patch_operations: int = 1000
+    # Values of one multi-valued attribute other than a group's members: emails, roles... (SCIM_MAX_VALUES).
+    max_values: int = 1000
+    # Member references in one group POST, PUT or PATCH (SCIM_MAX_MEMBERS).
+    max_members: int = 10_000
+    # Names in `attributes` plus `excludedAttributes` (SCIM_MAX_ATTRIBUTE_NAMES).
+    max_attribute_names: int = 100
+    # Characters of a filter, and its comparisons (`x eq y`, `x pr`) (SCIM_MAX_FILTER_LENGTH / _TERMS).
+    max_filter_length: int = 10_000
+    max_filter_terms: int = 200
+    # Resources a filter on attributes without a column may read to check (SCIM_MAX_FILTER_CANDIDATES).
+    max_filter_candidates: int = 10_000
+    # Serialised JSON size of the document we store for one resource, members not counted (SCIM_MAX_DOCUMENT_BYTES).
+    max_document_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "ScimLimits":
+        """The SCIM_MAX_* variables; each at least 1 (a cap of 0 would refuse every request)."""
+        default = cls()
+        return cls(
+            max_patch_operations=_int(env, "SCIM_MAX_PATCH_OPERATIONS", default.max_patch_operations, 1),
+            max_values=_int(env, "SCIM_MAX_VALUES", default.max_values, 1),
+            max_members=_int(env, "SCIM_MAX_MEMBERS", default.max_members, 1),
+            max_attribute_names=_int(env, "SCIM_MAX_ATTRIBUTE_NAMES", default.max_attribute_names, 1),
+            max_filter_length=_int(env, "SCIM_MAX_FILTER_LENGTH", default.max_filter_length, 1),
+            max_filter_terms=_int(env, "SCIM_MAX_FILTER_TERMS", default.max_filter_terms, 1),
+            max_filter_candidates=_int(env, "SCIM_MAX_FILTER_CANDIDATES", default.max_filter_candidates, 1),
+            max_document_bytes=_int(env, "SCIM_MAX_DOCUMENT_BYTES", default.max_document_bytes, 1024),
+        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +116,11 @@ class Settings:
     scim_rate_limit: int = 200
     # Failed SCIM authentications per client address per minute before 429.
     scim_auth_failure_limit: int = 30
+    scim_limits: ScimLimits = field(default_factory=ScimLimits)
+    # PostgreSQL only: the longest one statement may run, and the longest a
+    # connection attempt may wait, in seconds (0 turns the statement limit off).
+    database_statement_timeout: float = 30.0
+    database_connect_timeout: float = 10.0
     sweep_interval: float = 10.0
     # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
     # 400 to everything and the sweep re-reads each linked subscription instead.
@@ -96,6 +138,13 @@ class Settings:
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
+    # The admin web page: how long a sign-in lasts, when the SCIM page warns that
+    # the IdP has not synced, rows per page of the user list, and how many
+    # entries of a user's provisioning history are shown (newest first).
+    web_session_hours: int = 12
+    scim_stale_hours: int = 2
+    web_page_size: int = 50
+    user_history_limit: int = 200
 
     def __post_init__(self) -> None:
         if not 0 < self.stripe_timeout <= 20:
@@ -140,6 +189,9 @@ class Settings:
             max_body_bytes=_int(env, "SCIM_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),
             scim_rate_limit=_int(env, "SCIM_RATE_LIMIT", 200, 0),
             scim_auth_failure_limit=_int(env, "SCIM_AUTH_FAILURE_LIMIT", 30, 0),
+            scim_limits=ScimLimits.from_env(env),
+            database_statement_timeout=_seconds(env, "DATABASE_STATEMENT_TIMEOUT", 30.0, 0.0),
+            database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 10.0, 1.0),
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
@@ -148,4 +200,8 @@ class Settings:
             stripe_resync_interval=_seconds(env, "STRIPE_RESYNC_INTERVAL", 900.0, 1.0),
             purchase_threads=_int(env, "PURCHASE_THREADS", 4, 1),
             stripe_update_spacing=_seconds(env, "STRIPE_UPDATE_SPACING", 2.0, 0.0),
+            web_session_hours=_int(env, "WEB_SESSION_HOURS", 12, 1),
+            scim_stale_hours=_int(env, "SCIM_STALE_HOURS", 2, 1),
+            web_page_size=_int(env, "WEB_PAGE_SIZE", 50, 1),
+            user_history_limit=_int(env, "USER_HISTORY_LIMIT", 200, 1),
         )

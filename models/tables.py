@@ -206,6 +206,11 @@ class SeatCount(SQLModel, table=True):
     # pipeline where it changes a license, so allocation never counts accounts.
     assigned: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     updated_at: datetime = Field(default_factory=utcnow)
+    # The tier price's unit_amount (minor units) and currency, as the worker last
+    # read them from the subscription: the admin page's preview prices with them
+    # without calling Stripe on the request path. None until read (or ledger only).
+    unit_amount: Optional[int] = None
+    currency: Optional[str] = Field(default=None, max_length=8)
 
 
 # A purchase in flight or held for approval: at most one per tenant.
@@ -293,3 +298,34 @@ class Invitation(SQLModel, table=True):
     error: Optional[str] = Field(default=None, max_length=2048)
     created_at: datetime = Field(default_factory=utcnow)
     enqueued_at: Optional[datetime] = None
+
+
+class AuditLog(SQLModel, table=True):
+    """One admin action (who, what, when), written in the action's own transaction."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant", "tenant_id", "id"),)
+
+    id: Optional[int] = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(max_length=64)
+    # "admin token" (the admin API) or "admin session" (the web page).
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=64)
+    detail: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AccountHistory(SQLModel, table=True):
+    """A pipeline outcome for one user (access, license, status), written by reconcile in its transaction."""
+
+    __tablename__ = "account_history"
+    __table_args__ = (Index("ix_account_history_user", "user_id", "id"),)
+
+    id: Optional[int] = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    tenant_id: str = Field(max_length=64)
+    user_id: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    role: Optional[str] = Field(default=None, max_length=8)
+    license: Optional[str] = Field(default=None, max_length=16)
+    status: str = Field(max_length=16)
+    status_reason: Optional[str] = Field(default=None, max_length=1024)

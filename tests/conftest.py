@@ -29,8 +29,8 @@ ADMIN_TOKEN = "test-admin-token"
 # for each client (~20 ms of CPU, twice per live-server test).
 SSL_CONTEXT = ssl.create_default_context()
 TABLES = (
-    "stripe_event", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
-    "sync_event", "scim_group", "scim_user", "tenant",
+    "audit_log", "account_history", "stripe_event", "invitation", "purchase", "seat_count", "account",
+    "group_member", "group_mapping", "sync_event", "scim_group", "scim_user", "tenant",
 )
 
 

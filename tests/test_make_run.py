@@ -205,7 +205,12 @@ def test_make_run_serves_a_new_tenant_and_ctrl_c_stops_everything(workdir: Path)
         admin_token = banner_value(output, "Admin token")
         demo_url = banner_value(output, "Demo Tenant URL")
         demo_token = banner_value(output, "Demo Token")
-        assert admin_token and demo_url and demo_token, output
+        admin_page = banner_value(output, "Admin page")
+        assert admin_token and demo_url and demo_token and admin_page, output
+        # The admin page's address answers with the sign-in form (GET / never 404s).
+        assert admin_page == f"{base}/"
+        page = httpx.get(admin_page, timeout=10)
+        assert page.status_code == 200 and 'action="/login"' in page.text, page.text[:500]
         assert re.fullmatch(re.escape(base) + r"/scim/v2/[^/]+", demo_url), demo_url
         demo = httpx.get(f"{demo_url}/Users", headers={"Authorization": f"Bearer {demo_token}"}, timeout=10)
         assert demo.status_code == 200, demo.text

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -21,6 +21,7 @@ from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
 from models.settings import TIERS
 from models.tables import (
     Account,
+    AccountHistory,
     Invitation,
     ScimUser,
     Tenant,
@@ -42,6 +43,15 @@ class ReconcileResult:
     purchase_id: str | None = None
     needs_seat_sync: bool = False
     invitation_ids: list[str] = field(default_factory=list)
+
+
+def history_row(account: Account, now: datetime) -> dict[str, Any]:
+    """One AccountHistory row: the account's outcome as the pipeline just left it."""
+    return {
+        "tenant_id": account.tenant_id, "user_id": account.user_id, "created_at": now,
+        "role": account.role, "license": account.license, "status": account.status,
+        "status_reason": account.status_reason,
+    }
 
 
 def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupMapping]:
@@ -145,6 +155,7 @@ class Reconciler:
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
         invitations: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
         freed: dict[str, int] = {}
         for user in users.values():
             deleted = user.deleted_at is not None
@@ -194,8 +205,14 @@ class Reconciler:
             if after != before or account.user_id not in accounts:
                 account.updated_at = now
                 session.add(account)
+                outcome = (account.role, account.license, account.status, account.status_reason)
+                # A user now waiting for a seat is written by allocate(), which decides grant or reason.
+                if account.status != "pending_license" and outcome != (before[0], before[2], before[3], before[4]):
+                    history.append(history_row(account, now))
         session.flush()
         change_held(session, tenant.id, freed, now)
+        if history:
+            session.execute(insert(AccountHistory), history)
         return self._queue_invitations(session, tenant.id, invitations, now)
 
     def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from billing.gateway import Gateway, LedgerGateway
 from billing.stripe_gateway import StripeGateway
-from models.db import make_engine
+from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import redis_client
 from workers.mailer import make_mailer
@@ -56,7 +56,7 @@ def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
     client = redis_client(redis_url)
     return Runtime(
         settings=settings,
-        engine=make_engine(settings.database_url, pool_size=max(4, settings.worker_threads + 2)),
+        engine=engine_from_settings(settings, pool_size=max(4, settings.worker_threads + 2)),
         redis=client,
         waker=Waker(broker, client, settings.redis_namespace),
         gateway=make_gateway(settings),

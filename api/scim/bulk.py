@@ -113,7 +113,7 @@ def run_bulk(
             if isinstance(operation.get("version"), str):
                 headers["if-match"] = operation["version"]
             sub_call = Call(call.tenant_id, {}, headers, {"tenant_id": call.tenant_id, "id": resource_id or ""},
-                            data, call.base_url)
+                            data, call.base_url, call.limits)
             response = dispatch(handler, sub_call)
         except ScimError as exc:
             response = error_response(exc)

@@ -7,13 +7,16 @@ from typing import Any
 from api.scim.bulk import MAX_OPERATIONS
 from api.scim.errors import NotFoundError
 from api.scim.query import MAX_RESULTS
-from api.scim.schema import ALL_SCHEMAS, GROUP_RESOURCE, USER_RESOURCE, ResourceSchema
+from api.scim.schema import ALL_SCHEMAS, GROUP_RESOURCE, GROUP_SCHEMA, USER_RESOURCE, ResourceSchema, Schema
+from models.settings import ScimLimits
 
 SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
 RESOURCE_TYPE_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
 
 
 def service_provider_config(base_url: str, max_body_bytes: int) -> dict[str, Any]:
+    """RFC 7643 §5, exactly its attributes (strict clients refuse others, even an extension);
+    the caps it has no room for are in the /Schemas descriptions (see `schemas`)."""
     return {
         "schemas": [SPC_SCHEMA],
         "documentationUri": "https://sally.example/help/scim",
@@ -62,12 +65,40 @@ def one_resource_type(base_url: str, name: str) -> dict[str, Any]:
     raise NotFoundError(f"ResourceType '{name}' not found.")
 
 
-def schemas(base_url: str) -> list[dict[str, Any]]:
-    return [s.to_json(base_url) for s in ALL_SCHEMAS]
+def limits_text(limits: ScimLimits, max_body_bytes: int) -> str:
+    """Every per-request cap in one sentence, for the schema descriptions (RFC 7643 §7 "description")."""
+    return (
+        f"Limits per request: body {max_body_bytes} bytes and stored resource {limits.max_document_bytes} bytes "
+        f"of JSON (413); {limits.max_patch_operations} PATCH operations, {limits.max_values} values per "
+        f"multi-valued attribute, {limits.max_members} group members (400 invalidValue); "
+        f"{limits.max_attribute_names} names in attributes or excludedAttributes, filters of "
+        f"{limits.max_filter_length} characters and {limits.max_filter_terms} comparisons, "
+        f"{limits.max_filter_candidates} resources checked for a filter on attributes without an index "
+        "(400 tooMany)."
+    )
 
 
-def one_schema(base_url: str, schema_id: str) -> dict[str, Any]:
+def _described(schema: Schema, base_url: str, limits: ScimLimits, max_body_bytes: int) -> dict[str, Any]:
+    out = schema.to_json(base_url)
+    out["description"] = f"{out['description'].rstrip('.')}. {limits_text(limits, max_body_bytes)}"
+    for attr in out["attributes"]:
+        if not attr["multiValued"]:
+            continue
+        if schema.id == GROUP_SCHEMA and attr["name"] == "members":
+            cap = f"At most {limits.max_members} members per POST, PUT or PATCH."
+        else:
+            cap = f"At most {limits.max_values} values."
+        attr["description"] = f"{attr['description'].rstrip('.')}. {cap}"
+    return out
+
+
+def schemas(base_url: str, limits: ScimLimits, max_body_bytes: int) -> list[dict[str, Any]]:
+    """/Schemas, with this deployment's caps in the descriptions."""
+    return [_described(s, base_url, limits, max_body_bytes) for s in ALL_SCHEMAS]
+
+
+def one_schema(base_url: str, schema_id: str, limits: ScimLimits, max_body_bytes: int) -> dict[str, Any]:
     for schema in ALL_SCHEMAS:
         if schema.id == schema_id:
-            return schema.to_json(base_url)
+            return _described(schema, base_url, limits, max_body_bytes)
     raise NotFoundError(f"Schema '{schema_id}' not found.")

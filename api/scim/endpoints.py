@@ -89,7 +89,11 @@ class ScimApi:
         self.wake = wake
         self.wake_async = wake_async
         self.auth = Authenticator()
-        self.fast = AsyncDatabase(engine.url.render_as_string(hide_password=False)) if is_postgres(engine) else None
+        self.fast = AsyncDatabase(
+            engine.url.render_as_string(hide_password=False),
+            statement_timeout=settings.database_statement_timeout,
+            connect_timeout=settings.database_connect_timeout,
+        ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
             RedisPerLoop(redis_url) if redis_url else None,
@@ -191,8 +195,8 @@ class ScimApi:
         call = await self._call(request, with_body=True)
         declared = request.headers.get("content-length") or ""
         large = not declared.isdigit() or int(declared) > OFF_LOOP_BYTES
-        doc = (await run_in_threadpool(normalise_resource, USER_RESOURCE, call.body) if large
-               else normalise_resource(USER_RESOURCE, call.body))
+        doc = (await run_in_threadpool(normalise_resource, USER_RESOURCE, call.body, call.limits) if large
+               else normalise_resource(USER_RESOURCE, call.body, call.limits))
         try:
             row = await self.fast.create_user(call.tenant_id, digest, doc)
         except DirectoryError as exc:
@@ -211,7 +215,9 @@ class ScimApi:
         assert self.fast is not None
         call = await self._call(request, with_body=True)
         try:
-            version = await patch_group(self.fast, call.tenant_id, digest, call.path["id"], call.body, call.check_if_match)
+            version = await patch_group(
+                self.fast, call.tenant_id, digest, call.path["id"], call.body, call.check_if_match, call.limits
+            )
         except DirectoryError as exc:
             raise from_directory(exc) from None
         if version is None:
@@ -248,6 +254,7 @@ class ScimApi:
             path=dict(request.path_params),
             body=await read_json(request, self.settings.max_body_bytes) if with_body else None,
             base_url=f"{self.settings.public_base_url}/scim/v2/{tenant_id}",
+            limits=self.settings.scim_limits,
         )
 
     def _bulk(self, call: Call) -> Response:
@@ -281,8 +288,8 @@ class ScimApi:
 
     @staticmethod
     def _projected(resource: ResourceSchema, call: Call, doc: dict[str, Any], status: int = 200) -> ScimResponse:
-        attributes = parse_attribute_list(resource, call.params.get("attributes"))
-        excluded = parse_attribute_list(resource, call.params.get("excludedAttributes"))
+        attributes = parse_attribute_list(resource, call.params.get("attributes"), call.limits)
+        excluded = parse_attribute_list(resource, call.params.get("excludedAttributes"), call.limits)
         headers = {"ETag": doc["meta"]["version"]}
         if status == 201:
             headers["Location"] = doc["meta"]["location"]
@@ -305,7 +312,7 @@ class ScimApi:
     # ------------------------------------------------------------- users
 
     def create_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        doc = normalise_resource(USER_RESOURCE, call.body)
+        doc = normalise_resource(USER_RESOURCE, call.body, call.limits)
         user = users.create_user(session, tenant.id, doc)
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url), 201)
 
@@ -318,15 +325,15 @@ class ScimApi:
 
     def replace_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        doc = normalise_resource(USER_RESOURCE, call.body)
+        doc = normalise_resource(USER_RESOURCE, call.body, call.limits)
         users.update_user(session, user, doc)
         user_groups = groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
     def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
-        doc = Patcher(USER_RESOURCE, user_doc(user)).apply(call.body)
-        users.update_user(session, user, normalise_resource(USER_RESOURCE, doc))
+        doc = Patcher(USER_RESOURCE, user_doc(user), limits=call.limits).apply(call.body)
+        users.update_user(session, user, normalise_resource(USER_RESOURCE, doc, call.limits))
         user_groups = groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 
@@ -344,7 +351,7 @@ class ScimApi:
     # ------------------------------------------------------------ groups
 
     def create_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        doc = normalise_resource(GROUP_RESOURCE, call.body)
+        doc = normalise_resource(GROUP_RESOURCE, call.body, call.limits)
         members = member_values(doc.pop("members", None))
         group = groups.create_group(session, tenant.id, doc, members)
         return self._projected(GROUP_RESOURCE, call, group_json(group, call.base_url, members_of(session, group.id)), 201)
@@ -358,7 +365,7 @@ class ScimApi:
 
     def replace_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
-        doc = normalise_resource(GROUP_RESOURCE, call.body)
+        doc = normalise_resource(GROUP_RESOURCE, call.body, call.limits)
         changes = MemberChanges()
         # PUT carries the whole member list (Okta, PingOne): applied as a diff,
         # so only real changes become membership events.
@@ -369,8 +376,8 @@ class ScimApi:
     def patch_group(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         group = self._locked_group(session, tenant, call)
         changes = MemberChanges()
-        doc = Patcher(GROUP_RESOURCE, group_doc(group), changes).apply(call.body)
-        groups.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc), changes)
+        doc = Patcher(GROUP_RESOURCE, group_doc(group), changes, limits=call.limits).apply(call.body)
+        groups.update_group(session, group, normalise_resource(GROUP_RESOURCE, doc, call.limits), changes)
         if not call.params.get("attributes"):
             # RFC 7644 §3.5.2 allows 204: a 1-member PATCH on a 20,000-member
             # group must not cost a 20,000-member answer.
@@ -392,7 +399,7 @@ class ScimApi:
     def search_all(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         """POST /.search at the root (RFC 7644 §3.4.3): Users, then Groups, paged together."""
         params = _search_params(call.body)
-        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
+        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url, call.limits)
         start_index = max(1, sub_call.int_param("startIndex", 1))
         count = max(0, min(sub_call.int_param("count", DEFAULT_COUNT), MAX_RESULTS))
         docs: list[dict[str, Any]] = []
@@ -404,13 +411,14 @@ class ScimApi:
                     filter_text=params.get("filter"), start_index=1, count=MAX_RESULTS,
                     sort_by=None, descending=False,
                     with_members=resource is GROUP_RESOURCE and self._wants_members(call, params),
+                    limits=call.limits,
                 )
             except InvalidFilterError as exc:
                 # An attribute only one resource type has filters that type alone.
                 errors.append(exc)
                 continue
-            attributes = parse_attribute_list(resource, params.get("attributes"))
-            excluded = parse_attribute_list(resource, params.get("excludedAttributes"))
+            attributes = parse_attribute_list(resource, params.get("attributes"), call.limits)
+            excluded = parse_attribute_list(resource, params.get("excludedAttributes"), call.limits)
             docs.extend(project(resource, doc, attributes, excluded) for doc in page.docs)
         if len(errors) == 2:
             raise errors[0]
@@ -419,15 +427,15 @@ class ScimApi:
     @staticmethod
     def _wants_members(call: Call, params: dict[str, Any] | None = None) -> bool:
         params = call.params if params is None else params
-        attributes = parse_attribute_list(GROUP_RESOURCE, params.get("attributes"))
-        excluded = parse_attribute_list(GROUP_RESOURCE, params.get("excludedAttributes"))
+        attributes = parse_attribute_list(GROUP_RESOURCE, params.get("attributes"), call.limits)
+        excluded = parse_attribute_list(GROUP_RESOURCE, params.get("excludedAttributes"), call.limits)
         if attributes:
             return wants(attributes, "members")
         # Entra reads groups with excludedAttributes=members: never load them then.
         return not wants(excluded, "members")
 
     def _list(self, session: Session, tenant: AuthorizedTenant, call: Call, resource: ResourceSchema, params: dict[str, Any]) -> Response:
-        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url)
+        sub_call = Call(call.tenant_id, params, call.headers, call.path, None, call.base_url, call.limits)
         start_index = sub_call.int_param("startIndex", 1)
         count = sub_call.int_param("count", DEFAULT_COUNT)
         sort_order = str(params.get("sortOrder") or "ascending").lower()
@@ -444,9 +452,10 @@ class ScimApi:
             sort_by=params.get("sortBy"),
             descending=sort_order == "descending",
             with_members=resource is GROUP_RESOURCE and self._wants_members(call, params),
+            limits=call.limits,
         )
-        attributes = parse_attribute_list(resource, params.get("attributes"))
-        excluded = parse_attribute_list(resource, params.get("excludedAttributes"))
+        attributes = parse_attribute_list(resource, params.get("attributes"), call.limits)
+        excluded = parse_attribute_list(resource, params.get("excludedAttributes"), call.limits)
         docs = [project(resource, doc, attributes, excluded) for doc in page.docs]
         return list_response(page.total, page.start_index, docs)
 
@@ -463,11 +472,11 @@ class ScimApi:
         return ScimResponse(discovery.one_resource_type(call.base_url, call.path["id"]))
 
     def schemas(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        items = discovery.schemas(call.base_url)
+        items = discovery.schemas(call.base_url, call.limits, self.settings.max_body_bytes)
         return list_response(len(items), 1, items)
 
     def schema(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
-        return ScimResponse(discovery.one_schema(call.base_url, call.path["id"]))
+        return ScimResponse(discovery.one_schema(call.base_url, call.path["id"], call.limits, self.settings.max_body_bytes))
 
 
 def _search_params(body: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ __all__ = [
     "And",
     "Compare",
     "FilterError",
+    "FilterTooLargeError",
     "Node",
     "Not",
     "Or",
@@ -91,6 +92,13 @@ class FilterError(ValueError):
         self.detail = detail
         self.position = position  # 1-based character position, when known
         self.scim_type = scim_type  # "invalidFilter", or "invalidPath" for a PATCH path
+
+
+class FilterTooLargeError(FilterError):
+    """A filter longer, or with more comparisons, than the caller allows: 400 tooMany."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, scim_type="tooMany")
 
 
 # --------------------------------------------------------------------------- nodes
@@ -315,9 +323,20 @@ def _tokenize(text: str) -> list[Token]:
         pos = m.end()
 
 
-@lru_cache(maxsize=1024)
+# Caches are keyed on client text: only short keys go in (a real attribute
+# path or date-time is far shorter), so 1,024 long junk words cannot pin
+# megabytes each.
+_CACHED_KEY_LENGTH = 128
+
+
 def _attr_path(text: str) -> AttrPath | None:
     """The AttrPath a path word spells, or None when it is not a valid attrPath."""
+    if len(text) > _CACHED_KEY_LENGTH:
+        return _attr_path_uncached(text)
+    return _attr_path_cached(text)
+
+
+def _attr_path_uncached(text: str) -> AttrPath | None:
     uri = None
     rest = text
     if text[:4].lower() == "urn:":
@@ -333,16 +352,31 @@ def _attr_path(text: str) -> AttrPath | None:
     return AttrPath(uri, m.group(1), m.group(2))
 
 
-@lru_cache(maxsize=256)
+_attr_path_cached = lru_cache(maxsize=1024)(_attr_path_uncached)
+
+
 def _parse_datetime(text: str) -> datetime | None:
     """An ISO-8601 date or date-time (RFC 7643 §2.3.5) as an aware datetime, else None."""
+    if len(text) > _CACHED_KEY_LENGTH:
+        return _parse_datetime_uncached(text)
+    return _parse_datetime_cached(text)
+
+
+def _parse_datetime_uncached(text: str) -> datetime | None:
     if len(text) < 10 or not ("0" <= text[0] <= "9") or text[4:5] != "-":
         return None
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return as_utc(value)
+    try:
+        return as_utc(value)
+    except OverflowError:
+        # 9999-12-31T23:59:59-14:00 is past year 9999 in UTC; aware, it still compares right.
+        return value
+
+
+_parse_datetime_cached = lru_cache(maxsize=256)(_parse_datetime_uncached)
 
 
 # --------------------------------------------------------------------------- parser
@@ -351,12 +385,16 @@ def _parse_datetime(text: str) -> datetime | None:
 class _Parser:
     """Recursive descent over a token list; grammar methods return (node, tree depth)."""
 
-    __slots__ = ("tokens", "i", "what", "brackets")
+    __slots__ = ("tokens", "i", "what", "brackets", "terms", "max_terms")
 
-    def __init__(self, text: str, what: str) -> None:
+    def __init__(self, text: str, what: str, max_length: int | None = None, max_terms: int | None = None) -> None:
         self.what = what
         self.brackets = 0
         self.i = 0
+        self.terms = 0
+        self.max_terms = max_terms
+        if max_length is not None and len(text) > max_length:
+            raise FilterTooLargeError(f"the {what} is {len(text)} characters long; at most {max_length} are allowed")
         try:
             self.tokens = _tokenize(text)
         except FilterError as exc:
@@ -523,6 +561,9 @@ class _Parser:
         return name
 
     def _operation(self, path: AttrPath, written: str) -> Node:
+        self.terms += 1
+        if self.max_terms is not None and self.terms > self.max_terms:
+            raise FilterTooLargeError(f"the {self.what} has more than {self.max_terms} comparisons")
         token = self.tokens[self.i]
         if token[0] != "word":
             raise self._expected(f"an operator ({_OP_LIST}) after {_show(written)}", token)
@@ -549,7 +590,10 @@ class _Parser:
             else:
                 try:
                     value = _JSON.decode(text)
-                except ValueError:
+                    # A \uD800-style escape alone is no character: no database or
+                    # JSON encoder can take it (it would surface as a 500).
+                    value.encode("utf-8")
+                except ValueError:  # UnicodeEncodeError is a ValueError
                     raise self._error(f"invalid escape in the string at position {token[2] + 1}", token[2]) from None
         elif kind == "num":
             value = self._number(token)
@@ -590,9 +634,13 @@ class _Parser:
 # --------------------------------------------------------------------------- public parsing
 
 
-def parse_filter(text: str) -> Node:
-    """Parse a ``filter`` query parameter (RFC 7644 §3.4.2.2) into a Node."""
-    parser = _Parser(text, "filter")
+def parse_filter(text: str, *, max_length: int | None = None, max_terms: int | None = None) -> Node:
+    """Parse a ``filter`` query parameter (RFC 7644 §3.4.2.2) into a Node.
+
+    Past ``max_length`` characters or ``max_terms`` comparisons it raises
+    FilterTooLargeError (checked before, and while, parsing).
+    """
+    parser = _Parser(text, "filter", max_length, max_terms)
     if parser.tokens[0][0] == "end":
         raise FilterError("filter is empty")
     node, _ = parser.parse_or(0, None)
@@ -600,9 +648,9 @@ def parse_filter(text: str) -> Node:
     return node
 
 
-def parse_path(text: str) -> PatchPath:
-    """Parse a PATCH operation ``path`` (RFC 7644 §3.5.2)."""
-    parser = _Parser(text, "path")
+def parse_path(text: str, *, max_length: int | None = None, max_terms: int | None = None) -> PatchPath:
+    """Parse a PATCH operation ``path`` (RFC 7644 §3.5.2); limits as for parse_filter."""
+    parser = _Parser(text, "path", max_length, max_terms)
     tokens = parser.tokens
     first = tokens[0]
     if first[0] == "end":

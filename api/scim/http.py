@@ -25,6 +25,7 @@ from api.scim.errors import (
 from api.scim.render import etag
 from api.scim.schema import ERROR_SCHEMA, LIST_RESPONSE
 from api.tokens import bearer, token_digest
+from models.settings import ScimLimits
 from models.tables import Tenant, utcnow
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class Call:
     path: dict[str, str]
     body: Any
     base_url: str
+    limits: ScimLimits
 
     def int_param(self, name: str, default: int) -> int:
         raw = self.params.get(name)

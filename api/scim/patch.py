@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from api.scim import filter as scim_filter
 from api.scim.errors import (
     InvalidFilterError,
@@ -12,9 +14,19 @@ from api.scim.errors import (
     InvalidValueError,
     MutabilityError,
     NoTargetError,
+    TooManyError,
 )
-from api.scim.schema import EXTERNAL_ID, PATCH_OP, Attr, ResourceSchema, coerce_ext_value, coerce_value
+from api.scim.schema import (
+    EXTERNAL_ID,
+    PATCH_OP,
+    Attr,
+    ResourceSchema,
+    check_value_count,
+    coerce_ext_value,
+    coerce_value,
+)
 from models.directory.members import MemberChanges
+from models.settings import ScimLimits
 
 # Attributes a client may echo back but never change: silently ignored in
 # pathless values (Okta's group rename PATCH carries the group's `id`).
@@ -57,10 +69,20 @@ def _filter_member_ids(node: Any) -> list[str]:
 class Patcher:
     """Applies PatchOp operations to `doc` (and, for groups, collects member changes)."""
 
-    def __init__(self, resource: ResourceSchema, doc: dict[str, Any], members: MemberChanges | None = None) -> None:
+    def __init__(
+        self,
+        resource: ResourceSchema,
+        doc: dict[str, Any],
+        members: MemberChanges | None = None,
+        *,
+        limits: ScimLimits,
+    ) -> None:
         self.resource = resource
         self.doc = doc
         self.members = members
+        self.limits = limits
+        # Member references this request names, counted against max_members.
+        self.member_refs = 0
 
     def apply(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -73,6 +95,11 @@ class Patcher:
             raise InvalidSyntaxError("'Operations' is required.")
         if not isinstance(operations, list):
             raise InvalidSyntaxError("'Operations' must be a list.")
+        if len(operations) > self.limits.max_patch_operations:
+            raise InvalidValueError(
+                f"At most {self.limits.max_patch_operations} operations per PATCH (SCIM_MAX_PATCH_OPERATIONS, "
+                f"advertised as patch.maxOperations); {len(operations)} were given."
+            )
         for index, operation in enumerate(operations):
             self._operation(operation, index)
         return self.doc
@@ -114,7 +141,11 @@ class Patcher:
             self._extension(op, ext, value)
             return
         try:
-            parsed = scim_filter.parse_path(path)
+            parsed = scim_filter.parse_path(
+                path, max_length=self.limits.max_filter_length, max_terms=self.limits.max_filter_terms
+            )
+        except scim_filter.FilterTooLargeError as exc:
+            raise TooManyError(f"The path is too large: {exc.detail}.") from None
         except scim_filter.FilterError as exc:
             raise InvalidPathError(f"Invalid path '{path}': {exc}") from None
         container, attr = self._resolve(parsed.path)
@@ -188,8 +219,10 @@ class Patcher:
             current = container.get(key)
             if attr.multi_valued and isinstance(value, list) and isinstance(current, list):
                 # Remove by value list: exactly the listed elements, never all of them.
-                gone = {item.get("value") for item in value if isinstance(item, dict)}
-                container[key] = [e for e in current if not (isinstance(e, dict) and e.get("value") in gone)]
+                gone = {_identity(item.get("value")) for item in value if isinstance(item, dict)}
+                container[key] = [
+                    e for e in current if not (isinstance(e, dict) and _identity(e.get("value")) in gone)
+                ]
             else:
                 container.pop(key, None)
             return
@@ -197,12 +230,19 @@ class Patcher:
             # Entra's "null update": replacing with "" or null clears the attribute.
             container.pop(key, None)
             return
+        # Refused before any work on the values (the result is checked again when stored).
+        check_value_count(self.resource, attr.name, value, self.limits)
         coerced = self._coerce(container, attr, value, attr.name)
         current = container.pop(key, None)
         if op == "add" and attr.multi_valued:
-            merged = list(current or [])
+            # RFC 7644 §3.5.2.1: values already there are not added again. A set of
+            # canonical forms keeps this linear (it runs under the row lock).
+            merged = list(current) if isinstance(current, list) else []
+            seen = {_identity(item) for item in merged}
             for item in coerced:
-                if item not in merged:
+                identity = _identity(item)
+                if identity not in seen:
+                    seen.add(identity)
                     merged.append(item)
             container[attr.name] = _one_primary(merged)
         elif attr.type == "complex" and not attr.multi_valued:
@@ -262,7 +302,8 @@ class Patcher:
         hits = [e for e in elements if isinstance(e, dict) and self._element_matches(attr, node, e)]
         if op == "remove":
             if sub is None:
-                elements = [e for e in elements if not any(e is hit for hit in hits)]
+                gone = {id(hit) for hit in hits}
+                elements = [e for e in elements if id(e) not in gone]
             else:
                 for hit in hits:
                     hit.pop(_existing_key(hit, sub.name), None)
@@ -303,26 +344,55 @@ class Patcher:
 
         return scim_filter.matches(node, element, case_exact)
 
+    def _count_members(self, count: int) -> None:
+        self.member_refs += count
+        if self.member_refs > self.limits.max_members:
+            raise InvalidValueError(
+                f"At most {self.limits.max_members} members per request (SCIM_MAX_MEMBERS); "
+                f"this PATCH names {self.member_refs} or more."
+            )
+
     def _members(self, op: str, parsed: Any, value: Any) -> None:
         assert self.members is not None
         if parsed.value_filter is not None:
             if op != "remove":
                 raise InvalidPathError("Members are added or replaced through the 'members' path, without a filter.")
-            for member_id in _filter_member_ids(parsed.value_filter):
+            member_ids = _filter_member_ids(parsed.value_filter)
+            self._count_members(len(member_ids))
+            for member_id in member_ids:
                 self.members.remove_member(member_id)
             return
+        if isinstance(value, list):
+            # Counted before they are read, so an oversized list costs no more work.
+            self._count_members(len(value))
+        members = member_values(value)
+        if not isinstance(value, list):
+            self._count_members(len(members))
         if op == "add":
-            for member_id, member_type in member_values(value).items():
+            for member_id, member_type in members.items():
                 self.members.add_member(member_id, member_type)
         elif op == "replace":
-            self.members.replace_all(member_values(value))
+            self.members.replace_all(members)
         elif value is None:
             # RFC 7644 §3.5.2.2: remove with the path "members" and no value removes them all.
             self.members.replace_all({})
         else:
             # Entra removes members by a value list: exactly those, never all.
-            for member_id in member_values(value):
+            for member_id in members:
                 self.members.remove_member(member_id)
+
+
+def _identity(value: Any) -> Any:
+    """A hashable stand-in for a JSON value: equal for equal values, whatever their key order."""
+    if isinstance(value, dict):
+        try:
+            # The usual element ({"value", "type", "primary"}) holds only scalars.
+            return frozenset(value.items())
+        except TypeError:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if isinstance(value, list):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return value
 
 
 def _existing_key(container: dict[str, Any], name: str) -> str:

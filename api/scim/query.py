@@ -11,11 +11,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
 from api.scim import filter as scim_filter
-from api.scim.errors import InvalidFilterError, InvalidValueError
+from api.scim.errors import InvalidFilterError, InvalidValueError, TooManyError
 from api.scim.render import group_json, user_json
 from api.scim.schema import EXTERNAL_ID, GROUP_RESOURCE, USER_RESOURCE, Attr, ResourceSchema
 from models.directory import lists
 from models.directory.members import groups_of, members_of_groups
+from models.settings import ScimLimits
 from models.tables import GroupMember, ScimGroup, ScimUser, as_utc
 
 MAX_RESULTS = 1000
@@ -108,7 +109,11 @@ def _datetime(value: Any) -> Any:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidFilterError(f"'{value}' is not an ISO 8601 date-time.") from None
-    return as_utc(parsed)
+    try:
+        # The columns hold UTC: 9999-12-31T23:59:59-14:00 is past year 9999 there.
+        return as_utc(parsed)
+    except OverflowError:
+        raise InvalidFilterError(f"'{value}' is outside the years 1 to 9999 in UTC.") from None
 
 
 class FilterTranslator:
@@ -151,9 +156,16 @@ class FilterTranslator:
         attr = self.known(key)
         return bool(attr and attr.case_exact)
 
-    def plan(self, text: str) -> Plan:
+    def plan(self, text: str, limits: ScimLimits) -> Plan:
+        """Parse and split a filter; past the limits' length or comparisons a 400 tooMany."""
         try:
-            node = scim_filter.parse_filter(text)
+            node = scim_filter.parse_filter(
+                text, max_length=limits.max_filter_length, max_terms=limits.max_filter_terms
+            )
+        except scim_filter.FilterTooLargeError as exc:
+            raise TooManyError(
+                f"The filter is too large: {exc.detail} (SCIM_MAX_FILTER_LENGTH / SCIM_MAX_FILTER_TERMS)."
+            ) from None
         except scim_filter.FilterError as exc:
             raise InvalidFilterError(f"Invalid filter: {exc}") from None
         for path in scim_filter.walk_paths(node):
@@ -231,6 +243,11 @@ SORT_COLUMNS = {
 
 USER_FILTERS = FilterTranslator(USER_RESOURCE, USER_COLUMNS, ScimUser)
 GROUP_FILTERS = FilterTranslator(GROUP_RESOURCE, GROUP_COLUMNS, ScimGroup)
+# What the tooMany answer of a residual filter suggests (the columns above).
+INDEXED_FILTER_ATTRIBUTES = {
+    "User": "id, userName, externalId, active, meta.created or meta.lastModified",
+    "Group": "id, displayName, externalId, members.value, meta.created or meta.lastModified",
+}
 
 
 @dataclass
@@ -252,6 +269,7 @@ def list_resources(
     sort_by: str | None,
     descending: bool,
     with_members: bool,
+    limits: ScimLimits,
 ) -> Page:
     """One page of Users or Groups, filtered and sorted (RFC 7644 §3.4.2)."""
     is_user = resource_type == "User"
@@ -260,7 +278,7 @@ def list_resources(
     where = []
     residual = None
     if filter_text:
-        plan = translator.plan(filter_text)
+        plan = translator.plan(filter_text, limits)
         where.append(plan.where)
         residual = plan.residual
     sort_column = None
@@ -286,8 +304,16 @@ def list_resources(
         ) if count else []
         return Page(total, start_index, render(rows, with_members))
     # Attributes without a column are checked on the documents, so every
-    # schema attribute filters correctly (at the cost of reading the candidates).
-    rows = lists.rows(session, model, tenant_id, where, sort_column=sort_column, descending=descending)
+    # schema attribute filters correctly (at the cost of reading the candidates),
+    # up to a cap: past it a 400 tooMany, never a silently partial answer.
+    cap = limits.max_filter_candidates
+    rows = lists.rows(session, model, tenant_id, where, sort_column=sort_column, descending=descending, limit=cap + 1)
+    if len(rows) > cap:
+        raise TooManyError(
+            f"The filter would check more than {cap} {resource_type}s one by one "
+            f"(SCIM_MAX_FILTER_CANDIDATES). Filter on an indexed attribute too, joined with 'and': "
+            f"{INDEXED_FILTER_ATTRIBUTES[resource_type]}."
+        )
     # Group filters may name members, so they are loaded to be matched.
     docs = render(rows, members=True)
     kept = [d for d in docs if scim_filter.matches(residual, d, translator.case_exact)]

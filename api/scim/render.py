@@ -7,13 +7,14 @@ from typing import Any, Iterable
 
 import orjson
 
-from api.scim.errors import InvalidValueError
+from api.scim.errors import InvalidValueError, TooManyError
 from api.scim.schema import (
     GROUP_SCHEMA,
     LEGACY_CORE_SCHEMAS,
     USER_SCHEMA,
     ResourceSchema,
 )
+from models.settings import ScimLimits
 from models.tables import as_utc
 
 ALWAYS = {"id", "schemas"}
@@ -118,10 +119,21 @@ def _split(resource: ResourceSchema, path: str) -> tuple[str, str | None]:
     return head, sub or None
 
 
-def parse_attribute_list(resource: ResourceSchema, value: str | list[str] | None) -> list[tuple[str, str | None]]:
+def parse_attribute_list(
+    resource: ResourceSchema, value: str | list[str] | None, limits: ScimLimits
+) -> list[tuple[str, str | None]]:
+    """`attributes` or `excludedAttributes` as (head, sub) pairs; more names than the cap is a 400 tooMany."""
     if not value:
         return []
     items = value if isinstance(value, list) else value.split(",")
+    if len(items) > limits.max_attribute_names:
+        # Blank items ("a,,b", a trailing comma) are not names.
+        names = sum(1 for item in items if item.strip())
+        if names > limits.max_attribute_names:
+            raise TooManyError(
+                f"At most {limits.max_attribute_names} names in 'attributes' or 'excludedAttributes' "
+                f"(SCIM_MAX_ATTRIBUTE_NAMES); {names} were given."
+            )
     return [_split(resource, item) for item in items if item.strip()]
 
 

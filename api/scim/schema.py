@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from api.scim.errors import InvalidSyntaxError, InvalidValueError
+from api.scim.errors import InvalidSyntaxError, InvalidValueError, PayloadTooLargeError
+from models.settings import ScimLimits
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -352,8 +353,35 @@ def _entra_roles(value: Any) -> Any:
     return roles
 
 
-def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
-    """Validate a POST/PUT body; return the attributes to store (no id, meta, password)."""
+def check_value_count(resource: ResourceSchema, name: str, value: Any, limits: ScimLimits) -> None:
+    """A list holds at most max_values values (a group's members: max_members); else a 400 invalidValue."""
+    if not isinstance(value, list):
+        return
+    if resource is GROUP_RESOURCE and name.lower() == "members":
+        if len(value) > limits.max_members:
+            raise InvalidValueError(
+                f"At most {limits.max_members} members per request (SCIM_MAX_MEMBERS); {len(value)} were given."
+            )
+    elif len(value) > limits.max_values:
+        raise InvalidValueError(
+            f"'{name}' holds {len(value)} values; at most {limits.max_values} are allowed (SCIM_MAX_VALUES)."
+        )
+
+
+def check_document_size(doc: dict[str, Any], limits: ScimLimits) -> None:
+    """The document we would store (members are rows, not counted) is at most max_document_bytes; else a 413."""
+    stored = {key: value for key, value in doc.items() if key != "members"} if "members" in doc else doc
+    size = len(orjson.dumps(stored))
+    if size > limits.max_document_bytes:
+        raise PayloadTooLargeError(
+            f"The resource would be stored as {size} bytes of JSON; at most {limits.max_document_bytes} "
+            "are allowed (SCIM_MAX_DOCUMENT_BYTES)."
+        )
+
+
+def normalise_resource(resource: ResourceSchema, body: Any, limits: ScimLimits) -> dict[str, Any]:
+    """Validate a POST/PUT body (or a PATCH result) against the schema and the limits;
+    return the attributes to store (no id, meta, password)."""
     if not isinstance(body, dict):
         raise InvalidSyntaxError("The request body must be a JSON object.")
     schemas = body.get("schemas")
@@ -379,6 +407,7 @@ def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
                 raise InvalidValueError(f"'{ext.id}' must be an object.")
             ext_out = out.get(ext.id, {})
             for ext_key, ext_value in value.items():
+                check_value_count(resource, ext_key, ext_value, limits)
                 attr = ext.attr(ext_key)
                 if attr is None:
                     ext_out[ext_key] = ext_value
@@ -391,16 +420,21 @@ def normalise_resource(resource: ResourceSchema, body: Any) -> dict[str, Any]:
             continue
         attr = resource.core.attr(key)
         if attr is None:
+            check_value_count(resource, key, value, limits)
             out[key] = value
             continue
         if attr.mutability == "readOnly" or attr.mutability == "writeOnly":
             # readOnly attributes sent by a client are ignored (RFC 7643 §2.2);
             # writeOnly ones (password) are never stored.
             continue
+        check_value_count(resource, attr.name, value, limits)
         coerced = coerce_value(attr, value, attr.name)
+        # Again after coercion: Entra's roles arrive as one JSON text holding the list.
+        check_value_count(resource, attr.name, coerced, limits)
         if coerced is not None and coerced != []:
             out[attr.name] = coerced
     out["schemas"] = declared_schemas(resource, out)
+    check_document_size(out, limits)
     return out
 
 

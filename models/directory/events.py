@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import String, cast, func, insert, select, update
 from sqlmodel import Session
 
 from models.db import chunks
@@ -62,3 +62,21 @@ def counts(session: Session, tenant_id: str) -> tuple[int, int]:
         select(func.count(), func.count(SyncEvent.applied_at)).where(SyncEvent.tenant_id == tenant_id)
     ).one()
     return total, applied
+
+
+def naming_user(session: Session, tenant_id: str, user_id: str, limit: int) -> list[tuple[str, datetime, datetime | None]]:
+    """The newest `limit` events that name this user: (kind, created_at, applied_at), newest first.
+
+    A read for the admin's user page, never on the SCIM path: user_ids is a JSON
+    list, so its text holds the id in quotes; the tenant's index narrows the scan.
+    """
+    pattern = '%"' + user_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + '"%'
+    return [
+        (kind, created_at, applied_at)
+        for kind, created_at, applied_at in session.execute(
+            select(SyncEvent.kind, SyncEvent.created_at, SyncEvent.applied_at)
+            .where(SyncEvent.tenant_id == tenant_id, cast(SyncEvent.user_ids, String).like(pattern, escape="\\"))
+            .order_by(SyncEvent.id.desc())
+            .limit(limit)
+        )
+    ]

@@ -24,6 +24,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.engine import make_url
 
+from models.db import postgres_connect_args
 from models.directory.errors import InvalidValueError, NotFoundError, UnavailableError, UniquenessError
 from models.directory.fields import folded_key
 from models.directory.members import PG_REMOVE_MEMBERS, MemberChanges
@@ -164,8 +165,11 @@ class AsyncDatabase:
     """A psycopg async pool per event loop, opened on first use (nothing connects at import or build time)."""
 
     def __init__(self, database_url: str, *, max_size: int = 20,
-                 checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS) -> None:
+                 checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS,
+                 statement_timeout: float | None = None, connect_timeout: float | None = None) -> None:
         self._conninfo = conninfo(database_url)
+        # The same statement and connect timeouts as the engine (models/db.py).
+        self._connect_args = postgres_connect_args(statement_timeout, connect_timeout)
         self.max_size = max_size
         self.checkout_timeout = checkout_timeout
         self._pool: AsyncConnectionPool | None = None
@@ -186,7 +190,7 @@ class AsyncDatabase:
                     # Autocommit: each hot-path statement is its own transaction.
                     # No check on checkout (a round trip per request): a connection
                     # broken by a server restart is discarded when it is returned.
-                    kwargs={"autocommit": True},
+                    kwargs={"autocommit": True, **self._connect_args},
                 )
                 await pool.open()
                 self._pool = pool

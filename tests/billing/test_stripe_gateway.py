@@ -54,7 +54,8 @@ def _purchase(gateway: StripeGateway, targets: dict[str, int], metadata: dict[st
 def test_read_subscription_reports_every_tier(gateway, fake):
     """Given a subscription with starter and enterprise items and a foreign add-on,
     When it is read, Then each tier has its quantity (0 when absent) and only our items count,
-    with the customer it belongs to and its status (what linking billing checks).
+    with the customer it belongs to and its status (what linking billing checks),
+    and each item's price (unit_amount in minor units, currency) for the admin's preview.
     """
     state = gateway.read_subscription("sub_1")
 
@@ -64,6 +65,10 @@ def test_read_subscription_reports_every_tier(gateway, fake):
         item_ids={"starter": items["price_starter"], "enterprise": items["price_enterprise"]},
         customer="cus_1",
         status="active",
+        prices={
+            "starter": (UNIT_AMOUNTS["price_starter"], "usd"),
+            "enterprise": (UNIT_AMOUNTS["price_enterprise"], "usd"),
+        },
     )
 
 

@@ -188,6 +188,11 @@ def test_a_purchase_above_the_growth_limit_waits_for_approval_then_buys(admin, l
     assert "the admin cancelled the seat purchase" in reason
     assert len(subscription_posts(fake, "sub_g")) == 1
     assert admin.post(f"/tenants/{t}/purchases/nope/approve").status_code == 404
+    # Each decision is audited once (the refused ones change nothing, so write nothing).
+    decisions = [(row["action"], row["detail"]) for row in admin.get(f"/tenants/{t}/audit").json()
+                 if row["action"].startswith("purchase_")]
+    assert decisions == [("purchase_cancelled", {"purchase_id": second["id"]}),
+                         ("purchase_approved", {"purchase_id": held["id"]})]
     scim.client.close()
 
 
