@@ -18,9 +18,11 @@ from billing import ledger
 from api.service import AdminError
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
-from models.db import session_scope
+from billing.locks import lock_tenant
+from models.db import database_unavailable, session_scope
 from models.settings import Settings
-from models.tables import Tenant
+from models.tables import Tenant, utcnow
+from workers import deprovision
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class AdminApi:
                   methods=["PUT"]),
             Route(p + "/tenants/{t}/sync", self.endpoint(self.sync), methods=["GET"]),
             Route(p + "/tenants/{t}/audit", self.endpoint(self.audit), methods=["GET"]),
+            Route(p + "/tenants/{t}/holds", self.endpoint(self.holds), methods=["GET"]),
+            Route(p + "/tenants/{t}/holds/confirm", self.endpoint(self.confirm_holds, wakes=True), methods=["POST"]),
+            Route(p + "/tenants/{t}/holds/revert", self.endpoint(self.revert_holds), methods=["POST"]),
         ]
 
     def endpoint(
@@ -109,7 +114,9 @@ class AdminApi:
                 result, tenant_id = await run_in_threadpool(self.run, handler, path, body)
             except TenantError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if database_unavailable(exc):
+                    raise  # a 503 with Retry-After, answered by the app's one handler for it
                 # Answered here: Starlette's outer handler would reset the connection.
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)
@@ -171,10 +178,10 @@ class AdminApi:
     # ------------------------------------------------------------ mapping
 
     def get_config(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
-        return service.get_config(session, tenant)
+        return service.get_config(session, tenant, self.settings)
 
     def put_config(self, session: Session, tenant: Tenant, _path: dict, body: dict) -> dict[str, Any]:
-        return service.save_config(session, service.API_ACTOR, tenant, body)
+        return service.save_config(session, service.API_ACTOR, tenant, body, self.settings)
 
     def preview_config(self, session: Session, tenant: Tenant, _path: dict, body: dict) -> dict[str, Any]:
         return service.preview_json(*service.preview_config(session, self.settings, tenant, body))
@@ -233,6 +240,20 @@ class AdminApi:
 
     def audit(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
         return service.audit_rows(session, tenant)
+
+    # ---------------------------------------------- mass-deprovision holds
+
+    def holds(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
+        return deprovision.holds(session, tenant.id)
+
+    def confirm_holds(self, session: Session, tenant: Tenant, _path: dict, _body: dict) -> dict[str, Any]:
+        # Under the tenant's lock: a reconcile in flight finishes (or starts) on either side of the decision.
+        lock_tenant(session, tenant.id)
+        return {"confirmed": len(deprovision.confirm(session, tenant.id, utcnow()))}
+
+    def revert_holds(self, session: Session, tenant: Tenant, _path: dict, _body: dict) -> dict[str, Any]:
+        lock_tenant(session, tenant.id)
+        return {"reverted": len(deprovision.revert(session, tenant.id, utcnow()))}
 
 
 def _holds_nul(value: Any) -> bool:

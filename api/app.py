@@ -7,6 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
@@ -19,20 +20,28 @@ from starlette.routing import Route
 from api.admin import AdminApi, admin_error_response
 from api.metrics import MetricsMiddleware, PipelineCollector, WebMetrics
 from api.scim.endpoints import ScimApi
-from api.scim.errors import ScimError
+from api.scim.errors import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    DATABASE_UNAVAILABLE,
+    ScimError,
+    database_unavailable_error,
+)
 from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
 from api.web.pages import WebPages
 from api.webhooks import StripeWebhooks
-from models.db import engine_from_settings
+from models.db import database_unavailable, engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
 from workers.names import PURCHASE_SEATS, QUEUES
-from workers.telemetry import Telemetry, queue_depths, stripe_alert_key
+from workers.telemetry import Telemetry, queue_counts, stripe_alert_key
 from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
 
 log = logging.getLogger(__name__)
+
+# /readyz answers within this, whatever hangs behind it (a stalled Redis, a dead database host).
+READY_PROBE_SECONDS = 2.0
 
 
 class Services:
@@ -62,23 +71,23 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
         url = resolve_redis_url(settings)
-        client = redis_client(url)
+        client = redis_client(url, settings)
         broker = make_broker(settings, url)
         waker = Waker(broker, client, settings.redis_namespace)
         telemetry = Telemetry(client, settings.redis_namespace)
 
         def stats() -> dict[str, Any]:
+            counts = queue_counts(client, broker.namespace, QUEUES)
             return {
                 "jobs": telemetry.jobs(),
                 "stripe": telemetry.stripe_calls(),
-                "queues": queue_depths(client, broker.namespace, QUEUES),
+                "queues": counts["waiting"],
+                "delayed": counts["delayed"],
+                "dead": counts["dead"],
             }
 
         def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
-                return False
+            return bool(client.ping())
 
         def send_purchase(purchase_id: str) -> None:
             # By actor name: the web process never imports the actors. A lost message
@@ -95,15 +104,19 @@ class Services:
                 return None
             return value.decode() if value else None
 
-        flags = RedisPerLoop(url)
+        flags = RedisPerLoop(url, connect_timeout=settings.redis_connect_timeout,
+                             socket_timeout=settings.redis_socket_timeout)
 
         async def wake_async(tenant_id: str) -> bool:
             # The coalescing flag on the loop; the rare message itself (once per
             # reconcile, not per write) goes through the broker in the thread pool.
+            if not (flags.available() and waker.available()):
+                return False  # Redis failed moments ago: the sweep delivers this one
             try:
                 claimed = await flags.get().set(pending_key(settings.redis_namespace, tenant_id), "1",
                                                 nx=True, ex=PENDING_TTL_SECONDS)
             except REDIS_ERRORS as exc:
+                flags.failed()
                 log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
@@ -171,19 +184,31 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    def _database_ok() -> bool:
+    def _ping_database() -> bool:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+
+    async def _probe(check: Callable[[], Any]) -> str | None:
+        """None when the check answers, else a short reason: an exception's class name, never its
+        text (a driver's message can hold a host, a user or SQL)."""
         try:
-            with services.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return False
+            answered = await asyncio.wait_for(run_in_threadpool(check), READY_PROBE_SECONDS)
+        except asyncio.TimeoutError:
+            return f"no answer within {READY_PROBE_SECONDS:g} s"
+        except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+            return type(error).__name__
+        return None if answered else "no answer"
 
     async def readyz(_request: Request) -> Response:
-        database = await run_in_threadpool(_database_ok)
-        broker = await run_in_threadpool(services.ping_broker)
-        ready = database and broker
-        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "database": database, "broker": broker}
+        database, broker = await asyncio.gather(_probe(_ping_database), _probe(services.ping_broker))
+        ready = database is None and broker is None
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not ready", "database": database is None, "broker": broker is None,
+        }
+        down = {name: reason for name, reason in (("database", database), ("broker", broker)) if reason}
+        if down:
+            body["down"] = down
         if services.stripe_alert is not None:
             alert = await run_in_threadpool(services.stripe_alert)
             # An operator alert, not unreadiness: SCIM keeps working without Stripe,
@@ -210,6 +235,22 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             scim_exc.status = exc.status_code
             return error_response(scim_exc)
         return JSONResponse({"error": "http_error", "detail": exc.detail}, status_code=exc.status_code)
+
+    async def on_database_error(request: Request, exc: Exception) -> Response:
+        # The one place a database outage becomes a 503 (SCIM and admin alike). The
+        # transaction rolled back, so the same request may be sent again; only when the
+        # connection died during COMMIT may it have landed, and a resent create then
+        # answers 409 (the IdP looks the user up, as Entra does).
+        if not database_unavailable(exc):
+            return await on_crash(request, exc)
+        log.warning("database unavailable on %s %s (%s); answered 503", request.method, request.url.path,
+                    type(exc).__name__)
+        if request.url.path.startswith("/scim/"):
+            return error_response(database_unavailable_error())
+        return JSONResponse(
+            {"error": "unavailable", "detail": DATABASE_UNAVAILABLE},
+            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         # Never a traceback or a secret in the body; the log has the details.
@@ -241,6 +282,8 @@ def create_app(settings: Settings, services: Services | None = None) -> Starlett
             ScimError: on_scim_error,
             TenantError: on_admin_error,
             HTTPException: on_http_error,
+            sa_exc.DBAPIError: on_database_error,
+            sa_exc.TimeoutError: on_database_error,
             Exception: on_crash,
         },
     )

@@ -1,4 +1,4 @@
-"""The `sally-scim` command: dev, migrate, tenant create, web, worker."""
+"""The `sally-scim` command: dev, migrate, tenant create, web, worker, jobs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
+from models.redaction import install_secret_masking
 from models.settings import Settings, SettingsError
 
 log = logging.getLogger("sally_scim")
@@ -25,11 +27,13 @@ def _settings() -> Settings:
         raise SystemExit(f"sally-scim: {exc}") from None
 
 
-def _configure_logging() -> None:
+def _configure_logging(settings: Settings | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings is not None:
+        install_secret_masking(settings.secrets())
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
@@ -117,8 +121,9 @@ def app_factory():
     """The ASGI app for uvicorn (`--factory`), built from the environment."""
     from api.app import create_app
 
-    _configure_logging()
-    return create_app(_settings())
+    settings = _settings()
+    _configure_logging(settings)
+    return create_app(settings)
 
 
 def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
@@ -206,8 +211,7 @@ def _demo_credentials(settings: Settings) -> dict[str, str]:
         finally:
             engine.dispose()
     created = create_tenant_with_scim(settings, "Demo", "entra", None, None)
-    path.write_text(json.dumps(created))
-    path.chmod(0o600)
+    write_private(path, json.dumps(created))
     return created
 
 
@@ -218,16 +222,28 @@ def _admin_token(settings: Settings) -> str:
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    path.write_text(token)
-    path.chmod(0o600)
+    write_private(path, token)
     return token
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: created 0600 (never readable for a moment), then renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """The embedded default: SQLite, embedded Redis, web and one worker; Ctrl-C stops it all."""
     from workers.broker import release_embedded_redis, resolve_redis_url
 
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    settings.var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cmd_migrate(settings, args)
     admin_token = _admin_token(settings)
     demo = _demo_credentials(settings)
@@ -288,6 +304,50 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     return exit_code
 
 
+def _with_dead_letters(settings: Settings, use):
+    """Run ``use(DeadLetters)``; an embedded Redis attached for it is released after."""
+    from workers.broker import make_broker, redis_client, release_embedded_redis, resolve_redis_url
+    from workers.deadletters import DeadLetters
+    from workers.names import QUEUES
+
+    url = resolve_redis_url(settings)
+    try:
+        return use(DeadLetters(make_broker(settings, url), redis_client(url, settings), settings.redis_namespace, QUEUES))
+    finally:
+        if not settings.redis_url:
+            release_embedded_redis()
+
+
+def cmd_jobs_failed(settings: Settings, args: argparse.Namespace) -> int:
+    """List the dead letters: jobs given up after their last retry (actor, args, when, error)."""
+    letters = _with_dead_letters(settings, lambda dead: dead.list())
+    if args.json:
+        print(json.dumps([letter.as_dict() for letter in letters]))
+        return 0
+    if not letters:
+        print("no failed jobs")
+        return 0
+    for letter in letters:
+        arguments = ", ".join(map(str, letter.args))
+        print(f"{letter.id}  {letter.failed_at:%Y-%m-%d %H:%M:%S}Z  {letter.actor}({arguments})  {letter.error}")
+    print(f"{len(letters)} failed job(s); `sally-scim jobs retry --all` or `... retry ID` re-queues them")
+    return 0
+
+
+def cmd_jobs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-queue dead letters (all, or the given ids) with a fresh set of retries."""
+    if args.all == bool(args.ids):
+        print("sally-scim: give either --all or one or more job ids (see `sally-scim jobs failed`)", file=sys.stderr)
+        return 2
+    retried = _with_dead_letters(settings, lambda dead: dead.retry(None if args.all else args.ids))
+    missing = sorted(set(args.ids) - set(retried))
+    print(f"re-queued {len(retried)} job(s)")
+    if missing:
+        print(f"sally-scim: not a failed job (any more): {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sally-scim", description="SCIM 2.0 provisioning for Sally.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -310,13 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tenant", required=True, help="tenant id")
     export.add_argument("--since", help="only purchases created or settled on or after this date (YYYY-MM-DD) or time")
     export.set_defaults(func=cmd_purchases_export)
+    jobs = commands.add_parser("jobs", help="inspect and re-queue failed jobs").add_subparsers(
+        dest="jobs_command", required=True)
+    failed = jobs.add_parser("failed", help="list the jobs given up after their last retry (dead letters)")
+    failed.add_argument("--json", action="store_true", help="print one JSON array")
+    failed.set_defaults(func=cmd_jobs_failed)
+    retry = jobs.add_parser("retry", help="re-queue failed jobs with a fresh set of retries")
+    retry.add_argument("--all", action="store_true", help="every failed job")
+    retry.add_argument("ids", nargs="*", help="ids from `sally-scim jobs failed`")
+    retry.set_defaults(func=cmd_jobs_retry)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
-    return args.func(_settings(), args)
+    settings = _settings()
+    install_secret_masking(settings.secrets())
+    return args.func(settings, args)
 
 
 if __name__ == "__main__":

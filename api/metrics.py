@@ -49,6 +49,21 @@ class PipelineCollector:
         for queue, value in sorted(snapshot["queues"].items()):
             depth.add_metric([queue], value)
         yield depth
+        delayed = GaugeMetricFamily(
+            "sally_queue_delayed", "Messages waiting out a delay or a retry backoff per queue (Dramatiq's .DQ).",
+            labels=["queue"],
+        )
+        for queue, value in sorted(snapshot.get("delayed", {}).items()):
+            delayed.add_metric([queue], value)
+        yield delayed
+        dead = GaugeMetricFamily(
+            "sally_queue_dead_letters",
+            "Jobs given up after their last retry per queue (Dramatiq's .XQ); see `sally-scim jobs failed`.",
+            labels=["queue"],
+        )
+        for queue, value in sorted(snapshot.get("dead", {}).items()):
+            dead.add_metric([queue], value)
+        yield dead
 
 
 class MetricsMiddleware:

@@ -219,11 +219,13 @@ def group_rows(session: Session, tenant: Tenant) -> list[dict[str, Any]]:
     ]
 
 
-def get_config(session: Session, tenant: Tenant) -> dict[str, Any]:
+def get_config(session: Session, tenant: Tenant, settings: Settings | None = None) -> dict[str, Any]:
+    defaults = settings or Settings()
     slots: dict[str, list[str]] = {slot: [] for slot in SLOTS}
     for group_id, slot in session.execute(
         select(GroupMapping.group_id, GroupMapping.slot)
-        .where(GroupMapping.tenant_id == tenant.id)
+        # Tombstones of groups the IdP deleted are not mapped (until the group comes back).
+        .where(GroupMapping.tenant_id == tenant.id, GroupMapping.deleted_at.is_(None))
         .order_by(GroupMapping.slot, GroupMapping.group_id)
     ):
         slots[slot].append(group_id)
@@ -239,6 +241,16 @@ def get_config(session: Session, tenant: Tenant) -> dict[str, Any]:
             "percent": tenant.guard_percent,
             "first_purchase_seats": tenant.guard_first_purchase,
         },
+        # Per-tenant limits; null = the deployment's default (INVITE_DAILY_CAP,
+        # DEPROVISION_HOLD_MIN_USERS, DEPROVISION_HOLD_PERCENT), shown in `effective`.
+        "invite_daily_cap": tenant.invite_daily_cap,
+        "hold_min_users": tenant.hold_min_users,
+        "hold_percent": tenant.hold_percent,
+        "effective": {
+            "invite_daily_cap": tenant.invite_daily_cap or defaults.invite_daily_cap,
+            "hold_min_users": _or(tenant.hold_min_users, defaults.hold_min_users),
+            "hold_percent": _or(tenant.hold_percent, defaults.hold_percent),
+        },
     }
 
 
@@ -250,11 +262,16 @@ def _check_groups(session: Session, tenant: Tenant, slots: dict[str, list[str]])
         raise AdminError(400, "unknown_group", f"Unknown group id(s) for this tenant: {', '.join(unknown[:10])}.")
 
 
-def save_config(session: Session, actor: str, tenant: Tenant, body: dict[str, Any]) -> dict[str, Any]:
+def save_config(
+    session: Session, actor: str, tenant: Tenant, body: dict[str, Any], settings: Settings | None = None
+) -> dict[str, Any]:
     """Replace the mapping; a sync event re-evaluates the whole tenant, in the same transaction."""
     wanted = parse_config(body)
     _check_groups(session, tenant, wanted["slots"])
-    session.execute(delete(GroupMapping).where(GroupMapping.tenant_id == tenant.id))
+    # Tombstones of groups the IdP deleted stay: re-creating the group restores its slot.
+    session.execute(
+        delete(GroupMapping).where(GroupMapping.tenant_id == tenant.id, GroupMapping.deleted_at.is_(None))
+    )
     rows = [
         {"tenant_id": tenant.id, "group_id": gid, "slot": slot}
         for slot, ids in wanted["slots"].items()
@@ -270,11 +287,14 @@ def save_config(session: Session, actor: str, tenant: Tenant, body: dict[str, An
     tenant.guard_min_seats = spend_guard["min_seats"]
     tenant.guard_percent = spend_guard["percent"]
     tenant.guard_first_purchase = spend_guard["first_purchase_seats"]
+    tenant.invite_daily_cap = wanted["invite_daily_cap"]
+    tenant.hold_min_users = wanted["hold_min_users"]
+    tenant.hold_percent = wanted["hold_percent"]
     session.add(tenant)
     # A mapping change re-evaluates everyone it touches: the whole tenant.
     record_event(session, tenant.id, "config_changed", None)
     session.flush()
-    saved = get_config(session, tenant)
+    saved = get_config(session, tenant, settings)
     audit(session, tenant.id, actor, "mapping_saved", saved)
     return saved
 
@@ -509,8 +529,8 @@ def _parse_guard(value: Any) -> dict[str, Any] | None:
 
 
 def parse_config(body: dict[str, Any]) -> dict[str, Any]:
-    """Validate a SCIM config body (CONTRACT.md) into slots, auto_invite, seat_cap and spend_guard."""
-    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", "spend_guard"}
+    """Validate a SCIM config body (CONTRACT.md) into slots, auto_invite, seat_cap, spend_guard and limits."""
+    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", "spend_guard", *LIMITS, "effective"}
     extra = sorted(set(body) - known)
     if extra:
         raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
@@ -539,7 +559,24 @@ def parse_config(body: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
                 raise AdminError(400, "invalid_body", f"seat_cap.{tier} must be a whole number ≥ 0.")
         seat_cap = dict(seat_cap) or None
+    limits = {name: _limit(body.get(name), name, low, high) for name, (low, high) in LIMITS.items()}
     return {
         "slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap,
-        "spend_guard": _parse_guard(body.get("spend_guard")),
+        "spend_guard": _parse_guard(body.get("spend_guard")), **limits,
     }
+
+
+# Per-tenant limits in the SCIM config: name → (lowest, highest) value.
+LIMITS = {"invite_daily_cap": (1, 10_000_000), "hold_min_users": (0, 10_000_000), "hold_percent": (0, 100)}
+
+
+def _limit(value: Any, name: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise AdminError(400, "invalid_body", f"'{name}' must be a whole number from {low} to {high}, or null.")
+    return value
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, not_, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
@@ -20,7 +20,10 @@ from models.tables import (
     ScimUser,
     SeatCount,
     Tenant,
+    as_utc,
+    utcnow,
 )
+from workers.deprovision import HELD, KEEP
 
 
 def _iso(moment: Any) -> str | None:
@@ -60,9 +63,11 @@ def user_rows(
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Users with their access (every user unless searched, narrowed or paged), oldest first."""
+    now = utcnow()
     query = (
-        select(ScimUser, Account)
+        select(ScimUser, Account, Invitation.status, Invitation.send_day, Invitation.wait_reason)
         .join(Account, Account.user_id == ScimUser.id, isouter=True)
+        .join(Invitation, Invitation.user_id == ScimUser.id, isouter=True)
         .where(*_user_filter(tenant_id, search, user_ids))
         .order_by(ScimUser.created_at, ScimUser.id)
     )
@@ -70,8 +75,14 @@ def user_rows(
         query = query.limit(limit).offset(offset)
     rows = session.execute(query)
     out = []
-    for user, account in rows:
+    for user, account, invite_status, send_day, wait_reason in rows:
+        waiting = invite_status == "pending" and send_day is not None and as_utc(send_day) > now
         status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")
+        if account is not None and account.role is not None and (
+            account.status == HELD or (account.hold_decision == KEEP and user.deleted_at is not None)
+        ):
+            # The breaker keeps this user's access (held, or kept by the admin's revert), deleted by the IdP or not.
+            status = account.status
         out.append(
             {
                 "id": user.id,
@@ -82,9 +93,11 @@ def user_rows(
                 "role": account.role if account and status != "deleted" else None,
                 "license": account.license if account and status != "deleted" else None,
                 "status": status,
-                "status_reason": account.status_reason if account and status == "pending_license" else None,
+                "status_reason": account.status_reason if account and status in ("pending_license", HELD) else None,
                 "invited_at": _iso(account.invited_at) if account else None,
                 "invite_error": account.invite_error if account else None,
+                # Past the tenant's daily invitation cap: why it waits and until when.
+                "invite_waiting": wait_reason if waiting else None,
             }
         )
     return out
@@ -162,13 +175,30 @@ def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
     pending_purchases = session.execute(
         select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
     ).scalar_one()
-    pending_invitations = session.execute(
-        select(func.count()).where(Invitation.tenant_id == tenant.id, Invitation.status.in_(("pending", "sending")))
+    now = utcnow()
+    due = or_(Invitation.send_day.is_(None), Invitation.send_day <= now)
+    pending_invitations, waiting_invitations = session.execute(
+        select(
+            func.count().filter(due),
+            func.count().filter(not_(due)),
+        ).where(Invitation.tenant_id == tenant.id, Invitation.status.in_(("pending", "sending")))
+    ).one()
+    held = session.execute(
+        select(func.count()).where(Account.tenant_id == tenant.id, Account.status == HELD)
     ).scalar_one()
     return {
         "events_total": total,
         "events_applied": applied,
         "pending_purchases": pending_purchases,
         "pending_invitations": pending_invitations,
+        # Held back by the daily invitation cap until their day (not pending work).
+        "waiting_invitations": waiting_invitations,
+        # Removals of access the mass-deprovision breaker holds for the admin (GET …/holds).
+        "held_users": held,
         "last_reconciled_at": _iso(tenant.last_reconciled_at),
+        # A poison tenant (reconcile failed SALLY_QUARANTINE_AFTER times in a row) waits until
+        # quarantined_until; last_error says why (a class and a safe reason, never SQL).
+        "reconcile_failures": tenant.reconcile_failures or 0,
+        "quarantined_until": _iso(tenant.quarantined_until),
+        "last_error": tenant.last_error,
     }

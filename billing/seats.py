@@ -191,6 +191,8 @@ def allocate(
             Account.role.is_not(None),
             Account.wanted_tier.is_not(None),
             Account.license.is_(None),
+            # A user whose removal of access the breaker holds waits for the admin, not for a seat.
+            Account.status != "held",
         )
         .order_by(Account.waiting_since, Account.user_id)
     ):

@@ -148,8 +148,8 @@ class StripeGateway:
             # tenacity is the one retry layer: the library's own retries would
             # multiply ours and hide the attempts from our logs.
             max_network_retries=0,
-            # The library's default waits 80 s for an answer; a Stripe that does not
-            # answer must free the worker thread sooner (issue 9: at most 20 s).
+            # Connect and read timeouts of our own (the library waits 80 s): a Stripe that does
+            # not answer frees the worker thread after this (issue 9: at most 20 s), then a transient error.
             http_client=stripe.RequestsClient(timeout=timeout),
         )
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
@@ -107,6 +107,28 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+# SQLite's OperationalError also means "no such table" (a bug, not an outage):
+# only these messages say the file is busy or gone for now.
+_SQLITE_UNAVAILABLE = ("database is locked", "database is busy", "unable to open database", "disk i/o error")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether an error says the database cannot be reached right now (restart, failover,
+    pool exhausted), as opposed to a bug: the caller answers 503 with Retry-After."""
+    if isinstance(error, exc.TimeoutError):  # the pool had no connection to give
+        return True
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated or isinstance(error, exc.InterfaceError):
+        return True
+    if not isinstance(error, exc.OperationalError):
+        return False
+    if type(error.orig).__module__.startswith("sqlite3"):
+        return any(text in str(error.orig).lower() for text in _SQLITE_UNAVAILABLE)
+    # psycopg: connection refused or lost, server shutting down or starting, query cancelled.
+    return True
 
 
 def is_postgres(bind: Engine | Session) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 TIERS: tuple[str, ...] = ("starter", "team", "enterprise")
 """License tiers, lowest first: a user in several license groups gets the first."""
@@ -29,6 +30,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _percent(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, 0)
+    if value > 100:
+        raise SettingsError(f"{name} is a percentage (0 to 100), got {value}")
+    return value
+
+
 def _seconds(
     env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float | None = None
 ) -> float:
@@ -44,6 +52,46 @@ def _seconds(
     if maximum is not None and value > maximum:
         raise SettingsError(f"{name} must be at most {maximum}, got {raw}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+MASK = "***"
+
+
+def mask_url(url: str | None) -> str | None:
+    """The URL with its password (if any) replaced by ***, safe to log or show."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        # Not a URL we can take apart: show none of it rather than risk a secret.
+        return MASK
+    if password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{hostport}"))
+
+
+def url_has_credentials(url: str | None) -> bool:
+    """Whether a URL carries a user name or password."""
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url)
+        return bool(parts.username or parts.password)
+    except ValueError:
+        return False
 
 
 def normalise_database_url(url: str) -> str:
@@ -103,6 +151,9 @@ class Settings:
     stripe_api_base: str | None = None
     stripe_prices: dict[str, str] = field(default_factory=dict)
     smtp_url: str | None = None
+    # AUTH over a connection without TLS sends the password in clear text:
+    # refused unless the operator says so (e.g. a relay on localhost).
+    smtp_allow_plaintext_auth: bool = False
     mail_from: str = "Sally <no-reply@localhost>"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,7 +176,8 @@ class Settings:
     # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
     # 400 to everything and the sweep re-reads each linked subscription instead.
     stripe_webhook_secret: str | None = None
-    # Seconds one Stripe HTTP request may take before it counts as lost (at most 20).
+    # Seconds one Stripe HTTP request may take before it counts as lost (at least 1, at
+    # most 20; the library's default of 80 s would hold a worker thread that long per attempt).
     stripe_timeout: float = 20.0
     # Without webhooks: re-read a linked subscription's seats this often (seconds).
     stripe_resync_interval: float = 900.0
@@ -138,6 +190,26 @@ class Settings:
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
+    # Every Redis client (broker, wake-ups, locks, telemetry, rate limit): how long to
+    # wait for a connection and for an answer. A stalled Redis must cost a request at
+    # most this, never a hang (the database is the truth; the sweep re-sends).
+    redis_connect_timeout: float = 1.0
+    redis_socket_timeout: float = 1.0
+    # A tenant whose reconcile fails this many times in a row is quarantined: the
+    # sweep leaves it alone for a backoff that doubles from quarantine_backoff up to
+    # quarantine_max_backoff (seconds); a success clears it.
+    quarantine_after: int = 5
+    quarantine_backoff: float = 60.0
+    quarantine_max_backoff: float = 3600.0
+    # Invitations per tenant per UTC day; the rest wait for the next day
+    # (a tenant may override it in its SCIM config).
+    invite_daily_cap: int = 5000
+    # Mass-deprovision breaker: a reconcile that would take access from more
+    # than max(hold_min_users, hold_percent % of the active users) within
+    # hold_window seconds is held for the admin (tenants may override both).
+    hold_min_users: int = 10
+    hold_percent: int = 20
+    hold_window: float = 3600.0
     # The admin web page: how long a sign-in lasts, when the SCIM page warns that
     # the IdP has not synced, rows per page of the user list, and how many
     # entries of a user's provisioning history are shown (newest first).
@@ -155,6 +227,43 @@ class Settings:
         object.__setattr__(self, "database_url", normalise_database_url(self.database_url))
         object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         object.__setattr__(self, "var_dir", Path(self.var_dir))
+        if (
+            self.smtp_url
+            and urlsplit(self.smtp_url).scheme.lower() == "smtp"
+            and url_has_credentials(self.smtp_url)
+            and not self.smtp_allow_plaintext_auth
+        ):
+            raise SettingsError(
+                "SMTP_URL carries credentials but no TLS: use smtp+starttls:// or smtps://, "
+                "or set SMTP_ALLOW_PLAINTEXT_AUTH=true to send them in clear text"
+            )
+
+    def __repr__(self) -> str:
+        # Secrets never reach a log line or a traceback through repr(settings).
+        secret = {
+            "admin_token": MASK if self.admin_token else None,
+            "stripe_api_key": MASK if self.stripe_api_key else None,
+            "database_url": mask_url(self.database_url),
+            "redis_url": mask_url(self.redis_url),
+            "smtp_url": mask_url(self.smtp_url),
+        }
+        shown = ", ".join(
+            f"{f.name}={(secret[f.name] if f.name in secret else getattr(self, f.name))!r}" for f in fields(self)
+        )
+        return f"Settings({shown})"
+
+    def secrets(self) -> list[str]:
+        """Every secret value these settings hold (for the log filter that masks them)."""
+        values = [self.admin_token, self.stripe_api_key]
+        for url in (self.database_url, self.redis_url, self.smtp_url):
+            try:
+                password = urlsplit(url).password if url else None
+            except ValueError:
+                password = None
+            if password:
+                # As written in the URL and as sent on the wire (percent-decoded).
+                values += [password, unquote(password)]
+        return sorted({value for value in values if value}, key=len, reverse=True)
 
     @property
     def outbox_dir(self) -> Path:
@@ -180,6 +289,7 @@ class Settings:
             stripe_api_base=get("STRIPE_API_BASE"),
             stripe_prices=prices,
             smtp_url=get("SMTP_URL"),
+            smtp_allow_plaintext_auth=_flag(env, "SMTP_ALLOW_PLAINTEXT_AUTH"),
             mail_from=get("MAIL_FROM") or "Sally <no-reply@localhost>",
             host=get("HOST") or "127.0.0.1",
             port=_int(env, "PORT", 8000, 1),
@@ -196,10 +306,19 @@ class Settings:
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
             stripe_webhook_secret=get("STRIPE_WEBHOOK_SECRET"),
-            stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 0.1, maximum=20.0),
+            stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0, maximum=20.0),
             stripe_resync_interval=_seconds(env, "STRIPE_RESYNC_INTERVAL", 900.0, 1.0),
             purchase_threads=_int(env, "PURCHASE_THREADS", 4, 1),
             stripe_update_spacing=_seconds(env, "STRIPE_UPDATE_SPACING", 2.0, 0.0),
+            redis_connect_timeout=_seconds(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.05),
+            redis_socket_timeout=_seconds(env, "REDIS_SOCKET_TIMEOUT", 1.0, 0.05),
+            quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
+            quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),
+            quarantine_max_backoff=_seconds(env, "SALLY_QUARANTINE_MAX_BACKOFF", 3600.0, 1.0),
+            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 5000, 1),
+            hold_min_users=_int(env, "DEPROVISION_HOLD_MIN_USERS", 10, 0),
+            hold_percent=_percent(env, "DEPROVISION_HOLD_PERCENT", 20),
+            hold_window=_seconds(env, "DEPROVISION_HOLD_WINDOW", 3600.0, 0.0),
             web_session_hours=_int(env, "WEB_SESSION_HOURS", 12, 1),
             scim_stale_hours=_int(env, "SCIM_STALE_HOURS", 2, 1),
             web_page_size=_int(env, "WEB_PAGE_SIZE", 50, 1),

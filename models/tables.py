@@ -73,6 +73,16 @@ class Tenant(SQLModel, table=True):
     # {tier: quantity} that finance lowered by hand in Stripe: a purchase that would
     # raise such a tier again waits for the admin's approval.
     seats_lowered: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    # Poison tenants: reconciles failed in a row; past SALLY_QUARANTINE_AFTER the sweep
+    # leaves the tenant alone until quarantined_until. A success clears all three.
+    reconcile_failures: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    quarantined_until: Optional[datetime] = None
+    last_error: Optional[str] = Field(default=None, max_length=1024)
+    # Per-tenant overrides of INVITE_DAILY_CAP, DEPROVISION_HOLD_MIN_USERS and
+    # DEPROVISION_HOLD_PERCENT; None = the deployment's default.
+    invite_daily_cap: Optional[int] = None
+    hold_min_users: Optional[int] = None
+    hold_percent: Optional[int] = None
 
 
 class GroupMapping(SQLModel, table=True):
@@ -83,6 +93,11 @@ class GroupMapping(SQLModel, table=True):
     tenant_id: str = Field(foreign_key="tenant.id", primary_key=True, max_length=64)
     group_id: str = Field(primary_key=True, max_length=64)
     slot: str = Field(primary_key=True, max_length=16)
+    # A tombstone once the IdP deleted the group (deleted_at set): the group's
+    # externalId and name are kept, so re-creating it restores the mapping.
+    external_id: Optional[str] = Field(default=None, max_length=512)
+    display_name: Optional[str] = Field(default=None, max_length=512)
+    deleted_at: Optional[datetime] = None
 
 
 class ScimUser(SQLModel, table=True):
@@ -192,6 +207,12 @@ class Account(SQLModel, table=True):
     invited_at: Optional[datetime] = None
     invite_error: Optional[str] = Field(default=None, max_length=1024)
     updated_at: datetime = Field(default_factory=utcnow)
+    # When this user's access was last taken away (the breaker counts recent removals).
+    access_removed_at: Optional[datetime] = None
+    # Mass-deprovision breaker: since when a removal of access is held, and
+    # the admin's decision ("confirm" → apply it, "keep" → the user keeps access).
+    held_since: Optional[datetime] = None
+    hold_decision: Optional[str] = Field(default=None, max_length=16)
 
 
 class SeatCount(SQLModel, table=True):
@@ -284,6 +305,8 @@ class Invitation(SQLModel, table=True):
     __table_args__ = (
         Index("uq_invitation_user", "tenant_id", "user_id", unique=True),
         Index("ix_invitation_status", "status", "enqueued_at"),
+        Index("ix_invitation_address", "tenant_id", "address_key"),
+        Index("ix_invitation_send_day", "tenant_id", "send_day"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
@@ -298,6 +321,29 @@ class Invitation(SQLModel, table=True):
     error: Optional[str] = Field(default=None, max_length=2048)
     created_at: datetime = Field(default_factory=utcnow)
     enqueued_at: Optional[datetime] = None
+    # str.casefold() of the address: one invitation per address per tenant.
+    address_key: Optional[str] = Field(default=None, max_length=512)
+    # The UTC day (its midnight) whose daily allowance this invitation uses;
+    # it is not sent before then. None (rows from before the cap): any time.
+    send_day: Optional[datetime] = None
+    # Why it waits (the daily cap), for the admin's user list.
+    wait_reason: Optional[str] = Field(default=None, max_length=255)
+
+
+class Alert(SQLModel, table=True):
+    """Something the admin must look at (a held mass removal of access), until resolved."""
+
+    __tablename__ = "alert"
+    __table_args__ = (Index("ix_alert_tenant_open", "tenant_id", "resolved_at"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
+    kind: str = Field(max_length=32)
+    message: str = Field(max_length=1024)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    resolved_at: Optional[datetime] = None
+    resolution: Optional[str] = Field(default=None, max_length=16)
 
 
 class AuditLog(SQLModel, table=True):

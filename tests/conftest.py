@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,22 @@ from models.settings import Settings, normalise_database_url
 from tests.fakes.ports import free_port
 from tests.fakes.stripe_server import DEFAULT_WEBHOOK_SECRET
 
+# CPython before 3.11.8 (and 3.12.2) keeps the AST constructor's recursion depth in
+# shared state (gh-106905): two threads building ASTs at once leave it off, and every
+# later ast.parse fails with "SystemError: AST constructor recursion depth mismatch"
+# (seen in scim2-tester's checks and pytest's own rewriting). Formatting a traceback
+# builds one AST per frame for its carets, and the live servers' and workers' threads
+# log tracebacks while the test thread parses: without the carets no thread but the
+# test's builds ASTs. Tracebacks keep their lines; only the ^^^ markers go.
+if sys.version_info[:3] < (3, 11, 8) or (3, 12) <= sys.version_info[:3] < (3, 12, 2):
+    traceback._extract_caret_anchors_from_line_segment = lambda _segment: None
+
 ADMIN_TOKEN = "test-admin-token"
 # One SSL context for every test client: httpx otherwise loads the CA bundle
 # for each client (~20 ms of CPU, twice per live-server test).
 SSL_CONTEXT = ssl.create_default_context()
 TABLES = (
-    "audit_log", "account_history", "stripe_event", "invitation", "purchase", "seat_count", "account",
+    "alert", "audit_log", "account_history", "stripe_event", "invitation", "purchase", "seat_count", "account",
     "group_member", "group_mapping", "sync_event", "scim_group", "scim_user", "tenant",
 )
 
@@ -156,7 +168,7 @@ def clean_db(engine: Engine) -> Engine:
 def redis_client(base_settings: Settings):
     from workers.broker import redis_client
 
-    client = redis_client(base_settings.redis_url)
+    client = redis_client(base_settings.redis_url, base_settings)
     yield client
     for key in client.scan_iter(f"{base_settings.redis_namespace}*"):
         client.delete(key)

@@ -13,7 +13,8 @@ from dramatiq.middleware import CurrentMessage
 from billing.purchasing import PurchaseRunner
 from billing.purchasing import sync_seats as sync_seats_from_stripe
 from billing.stripe_gateway import BillingError, PermanentBillingError
-from workers import invitations, runtime
+from models.tables import utcnow
+from workers import invitations, quarantine, runtime
 from workers.names import (
     INVITE_QUEUE,
     PURCHASE_QUEUE,
@@ -105,11 +106,23 @@ def reconcile_tenant(tenant_id: str) -> None:
         # after this point sets the flag again and sends a new message, so none is lost.
         rt.redis.delete(pending_key(rt.settings.redis_namespace, tenant_id))
 
+    health = quarantine.health(rt.engine, tenant_id)
+    if health.quarantined(utcnow()):
+        # A poison tenant waits out its backoff; the sweep sends it again after.
+        rt.telemetry.job(RECONCILE_TENANT, "quarantined")
+        return
     try:
-        result = Reconciler(rt.engine, rt.gateway).run(tenant_id, on_locked=clear_pending)
-    except Exception:
+        reconciler = Reconciler(rt.engine, rt.gateway, settings=rt.settings)
+        result = reconciler.run(tenant_id, on_locked=clear_pending)
+    except Exception as error:
         rt.telemetry.job(RECONCILE_TENANT, "error")
+        if quarantine.counts_as_poison(error):
+            policy = quarantine.QuarantinePolicy.from_settings(rt.settings)
+            if quarantine.record_failure(rt.engine, tenant_id, error, policy, utcnow()) is not None:
+                return  # quarantined: no more retries of this message
         raise
+    if health.failures and not result.busy:
+        quarantine.clear(rt.engine, tenant_id)
     if result.busy:
         # Another worker is reconciling this tenant; the flag stays set, so writes
         # meanwhile send nothing more and this one message comes back for them.

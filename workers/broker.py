@@ -8,6 +8,8 @@ import logging
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from models.settings import Settings
 from workers.embedded_redis import EmbeddedRedis
@@ -36,14 +38,46 @@ def release_embedded_redis() -> None:
     _embedded.clear()
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+class StalledRedisError(redis.ConnectionError, redis.TimeoutError):
+    """A Redis command that timed out, told to Dramatiq as a lost connection."""
+
+
+class BrokerRedis(redis.Redis):
+    """The broker's client. Dramatiq handles a lost connection (an ack is tried again until Redis
+    answers, a consumer reconnects) but not a timeout: a timed-out ack would leave its message in
+    the worker's ack set until the worker restarts, and then run it a second time."""
+
+    def execute_command(self, *args, **options):
+        try:
+            return super().execute_command(*args, **options)
+        except redis.TimeoutError as error:
+            if isinstance(error, redis.ConnectionError):
+                raise
+            raise StalledRedisError(*error.args) from error
+
+
+def redis_client(url: str, settings: Settings, client_class: type[redis.Redis] = redis.Redis) -> redis.Redis:
+    """A Redis client that gives up quickly: Settings' connect and read timeouts, one retry at most.
+
+    redis-py retries a failed command three times with backoff by default, so one
+    stalled Redis would cost a request four timeouts. Here a dropped connection (a
+    restarted Redis) is retried once at once, and a timeout not at all: the caller
+    falls back (the write is committed, the sweep re-sends).
+    """
+    return client_class.from_url(
+        url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        health_check_interval=30,
+    )
 
 
 def make_broker(settings: Settings, url: str, middleware: list | None = None) -> RedisBroker:
     """A Redis broker in our namespace, with our queues declared."""
     broker = RedisBroker(
-        url=url,
+        # Our client, with timeouts: Dramatiq's own (from the URL) would wait forever on a stalled Redis.
+        client=redis_client(url, settings, BrokerRedis),
         namespace=f"{settings.redis_namespace}-dramatiq",
         middleware=middleware,
         # A worker that dies without acking loses its messages for this long

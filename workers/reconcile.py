@@ -6,33 +6,36 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import insert, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from billing.gateway import Gateway
-from billing.licenses import GroupMapping, entitlement
+from billing.licenses import Entitlement, GroupMapping, entitlement
 from billing.locks import try_lock_tenant
 from billing.seats import allocate, change_held
-from models.db import chunks, insert_ignore, session_scope
+from models.db import chunks, session_scope
 from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
 from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
-from models.settings import TIERS
-from models.tables import (
-    Account,
-    AccountHistory,
-    Invitation,
-    ScimUser,
-    Tenant,
-    utcnow,
-)
-from models.tables import (
-    GroupMapping as MappingRow,
-)
-from workers.mailer import message_id
+from models.settings import TIERS, Settings
+from models.tables import Account, AccountHistory, ScimUser, Tenant, utcnow
+from models.tables import GroupMapping as MappingRow
+from workers import deprovision
+from workers.invitations import Wanted, queue_invitations, replan_waiting
 
 BATCH_EVENTS = 5000
+CONFIG_CHANGED = "config_changed"
+USER_REMOVED = "user_removed"
+
+
+def history_row(account: Account, now: datetime) -> dict[str, Any]:
+    """One AccountHistory row: the account's outcome as the pipeline just left it."""
+    return {
+        "tenant_id": account.tenant_id, "user_id": account.user_id, "created_at": now,
+        "role": account.role, "license": account.license, "status": account.status,
+        "status_reason": account.status_reason,
+    }
 
 
 @dataclass
@@ -45,15 +48,6 @@ class ReconcileResult:
     invitation_ids: list[str] = field(default_factory=list)
 
 
-def history_row(account: Account, now: datetime) -> dict[str, Any]:
-    """One AccountHistory row: the account's outcome as the pipeline just left it."""
-    return {
-        "tenant_id": account.tenant_id, "user_id": account.user_id, "created_at": now,
-        "role": account.role, "license": account.license, "status": account.status,
-        "status_reason": account.status_reason,
-    }
-
-
 def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupMapping]:
     """The tenant and its mapping in ONE statement: one snapshot, so an admin's PUT (which
     writes both in one transaction) is seen whole or not at all, never the new mapping
@@ -62,7 +56,8 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
     slots: dict[str, list[str]] = {}
     for row_tenant, group_id, slot in session.execute(
         select(Tenant, MappingRow.group_id, MappingRow.slot)
-        .outerjoin(MappingRow, MappingRow.tenant_id == Tenant.id)
+        # Tombstones of groups the IdP deleted map nothing until the group comes back.
+        .outerjoin(MappingRow, and_(MappingRow.tenant_id == Tenant.id, MappingRow.deleted_at.is_(None)))
         .where(Tenant.id == tenant_id)
     ):
         tenant = row_tenant
@@ -78,13 +73,62 @@ def load_tenant(session: Session, tenant_id: str) -> tuple[Tenant | None, GroupM
     return tenant, mapping
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """The events one run applies, as (id, kind, user ids or None for the whole tenant)."""
+
+    events: list[tuple[int, str, list[str] | None]]
+
+    @property
+    def ids(self) -> list[int]:
+        return [event_id for event_id, _, _ in self.events]
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({kind for _, kind, _ in self.events})
+
+    @property
+    def user_ids(self) -> list[str] | None:
+        """The users to re-evaluate; None when an event is about the whole tenant."""
+        if any(ids is None for _, _, ids in self.events):
+            return None
+        return sorted({uid for _, _, ids in self.events for uid in ids or ()})
+
+    @property
+    def removed_by_admin(self) -> set[str]:
+        """The users the admin removed by hand (DELETE …/users/{id})."""
+        return {uid for _, kind, ids in self.events if kind == USER_REMOVED for uid in ids or ()}
+
+    @property
+    def named(self) -> set[str]:
+        """The users some event names one by one (an IdP change about them, not a whole-tenant event)."""
+        return {uid for _, _, ids in self.events if ids is not None for uid in ids}
+
+
+@dataclass
+class _Directory:
+    """The users a batch is about, the groups each is a direct member of, and their accounts."""
+
+    users: dict[str, ScimUser]
+    memberships: dict[str, set[str]]
+    accounts: dict[str, Account]
+
+
 class Reconciler:
     """Applies a tenant's events one by one (never by watermark), under the tenant's lock."""
 
-    def __init__(self, engine: Engine, gateway: Gateway, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        gateway: Gateway,
+        clock: Callable[[], datetime] = utcnow,
+        settings: Settings | None = None,
+    ) -> None:
         self.engine = engine
         self.gateway = gateway
         self.clock = clock
+        # The deployment's defaults of the per-tenant limits (daily invitations, the breaker).
+        self.settings = settings or Settings()
 
     def run(
         self, tenant_id: str, batch: int = BATCH_EVENTS, on_locked: Callable[[], None] | None = None
@@ -107,38 +151,100 @@ class Reconciler:
             # (SQLite's BEGIN IMMEDIATE serialises writers: there the order is moot.)
             events = directory_events.unapplied(session, tenant_id, batch + 1)
             result.more = len(events) > batch
-            events = events[:batch]
-            if not events:
+            work = _Batch(list(events[:batch]))
+            if not work.events:
                 return result
             tenant, mapping = load_tenant(session, tenant_id)
             if tenant is None:
                 return result
-            now = self.clock()
-            if any(kind == "config_changed" for _, kind, _ in events):
-                # The admin saved the mapping: a refused purchase may be tried again.
-                tenant.billing_blocked = None
-            everyone = any(user_ids is None for _, _, user_ids in events)
-            user_ids = None if everyone else sorted({uid for _, _, ids in events for uid in ids})
-            result.invitation_ids = self._evaluate(session, tenant, mapping, user_ids, now)
-            triggers = sorted({kind for _, kind, _ in events})
-            allocation = allocate(
-                session, tenant, now,
-                gateway=self.gateway,
-                trigger="SCIM sync: " + ", ".join(triggers),
-            )
-            result.purchase_id = allocation.purchase_id
-            result.needs_seat_sync = allocation.needs_seat_sync
-            ids = [event_id for event_id, _, _ in events]
-            directory_events.mark_applied(session, ids, now)
-            tenant.last_reconciled_at = now
-            session.add(tenant)
-            result.applied = len(ids)
+            self._apply(session, tenant, mapping, work, self.clock(), result)
         return result
 
+    def _apply(
+        self, session: Session, tenant: Tenant, mapping: GroupMapping, work: _Batch, now: datetime,
+        result: ReconcileResult,
+    ) -> None:
+        """One batch, in the caller's transaction: accounts, invitations, seats, then the events marked applied."""
+        config_changed = CONFIG_CHANGED in work.kinds
+        if config_changed:
+            # The admin saved the mapping: a refused purchase may be tried again.
+            tenant.billing_blocked = None
+        result.invitation_ids = self._evaluate(
+            session, tenant, mapping, work.user_ids, now, work.named, work.removed_by_admin
+        )
+        if config_changed:
+            # The daily invitation cap may have changed: the waiting ones are planned again.
+            result.invitation_ids += replan_waiting(session, tenant.id, now, daily_cap=self._daily_cap(tenant))
+        self._allocate(session, tenant, work, now, result)
+        directory_events.mark_applied(session, work.ids, now)
+        tenant.last_reconciled_at = now
+        session.add(tenant)
+        result.applied = len(work.ids)
+
+    def _allocate(self, session: Session, tenant: Tenant, work: _Batch, now: datetime, result: ReconcileResult) -> None:
+        """Seats for the accounts as they now are: grants, waiting users, and at most one purchase planned."""
+        allocation = allocate(session, tenant, now, gateway=self.gateway, trigger="SCIM sync: " + ", ".join(work.kinds))
+        result.purchase_id = allocation.purchase_id
+        result.needs_seat_sync = allocation.needs_seat_sync
+
+    def _daily_cap(self, tenant: Tenant) -> int:
+        return tenant.invite_daily_cap or self.settings.invite_daily_cap
+
     def _evaluate(
-        self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None, now: datetime
+        self,
+        session: Session,
+        tenant: Tenant,
+        mapping: GroupMapping,
+        user_ids: list[str] | None,
+        now: datetime,
+        named: set[str] | frozenset[str] = frozenset(),
+        removed_by_admin: set[str] | frozenset[str] = frozenset(),
     ) -> list[str]:
-        """Recompute role and wanted tier of the given users (None = all); returns new invitation ids."""
+        """Recompute role and wanted tier of the given users (None = all); returns the invitation ids due now."""
+        directory = self._read(session, tenant, mapping, user_ids)
+        entitlements = {
+            user.id: entitlement(user.active and user.deleted_at is None, directory.memberships.get(user.id, set()),
+                                 mapping)
+            for user in directory.users.values()
+        }
+        breaker = deprovision.Breaker(directory.accounts, entitlements, set(named), set(removed_by_admin))
+        held, reason = deprovision.decide(
+            session, tenant, deprovision.HoldPolicy.for_tenant(tenant, self.settings), breaker.removals(), now
+        )
+        wanted: list[Wanted] = []
+        history: list[dict[str, Any]] = []
+        # Seats given back per tier (change_held keeps the count beside the seats bought).
+        freed: dict[str, int] = {}
+        for user in directory.users.values():
+            ent = entitlements[user.id]
+            account = directory.accounts.get(user.id)
+            if account is None:
+                if ent.role is None and user.deleted_at is not None:
+                    continue
+                account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
+            elif breaker.keeps(account, ent, held, reason, now):
+                if account.status == deprovision.HELD and account.held_since == now:
+                    history.append(history_row(account, now))  # newly held by the breaker
+                continue
+            outcome_before = (account.role, account.license, account.status, account.status_reason)
+            invite = self._update_account(session, tenant, account, user, ent, now, new=user.id not in directory.accounts)
+            if outcome_before[1] is not None and outcome_before[1] != account.license:
+                # Only ever to None here (allocation grants seats): one fewer held.
+                freed[outcome_before[1]] = freed.get(outcome_before[1], 0) - 1
+            outcome = (account.role, account.license, account.status, account.status_reason)
+            # A user now waiting for a seat is written by allocate(), which decides grant or reason.
+            if account.status != "pending_license" and outcome != outcome_before:
+                history.append(history_row(account, now))
+            if invite is not None:
+                wanted.append(invite)
+        session.flush()
+        change_held(session, tenant.id, freed, now)
+        if history:
+            session.execute(insert(AccountHistory), history)
+        return queue_invitations(session, tenant.id, wanted, now, daily_cap=self._daily_cap(tenant))
+
+    def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:
+        """The users to evaluate (None = all of the tenant), their direct groups and their accounts."""
         users: dict[str, ScimUser] = users_by_id(session, tenant.id, user_ids)
         memberships = group_ids_of_users(session, tenant.id, user_ids)
         accounts: dict[str, Account] = {}
@@ -149,98 +255,72 @@ class Reconciler:
                 accounts.update(
                     (a.user_id, a) for a in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars()
                 )
-
         if not (mapping.user_groups or mapping.admin_groups):
             # No group gives access yet (an IdP's first cycle, before the admin maps
             # anything): only users who had an account can change.
             users = {uid: user for uid, user in users.items() if uid in accounts}
-        invitations: list[dict[str, Any]] = []
-        history: list[dict[str, Any]] = []
-        freed: dict[str, int] = {}
-        for user in users.values():
-            deleted = user.deleted_at is not None
-            ent = entitlement(user.active and not deleted, memberships.get(user.id, set()), mapping)
-            account = accounts.get(user.id)
-            if account is None:
-                if ent.role is None and deleted:
-                    continue
-                account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
-            before = (account.role, account.wanted_tier, account.license, account.status,
-                      account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
-            account.role = ent.role
-            if ent.role is None:
-                # Losing access frees the license at once.
-                account.wanted_tier = None
-                account.license = None
-                account.waiting_since = None
-                account.status = "deleted" if deleted else "no_access"
-                account.status_reason = None
-            else:
-                if ent.tier != account.wanted_tier:
-                    account.waiting_since = None
-                account.wanted_tier = ent.tier
-                if account.license is not None and account.license != ent.tier:
-                    # A tier change gives back the old seat; the new one is allocated below.
-                    account.license = None
-                if ent.tier is None or account.license == ent.tier:
-                    account.status = "active"
-                    account.status_reason = None
-                    account.waiting_since = None
-                else:
-                    account.waiting_since = account.waiting_since or now
-                    account.status = "pending_license"
-                if account.first_access_at is None:
-                    account.first_access_at = now
-                    if tenant.auto_invite:
-                        address = invitation_address(user)
-                        if address is None:
-                            account.invite_error = NO_ADDRESS
-                        else:
-                            invitations.append({"user_id": user.id, "address": address})
-            after = (account.role, account.wanted_tier, account.license, account.status,
-                     account.status_reason, account.waiting_since, account.first_access_at, account.invite_error)
-            if before[2] is not None and before[2] != account.license:
-                # Only ever to None here (allocation grants seats): one fewer held.
-                freed[before[2]] = freed.get(before[2], 0) - 1
-            if after != before or account.user_id not in accounts:
-                account.updated_at = now
-                session.add(account)
-                outcome = (account.role, account.license, account.status, account.status_reason)
-                # A user now waiting for a seat is written by allocate(), which decides grant or reason.
-                if account.status != "pending_license" and outcome != (before[0], before[2], before[3], before[4]):
-                    history.append(history_row(account, now))
-        session.flush()
-        change_held(session, tenant.id, freed, now)
-        if history:
-            session.execute(insert(AccountHistory), history)
-        return self._queue_invitations(session, tenant.id, invitations, now)
+        return _Directory(users, memberships, accounts)
 
-    def _queue_invitations(self, session: Session, tenant_id: str, wanted: list[dict[str, Any]], now: datetime) -> list[str]:
-        """Invitation rows in this commit (once per user for the tenant's life, by a unique index)."""
-        if not wanted:
-            return []
-        created: list[str] = []
-        rows = [
-            {
-                "id": f"inv{row['user_id']}",
-                "tenant_id": tenant_id,
-                "user_id": row["user_id"],
-                "status": "pending",
-                "address": row["address"][:512],
-                "message_id": message_id(tenant_id, row["user_id"]),
-                "attempts": 0,
-                "created_at": now,
-                "enqueued_at": now,
-            }
-            for row in wanted
-        ]
-        for chunk in chunks(rows):
-            statement = (
-                insert_ignore(session)(Invitation)
-                .values(list(chunk))
-                .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
-                .returning(Invitation.id)
-            )
-            created.extend(inv_id for (inv_id,) in session.execute(statement))
-        return created
+    def _update_account(
+        self, session: Session, tenant: Tenant, account: Account, user: ScimUser, ent: Entitlement, now: datetime,
+        *, new: bool,
+    ) -> Wanted | None:
+        """Bring one account in line with its entitlement; returns the invitation it now calls for, if any."""
+        before = _state(account)
+        if ent.role is None:
+            _lose_access(account, deleted=user.deleted_at is not None, now=now)
+            invite = None
+        else:
+            invite = _grant_access(account, user, ent, tenant, now)
+        if _state(account) != before or new:
+            account.updated_at = now
+            session.add(account)
+        return invite
 
+
+def _state(account: Account) -> tuple:
+    return (account.role, account.wanted_tier, account.license, account.status, account.status_reason,
+            account.waiting_since, account.first_access_at, account.invite_error, account.hold_decision)
+
+
+def _lose_access(account: Account, *, deleted: bool, now: datetime) -> None:
+    """No role: the license is freed at once (a removal the admin confirmed is not counted by the breaker)."""
+    if account.role is not None and account.hold_decision is None:
+        # The breaker adds up the removals of its window.
+        account.access_removed_at = now
+    account.held_since = account.hold_decision = None
+    account.role = None
+    account.wanted_tier = None
+    account.license = None
+    account.waiting_since = None
+    account.status = "deleted" if deleted else "no_access"
+    account.status_reason = None
+
+
+def _grant_access(account: Account, user: ScimUser, ent: Entitlement, tenant: Tenant, now: datetime) -> Wanted | None:
+    """A role, and the tier's seat if held (else waiting for one); the first access calls for an invitation."""
+    account.held_since = account.hold_decision = None
+    account.role = ent.role
+    if ent.tier != account.wanted_tier:
+        account.waiting_since = None
+    account.wanted_tier = ent.tier
+    if account.license is not None and account.license != ent.tier:
+        # A tier change gives back the old seat; the new one is allocated below.
+        account.license = None
+    if ent.tier is None or account.license == ent.tier:
+        account.status = "active"
+        account.status_reason = None
+        account.waiting_since = None
+    else:
+        account.waiting_since = account.waiting_since or now
+        account.status = "pending_license"
+    if account.first_access_at is not None:
+        return None
+    account.first_access_at = now
+    if not tenant.auto_invite:
+        return None
+    address = invitation_address(user)
+    if address is None:
+        account.invite_error = NO_ADDRESS
+        return None
+    return Wanted(user.id, address)

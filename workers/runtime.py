@@ -13,7 +13,7 @@ from billing.stripe_gateway import StripeGateway
 from models.db import engine_from_settings
 from models.settings import Settings
 from workers.broker import redis_client
-from workers.mailer import make_mailer
+from workers.mail.transport import make_mailer
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
 
@@ -37,7 +37,8 @@ def make_gateway(settings: Settings) -> Gateway:
     if not settings.stripe_api_key:
         return LedgerGateway()
     return StripeGateway(
-        settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base, timeout=settings.stripe_timeout
+        settings.stripe_api_key, settings.stripe_prices, api_base=settings.stripe_api_base,
+        timeout=settings.stripe_timeout,
     )
 
 
@@ -53,7 +54,7 @@ def current() -> Runtime:
 
 
 def build(settings: Settings, broker: Any, redis_url: str) -> Runtime:
-    client = redis_client(redis_url)
+    client = redis_client(redis_url, settings)
     return Runtime(
         settings=settings,
         engine=engine_from_settings(settings, pool_size=max(4, settings.worker_threads + 2)),

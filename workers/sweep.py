@@ -47,7 +47,11 @@ class Sweeper:
         stale = now - RESEND_AFTER
         sent = {"tenants": 0, "purchases": 0, "seat_syncs": 0, "invitations": 0}
         with session_scope(self.rt.engine) as session:
-            tenants = directory_events.oldest_unapplied(session)
+            # A quarantined (poison) tenant is left alone until its backoff has passed.
+            quarantined = set(session.execute(
+                select(Tenant.id).where(Tenant.quarantined_until.is_not(None), Tenant.quarantined_until > now)
+            ).scalars())
+            tenants = [(t, oldest) for t, oldest in directory_events.oldest_unapplied(session) if t not in quarantined]
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
                 .where(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 import redis
+from dramatiq.common import dq_name, xq_name
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,16 @@ class Telemetry:
         return {field.decode(): int(value) for field, value in self.client.hgetall(self.stripe_key).items()}
 
 
-def queue_depths(client: redis.Redis, broker_namespace: str, queues: tuple[str, ...]) -> dict[str, int]:
-    """Messages waiting per queue (Dramatiq's Redis broker keeps each queue as a list)."""
-    return {queue: int(client.llen(f"{broker_namespace}:{queue}")) for queue in queues}
+def queue_counts(client: redis.Redis, broker_namespace: str, queues: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per queue: messages waiting, delayed (retry backoff, `.DQ`) and dead (`.XQ`), in one round trip."""
+    queues = tuple(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(f"{broker_namespace}:{queue}")
+        pipe.llen(f"{broker_namespace}:{dq_name(queue)}")
+        pipe.zcard(f"{broker_namespace}:{xq_name(queue)}")
+    values = pipe.execute()
+    return {
+        kind: {queue: int(values[3 * i + k]) for i, queue in enumerate(queues)}
+        for k, kind in enumerate(("waiting", "delayed", "dead"))
+    }

@@ -13,9 +13,11 @@ from api.scim.errors import (
     InvalidValueError,
     PayloadTooLargeError,
     ScimError,
+    database_unavailable_error,
 )
 from api.scim.http import Call, ScimResponse, error_response
 from api.scim.schema import BULK_REQUEST, BULK_RESPONSE
+from models.db import database_unavailable
 
 MAX_OPERATIONS = 1000
 _BULK_ID = re.compile(r"bulkId:([A-Za-z0-9_.\-~]+)")
@@ -117,6 +119,13 @@ def run_bulk(
             response = dispatch(handler, sub_call)
         except ScimError as exc:
             response = error_response(exc)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            # RFC 7644 §3.7.3: each operation has its own status. The operations before
+            # this one are committed; this one (and any after, while the outage lasts)
+            # changed nothing and says so, so the IdP resends just those.
+            response = error_response(database_unavailable_error())
         status = response.status_code
         result["status"] = str(status)
         if status >= 400:

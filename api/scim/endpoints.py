@@ -96,7 +96,8 @@ class ScimApi:
         ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
-            RedisPerLoop(redis_url) if redis_url else None,
+            RedisPerLoop(redis_url, connect_timeout=settings.redis_connect_timeout,
+                         socket_timeout=settings.redis_socket_timeout) if redis_url else None,
             settings.redis_namespace,
             rate_limit=settings.scim_rate_limit if redis_url else 0,
             auth_failure_limit=settings.scim_auth_failure_limit,

@@ -103,6 +103,16 @@ class ServiceUnavailableError(ScimError):
         super().__init__(detail, headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)})
 
 
+# What a 503 asks the client to wait: a PostgreSQL restart or failover takes seconds.
+DATABASE_RETRY_AFTER_SECONDS = ServiceUnavailableError.RETRY_AFTER_SECONDS
+DATABASE_UNAVAILABLE = "The database is unavailable for a moment; send the request again shortly."
+
+
+def database_unavailable_error() -> ServiceUnavailableError:
+    """The SCIM error for a request (or a Bulk operation) the database could not take."""
+    return ServiceUnavailableError(DATABASE_UNAVAILABLE)
+
+
 # The one place the directory's domain errors become SCIM errors (RFC 7644 §3.12).
 _FROM_DIRECTORY: dict[type[directory.DirectoryError], type[ScimError]] = {
     directory.NotFoundError: NotFoundError,

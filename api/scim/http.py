@@ -25,6 +25,7 @@ from api.scim.errors import (
 from api.scim.render import etag
 from api.scim.schema import ERROR_SCHEMA, LIST_RESPONSE
 from api.tokens import bearer, token_digest
+from models.db import database_unavailable
 from models.settings import ScimLimits
 from models.tables import Tenant, utcnow
 
@@ -71,7 +72,9 @@ def contained(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[R
         except ClientDisconnect:
             # The client hung up before its body arrived: nothing was written, nobody to answer.
             return Response(status_code=400)
-        except Exception:
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise  # a 503 with Retry-After, answered by the app's one handler for it
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return error_response(InternalError("Internal server error."))
 

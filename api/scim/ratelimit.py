@@ -27,6 +27,10 @@ TOKEN_CACHE_SECONDS = 2.0
 AUTH_FAILURE_WINDOW_SECONDS = 60
 MAX_REMEMBERED = 10_000
 REDIS_ERRORS = (aredis.RedisError, OSError, asyncio.TimeoutError)
+# After a Redis failure, Redis is left alone for this long (the limit and the
+# failed-auth count fail open, wake-ups fall to the sweep): a stalled Redis then
+# costs one request per process one timeout, not every request one each.
+QUIET_AFTER_FAILURE_SECONDS = 5.0
 
 # digest → (tenant id, scim_enabled), or None for an unknown token
 TokenLookup = Callable[[str], Awaitable[tuple[str, bool] | None]]
@@ -40,19 +44,41 @@ class _Rate:
 
 
 class RedisPerLoop:
-    """An asyncio Redis client per event loop (a client's connections belong to the loop that made them)."""
+    """An asyncio Redis client per event loop (a client's connections belong to the loop that made them).
 
-    def __init__(self, url: str) -> None:
+    Bounded like every Redis client (REDIS_CONNECT_TIMEOUT / REDIS_SOCKET_TIMEOUT, no
+    retry: redis-py's default of three with backoff would make one stalled Redis cost a
+    request four timeouts), and quiet for a few seconds after a failure.
+    """
+
+    def __init__(
+        self, url: str, *, connect_timeout: float = 1.0, socket_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
+        self.connect_timeout = connect_timeout
+        self.socket_timeout = socket_timeout
+        self.clock = clock
         self._client: aredis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._quiet_until = 0.0
 
     def get(self) -> aredis.Redis:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = aredis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+            self._client = aredis.Redis.from_url(
+                self.url, socket_timeout=self.socket_timeout, socket_connect_timeout=self.connect_timeout, retry=None,
+            )
             self._loop = loop
         return self._client
+
+    def available(self) -> bool:
+        """False for a few seconds after a failure: callers skip Redis (and fail open) meanwhile."""
+        return self.clock() >= self._quiet_until
+
+    def failed(self) -> None:
+        """Note a Redis failure (timeout, refused, reset)."""
+        self._quiet_until = self.clock() + QUIET_AFTER_FAILURE_SECONDS
 
 
 class Gate:
@@ -120,7 +146,7 @@ class Gate:
         others sent from the same address (a NAT, a proxy); once an address is
         over the limit this process answers it without Redis until the window ends.
         """
-        if self.redis is None or self.auth_failure_limit <= 0:
+        if self.redis is None or self.auth_failure_limit <= 0 or not self.redis.available():
             return
         now = int(self.wall())
         window = now // AUTH_FAILURE_WINDOW_SECONDS
@@ -134,6 +160,7 @@ class Gate:
                     pipe.expire(key, AUTH_FAILURE_WINDOW_SECONDS * 2)
                     count, _ = await pipe.execute()
             except REDIS_ERRORS:
+                self.redis.failed()
                 return  # a Redis outage must not take the SCIM API down with it
             if int(count) <= self.auth_failure_limit:
                 return
@@ -156,7 +183,7 @@ class Gate:
         if rate.shared + rate.unsent >= self.rate_limit:
             raise TooManyRequestsError(f"More than {self.rate_limit} requests per second; retry shortly.", retry_after=1)
         rate.unsent += 1
-        if rate.unsent < self.send_every or self.redis is None:
+        if rate.unsent < self.send_every or self.redis is None or not self.redis.available():
             return
         # Keyed by the token's digest, not the tenant id in the URL: a stranger
         # who knows a Tenant URL cannot use up the real IdP's allowance.
@@ -168,5 +195,6 @@ class Gate:
                 pipe.expire(key, 2)
                 shared, _ = await pipe.execute()
         except REDIS_ERRORS:
+            self.redis.failed()
             return
         rate.shared = max(rate.shared, int(shared))

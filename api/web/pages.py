@@ -387,14 +387,23 @@ class WebPages:
                 raise PageError(400, "Choose Preview or Save.")
             context.update(
                 groups=service.group_rows(db, tenant),
-                config=config or service.get_config(db, tenant),
+                config=config or service.get_config(db, tenant, self.settings),
                 billed=bool(self.settings.stripe_api_key and tenant.stripe_subscription_id),
             )
             return context
 
         tenant_id = request.path_params["t"]
         if action == "save":
-            await self.db(lambda db: service.save_config(db, ACTOR, tenants.get_tenant(db, tenant_id), config))
+
+            def save(db: Session) -> None:
+                tenant = tenants.get_tenant(db, tenant_id)
+                # The form edits the mapping only: the tenant's other settings (limits,
+                # guard) are kept as they are, never reset by a Save of this page.
+                current = service.get_config(db, tenant, self.settings)
+                kept = {key: value for key, value in current.items() if key not in config and key != "effective"}
+                service.save_config(db, ACTOR, tenant, {**kept, **config}, self.settings)
+
+            await self.db(save)
             await run_in_threadpool(self.wake, tenant_id)
             return RedirectResponse(f"/tenants/{quote(tenant_id)}/sync?done=saved", status_code=303)
         return await self.tenant_page(request, session, "mapping.html", "mapping", work)

@@ -35,6 +35,17 @@ def create_group(session: Session, tenant_id: str, doc: dict[str, Any], members:
     )
     session.add(group)
     session.flush()
+    if group.external_id:
+        # The IdP re-created a mapped group it had deleted (same externalId): its mapping comes back.
+        session.execute(
+            update(GroupMapping)
+            .where(
+                GroupMapping.tenant_id == tenant_id,
+                GroupMapping.external_id == group.external_id,
+                GroupMapping.deleted_at.is_not(None),
+            )
+            .values(group_id=group.id, deleted_at=None)
+        )
     changes = MemberChanges()
     changes.add.update(members)
     touched = apply_member_changes(session, group, changes)
@@ -91,8 +102,9 @@ def update_group(session: Session, group: ScimGroup, doc: dict[str, Any], change
 
 
 def delete_group(session: Session, group: ScimGroup) -> None:
-    """Delete a group; it drops out of the tenant's mapping and of the groups it was a
-    member of (like a deleted user), and everyone is re-evaluated."""
+    """Delete a group; its mapping becomes a tombstone (restored when a group with its
+    externalId comes back), it leaves the groups it was a member of (like a deleted
+    user), and everyone is re-evaluated."""
     parents = select(GroupMember.group_id).where(
         GroupMember.member_id == group.id, GroupMember.tenant_id == group.tenant_id
     ).scalar_subquery()
@@ -106,7 +118,9 @@ def delete_group(session: Session, group: ScimGroup) -> None:
     )
     session.execute(delete(GroupMember).where(GroupMember.group_id == group.id))
     session.execute(
-        delete(GroupMapping).where(GroupMapping.tenant_id == group.tenant_id, GroupMapping.group_id == group.id)
+        update(GroupMapping)
+        .where(GroupMapping.tenant_id == group.tenant_id, GroupMapping.group_id == group.id)
+        .values(deleted_at=utcnow(), external_id=group.external_id, display_name=group.display_name)
     )
     session.execute(delete(ScimGroup).where(ScimGroup.id == group.id))
     record_event(session, group.tenant_id, "group_deleted", None)

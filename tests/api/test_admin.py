@@ -241,7 +241,7 @@ def test_users_list_shape(tenant, admin, clean_db):
     [row] = admin.get(f"/tenants/{tenant.tenant_id}/users").json()
     assert set(row) == {
         "id", "userName", "email", "displayName", "active", "role", "license", "status",
-        "status_reason", "invited_at", "invite_error",
+        "status_reason", "invited_at", "invite_error", "invite_waiting",
     }
     assert (row["id"], row["userName"], row["email"], row["displayName"], row["active"]) == (
         user["id"], "shape@example.com", "primary@example.com", "Shape", True,
@@ -268,8 +268,8 @@ def test_scim_config_round_trip(tenant, admin, clean_db):
     before = sync_counts(admin, tenant.tenant_id)["events_total"]
     response = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json=config)
     assert response.status_code == 200, response.text
-    assert response.json() == config
-    assert admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json() == config
+    assert response.json() == {**config, **DEFAULT_LIMITS}
+    assert admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json() == {**config, **DEFAULT_LIMITS}
     assert sync_counts(admin, tenant.tenant_id)["events_total"] == before + 1
     assert events(clean_db, tenant.tenant_id)[-1] == ("config_changed", None)
 
@@ -283,6 +283,7 @@ def test_scim_config_round_trip(tenant, admin, clean_db):
         "seat_cap": None,
         # Replaced, not merged: a config without a spend guard gets the defaults (on).
         "spend_guard": {"enabled": True, "min_seats": 10, "percent": 25, "first_purchase_seats": 10_000},
+        **DEFAULT_LIMITS,
     }
 
 
@@ -294,6 +295,15 @@ def test_spend_guard_settings_are_checked(tenant, admin, clean_db):
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["error"] == "invalid_body"
     assert admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json()["spend_guard"]["percent"] == 25
+
+
+# The per-tenant limits of a config that sets none: null, the deployment's defaults in effect.
+DEFAULT_LIMITS = {
+    "invite_daily_cap": None,
+    "hold_min_users": None,
+    "hold_percent": None,
+    "effective": {"invite_daily_cap": 5000, "hold_min_users": 10, "hold_percent": 20},
+}
 
 
 def test_scim_config_with_an_unknown_group_is_400_and_saves_nothing(tenant, admin, clean_db):
@@ -351,7 +361,7 @@ def test_sync_counts(tenant, admin, clean_db):
     """Given writes through SCIM and no worker
     When the admin GETs …/sync
     Then it has the contract's fields; events_total counts the writes, events_applied is 0,
-    nothing is pending and the tenant was never reconciled."""
+    nothing is pending, the tenant was never reconciled and is not quarantined (issue 8's additive fields)."""
     create_user(tenant.client, "s1@example.com")
     create_user(tenant.client, "s2@example.com")
     assert sync_counts(admin, tenant.tenant_id) == {
@@ -359,7 +369,12 @@ def test_sync_counts(tenant, admin, clean_db):
         "events_applied": 0,
         "pending_purchases": 0,
         "pending_invitations": 0,
+        "waiting_invitations": 0,
+        "held_users": 0,
         "last_reconciled_at": None,
+        "reconcile_failures": 0,
+        "quarantined_until": None,
+        "last_error": None,
     }
 
 

@@ -181,8 +181,9 @@ def test_delete_group(tenant, admin, clean_db):
     """Given a Group with a member, mapped as the tenant's user group
     When the IdP DELETEs it (RFC 7644 §3.6)
     Then it answers 204; the Group is 404 afterwards and gone from lists; its member
-    rows and its mapping are gone; the User still exists with no groups;
-    a group_deleted event re-evaluates the whole tenant."""
+    rows are gone and its mapping is only a tombstone (no longer mapped; kept with its
+    display name to be restored if the IdP re-creates it); the User still exists with
+    no groups; a group_deleted event re-evaluates the whole tenant."""
     user = create_user(tenant.client, "u@example.com")
     group = create_group(tenant.client, "Doomed", [user["id"]])
     saved = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={"user_groups": [group["id"]]})
@@ -194,7 +195,8 @@ def test_delete_group(tenant, admin, clean_db):
     assert_scim_error(tenant.client.delete(f"/Groups/{group['id']}"), 404)
     assert tenant.client.get("/Groups").json()["totalResults"] == 0
     assert count_rows(clean_db, "group_member") == 0
-    assert count_rows(clean_db, "group_mapping") == 0
+    assert count_rows(clean_db, "group_mapping", "deleted_at IS NULL") == 0
+    assert count_rows(clean_db, "group_mapping", "deleted_at IS NOT NULL AND display_name = 'Doomed'") == 1
     assert admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json()["user_groups"] == []
     fetched_user = tenant.client.get(f"/Users/{user['id']}").json()
     assert "groups" not in fetched_user

@@ -160,7 +160,6 @@ class FakeStripe:
         # Stripe's `created` is in whole seconds; events the fake makes in one
         # second still get increasing values, so their order is unambiguous.
         self._clock = int(time.time())
-        self._hole = threading.Event()
         self.unit_amounts: dict[str, int] = dict(unit_amounts or {})
         self.calls: list[Call] = []
         self.invoices: dict[str, dict[str, Any]] = {}
@@ -173,6 +172,10 @@ class FakeStripe:
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Set while black-holed; requests wait on _released, then go unanswered.
+        self._black_holed = False
+        self._released = threading.Event()
+        self.unanswered = 0
 
     # -- life cycle -------------------------------------------------------
 
@@ -193,7 +196,7 @@ class FakeStripe:
 
     def stop(self) -> None:
         """Stop listening and release the port."""
-        self._hole.clear()
+        self.answer_again()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -227,7 +230,7 @@ class FakeStripe:
             self._faults.clear()
             self._declining.clear()
             self.events.clear()
-        self._hole.clear()
+        self.answer_again()
 
     # -- seeding and inspection --------------------------------------------
 
@@ -320,21 +323,42 @@ class FakeStripe:
             for _ in range(n):
                 self._faults.append(_Fault("lose", path, method=method))
 
+    def blackhole(self, on: bool = True) -> None:
+        """From now on, take each connection and never answer it (a network partition, a hung
+        load balancer): the client sees its own timeout. Nothing is processed meanwhile.
+        ``blackhole(False)`` is ``answer_again()``."""
+        if not on:
+            self.answer_again()
+            return
+        with self._lock:
+            self._black_holed = True
+            self._released.clear()
+
+    def answer_again(self) -> None:
+        """End the black hole: held requests are dropped unanswered, new ones are served."""
+        with self._lock:
+            self._black_holed = False
+            self._released.set()
+
+    def _hold_if_black_holed(self) -> bool:
+        """Called by a handler thread: True when the request was swallowed."""
+        with self._lock:
+            if not self._black_holed:
+                return False
+            self.unanswered += 1
+        # Bounded, so that a forgotten black hole cannot keep a thread forever.
+        self._released.wait(timeout=300)
+        return True
+
     def decline_payments(self, customer: str, decline_code: str = "insufficient_funds") -> None:
         """Make every charge to this customer's card fail from now on."""
         with self._lock:
             self._declining[customer] = decline_code
 
-    def blackhole(self, on: bool = True) -> None:
-        """While on, every request is read and then left unanswered (the connection stays open)."""
-        if on:
-            self._hole.set()
-        else:
-            self._hole.clear()
-
     @property
     def in_blackhole(self) -> bool:
-        return self._hole.is_set()
+        """Whether requests are being swallowed now."""
+        return self._black_holed
 
     # -- webhooks ------------------------------------------------------------
 
@@ -694,11 +718,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8") if length else ""
-        if self.fake.in_blackhole:
-            # No answer at all while the hole is open (the client's timeout decides);
-            # the connection is closed only once it is switched off or the fake stops.
-            while self.fake.in_blackhole:
-                time.sleep(0.05)
+        if self.fake._hold_if_black_holed():
             self.close_connection = True
             return
         response = self.fake.handle(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fakes.smtp_server import FakeSmtp
-from workers.mailer import SmtpMailer
+from workers.mail.transport import SmtpMailer
 
 
 @pytest.fixture

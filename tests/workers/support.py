@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from models.settings import Settings
-from tests.fakes.stripe_server import FakeStripe
 from tests.fakes.smtp_server import FakeSmtp
+from tests.fakes.stripe_server import FakeStripe
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"starter": "price_starter", "team": "price_team", "enterprise": "price_enterprise"}

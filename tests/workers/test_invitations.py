@@ -32,7 +32,6 @@ from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
 from tests.workers.support import bind_actors, drain
 from workers import runtime
-from workers.names import QUEUES
 from workers.invitations import (
     BATCH_SIZE,
     CLAIM_LEASE,
@@ -46,7 +45,9 @@ from workers.invitations import (
     send_invitation,
     send_invitations,
 )
-from workers.mailer import OutboxMailer, TransientMailError, make_mailer, message_id
+from workers.mail.message import message_id
+from workers.mail.transport import OutboxMailer, TransientMailError, make_mailer
+from workers.names import QUEUES
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker

@@ -19,16 +19,16 @@ import pytest
 from models.settings import Settings
 from tests.fakes.ports import free_port
 from tests.fakes.smtp_server import FakeSmtp
-from workers.mailer import (
+from workers.mail.message import build_invitation, message_id
+from workers.mail.transport import (
     OutboxMailer,
     PermanentMailError,
     RecipientDeferredError,
     SmtpMailer,
     TransientMailError,
-    build_invitation,
     make_mailer,
-    message_id,
 )
+
 
 def invitation(n: int = 1, tenant_id: str = "t1", **overrides) -> EmailMessage:
     fields = {
@@ -358,7 +358,7 @@ def test_credentials_from_the_url_are_used_and_never_logged(caplog):
     caplog.set_level(logging.DEBUG)
     with FakeSmtp(auth=True) as server:
         url = f"smtp://mailer%40acme:s3cr%40t%3Apw@127.0.0.1:{server.port}"
-        with SmtpMailer(url, timeout=5, attempts=2, wait_seconds=0.01) as mailer:
+        with SmtpMailer(url, timeout=5, attempts=2, wait_seconds=0.01, allow_plaintext_auth=True) as mailer:
             server.fail_next(1, "421 try again")
             mailer.send(invitation(1))
             mailer.send(invitation(2))
@@ -370,6 +370,31 @@ def test_credentials_from_the_url_are_used_and_never_logged(caplog):
     assert ours, "the retry was logged"
     assert not any("s3cr" in line for line in ours)
     assert "s3cr" not in text and "mailer@acme" in text
+
+
+def test_credentials_are_never_sent_without_tls_unless_allowed():
+    """Given a mail server that offers AUTH without TLS and SMTP_URL with credentials over plain smtp://,
+    When the mailer is built without SMTP_ALLOW_PLAINTEXT_AUTH, Then it is refused before any connection;
+    When the URL asks for STARTTLS and the server offers none, Then the send fails for good and no login
+    was attempted; only an explicit allow sends them in clear text.
+    """
+    with FakeSmtp(auth=True) as server:
+        plain = f"smtp://mailer%40acme:s3cr%40t%3Apw@127.0.0.1:{server.port}"
+        with pytest.raises(ValueError, match="no TLS"):
+            SmtpMailer(plain)
+        assert server.connections == 0
+
+        starttls = f"smtp+starttls://mailer%40acme:s3cr%40t%3Apw@127.0.0.1:{server.port}"
+        with SmtpMailer(starttls, timeout=5, attempts=1) as mailer:
+            with pytest.raises(PermanentMailError, match="STARTTLS"):
+                mailer.send(invitation(1))
+        assert server.logins == [] and server.messages == []
+
+        allowed = Settings(smtp_url=plain, smtp_allow_plaintext_auth=True)
+        with make_mailer(allowed) as mailer:
+            mailer.send(invitation(2))
+    assert server.logins == [(b"mailer@acme", b"s3cr@t:pw")]
+    assert len(server.messages) == 1
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from billing.purchasing import PurchaseRunner, sync_seats
 from billing.gateway import Gateway, LedgerGateway
+from billing.purchasing import PurchaseRunner, sync_seats
 from billing.stripe_gateway import StripeGateway
 from models.tables import Invitation, Purchase, SyncEvent
 from tests.conftest import connect_tenant

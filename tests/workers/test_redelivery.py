@@ -23,8 +23,8 @@ from dramatiq.middleware import CurrentMessage, Middleware
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
 
-from billing.purchasing import PurchaseRunner
 from billing.gateway import LedgerGateway
+from billing.purchasing import PurchaseRunner
 from billing.stripe_gateway import StripeGateway
 from models.db import make_engine
 from models.tables import Account, Invitation, Purchase, ScimGroup, ScimUser, SeatCount, SyncEvent, Tenant
@@ -48,8 +48,8 @@ from tests.workers.support import (
     licenses as licenses_of,
 )
 from workers import runtime
+from workers.mail.transport import SmtpMailer
 from workers.names import QUEUES
-from workers.mailer import SmtpMailer
 from workers.reconcile import Reconciler
 
 GATEWAY_ATTEMPTS = 4  # StripeGateway's tenacity attempts per call (its default)

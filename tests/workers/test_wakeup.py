@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from api.app import Services, create_app
 from models.tables import ScimUser
+from tests.fakes.silent_server import SilentServer
 from workers.broker import make_broker
 from workers.names import RECONCILE_QUEUE
 from workers.wakeup import Waker, pending_key
@@ -66,3 +67,31 @@ def test_a_broker_outage_never_fails_the_write(base_settings, redis_client):
     settings = dataclasses.replace(base_settings, redis_url="redis://127.0.0.1:1/0")
     waker = Waker(make_broker(settings, settings.redis_url), dead, settings.redis_namespace)
     assert waker.wake("t1") is False
+
+
+def test_a_stalled_redis_costs_one_timeout_then_wake_ups_skip_it_for_a_while(base_settings):
+    """Given a Redis that accepts and never answers, and the client's 0.3 s read timeout
+    When a write wakes its tenant, Then wake() gives up after the timeout and returns False;
+    When more writes follow within the quiet period, Then they send Redis nothing at all;
+    When the quiet period has passed, Then the next wake-up tries Redis again."""
+    from workers.broker import redis_client
+    from workers.wakeup import QUIET_AFTER_FAILURE_SECONDS
+
+    silent = SilentServer()
+    try:
+        settings = dataclasses.replace(base_settings, redis_url=f"redis://127.0.0.1:{silent.port}/0",
+                                       redis_socket_timeout=0.3, redis_connect_timeout=0.3)
+        now = [1000.0]
+        client = redis_client(settings.redis_url, settings)
+        waker = Waker(make_broker(settings, settings.redis_url), client, settings.redis_namespace, clock=lambda: now[0])
+        assert waker.wake("t1") is False
+        sent = silent.received
+        assert sent > 0
+        assert [waker.wake(t) for t in ("t1", "t2", "t3")] == [False, False, False]
+        assert silent.received == sent
+        now[0] += QUIET_AFTER_FAILURE_SECONDS + 0.1
+        assert waker.wake("t4") is False
+        assert silent.received > sent
+        client.close()
+    finally:
+        silent.close()

@@ -223,3 +223,19 @@ def test_a_held_purchase_is_approved_or_rejected_from_the_billing_page(signed_in
     assert client.post(f"/tenants/{tenant_id}/purchases/nope/approve", data={"csrf": csrf}).status_code == 404
     assert count_rows(clean_db, "audit_log", "tenant_id = :t AND action = 'purchase_rejected'", t=tenant_id) == 1
     assert count_rows(clean_db, "audit_log", "tenant_id = :t AND action = 'purchase_approved'", t=tenant_id) == 1
+
+
+def test_saving_the_mapping_page_keeps_the_tenants_other_settings(signed_in, clean_db):
+    """The page edits the mapping only: limits set through the admin API (daily invitation cap,
+    mass-deprovision thresholds) survive a Save of the page unchanged."""
+    client, csrf = signed_in
+    tenant_id, _token = new_tenant(client, csrf)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    limits = {"invite_daily_cap": 7, "hold_min_users": 3, "hold_percent": 50}
+    put = client.put(f"/admin/api/tenants/{tenant_id}/scim/config", json=limits, headers=admin)
+    assert put.status_code == 200, put.text
+    saved = client.post(f"/tenants/{tenant_id}/mapping", data={"csrf": csrf, "auto_invite": "on", "action": "save"})
+    assert saved.status_code == 303, saved.text
+    config = client.get(f"/admin/api/tenants/{tenant_id}/scim/config", headers=admin).json()
+    assert {key: config[key] for key in limits} == limits
+    assert config["auto_invite"] is True

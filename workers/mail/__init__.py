@@ -1,0 +1,1 @@
+"""Invitation mail: the message (``message``) and how it is sent (``transport``)."""
