@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import service, tenants, views
+from billing import ledger
 from api.service import AdminError
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
@@ -37,17 +38,24 @@ def admin_error_response(exc: TenantError) -> JSONResponse:
 class AdminApi:
     """JSON in and out; every change that can alter access appends a sync event in its transaction."""
 
-    def __init__(self, settings: Settings, engine: Engine, wake: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        wake: Callable[[str], Any],
+        send_purchase: Callable[[str], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.wake = wake
+        # Enqueues purchase_seats after an approval commits (the sweep is the fallback).
+        self.send_purchase = send_purchase
 
     def routes(self) -> list[Route]:
         p = "/admin/api"
         return [
             Route(p + "/tenants", self.endpoint(self.list_tenants), methods=["GET"]),
             Route(p + "/tenants", self.endpoint(self.create_tenant, status=201, wakes=True), methods=["POST"]),
-            Route(p + "/tenants/{t}/billing", self.endpoint(self.link_billing, wakes=True), methods=["PUT"]),
             Route(p + "/tenants/{t}/scim", self.endpoint(self.get_scim), methods=["GET"]),
             Route(p + "/tenants/{t}/scim", self.endpoint(self.connect_scim, status=201), methods=["POST"]),
             Route(p + "/tenants/{t}/scim", self.endpoint(self.disconnect_scim, status=204), methods=["DELETE"]),
@@ -61,6 +69,15 @@ class AdminApi:
             Route(p + "/tenants/{t}/users/{id}", self.endpoint(self.remove_user, status=204, wakes=True), methods=["DELETE"]),
             Route(p + "/tenants/{t}/licenses", self.endpoint(self.licenses), methods=["GET"]),
             Route(p + "/tenants/{t}/purchases", self.endpoint(self.purchases), methods=["GET"]),
+            Route(p + "/tenants/{t}/purchases/{id}/approve", self.endpoint(self.approve_purchase, sends=True, wakes=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/purchases/{id}/reject", self.endpoint(self.reject_purchase, wakes=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/purchases/{id}/cancel", self.endpoint(self.cancel_purchase, wakes=True),
+                  methods=["POST"]),
+            Route(p + "/tenants/{t}/billing", self.endpoint(self.get_billing), methods=["GET"]),
+            Route(p + "/tenants/{t}/billing", self.endpoint(self.link_billing, status=202, wakes=True),
+                  methods=["PUT"]),
             Route(p + "/tenants/{t}/sync", self.endpoint(self.sync), methods=["GET"]),
             Route(p + "/tenants/{t}/audit", self.endpoint(self.audit), methods=["GET"]),
             Route(p + "/tenants/{t}/holds", self.endpoint(self.holds), methods=["GET"]),
@@ -68,7 +85,9 @@ class AdminApi:
             Route(p + "/tenants/{t}/holds/revert", self.endpoint(self.revert_holds), methods=["POST"]),
         ]
 
-    def endpoint(self, handler: AdminHandler, *, status: int = 200, wakes: bool = False) -> Callable[[Request], Any]:
+    def endpoint(
+        self, handler: AdminHandler, *, status: int = 200, wakes: bool = False, sends: bool = False
+    ) -> Callable[[Request], Any]:
         async def serve(request: Request) -> Response:
             if not same_secret(bearer(request.headers.get("authorization")), self.settings.admin_token):
                 raise AdminError(401, "unauthorized", "A valid admin bearer token is required.")
@@ -88,8 +107,11 @@ class AdminApi:
                     raise AdminError(400, "invalid_body", "The request body must be a JSON object.")
                 if _holds_nul(body):
                     raise AdminError(400, "invalid_body", "Strings in the request body may not contain U+0000.")
+            path = dict(request.path_params)
+            # Query parameters ride along under a key no route uses as a path parameter.
+            path["?"] = dict(request.query_params)
             try:
-                result, tenant_id = await run_in_threadpool(self.run, handler, request.path_params, body)
+                result, tenant_id = await run_in_threadpool(self.run, handler, path, body)
             except TenantError:
                 raise
             except Exception as exc:
@@ -100,13 +122,17 @@ class AdminApi:
                 return JSONResponse({"error": "internal", "detail": "Internal server error."}, status_code=500)
             if wakes and tenant_id:
                 await run_in_threadpool(self.wake, tenant_id)
+            if sends and self.send_purchase is not None and isinstance(result, dict) and result.get("status") == "pending":
+                await run_in_threadpool(self.send_purchase, result["id"])
+            if isinstance(result, Response):
+                return result
             if status == 204:
                 return Response(status_code=204)
             return JSONResponse(result, status_code=status)
 
         return serve
 
-    def run(self, handler: AdminHandler, path: dict[str, str], body: Any) -> tuple[Any, str | None]:
+    def run(self, handler: AdminHandler, path: dict[str, Any], body: Any) -> tuple[Any, str | None]:
         with session_scope(self.engine) as session:
             tenant = None
             if "t" in path:
@@ -126,6 +152,7 @@ class AdminApi:
         return {"tenant_id": tenant.id}
 
     def link_billing(self, session: Session, tenant: Tenant, _path: dict, body: dict) -> dict[str, Any]:
+        """Link (or re-link) a Stripe customer and subscription: 202, the worker checks them against Stripe."""
         extra = sorted(set(body) - {"stripe_customer_id", "stripe_subscription_id"})
         if extra:
             raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
@@ -176,8 +203,37 @@ class AdminApi:
     def licenses(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.licenses(session, tenant)
 
-    def purchases(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
-        return views.purchases(session, tenant.id)
+    def purchases(self, session: Session, tenant: Tenant, path: dict, _body: None) -> Any:
+        query = path["?"]
+        wanted = query.get("format", "json")
+        if wanted not in ("json", "csv"):
+            raise AdminError(400, "invalid_query", "'format' must be json or csv.")
+        since = None
+        if query.get("since"):
+            try:
+                since = service.parse_since(query["since"])
+            except ValueError as error:
+                raise AdminError(400, "invalid_query", str(error)) from None
+        if wanted == "json":
+            return views.purchases(session, tenant.id, since)
+        body = "".join(ledger.csv_lines(tenant, ledger.ledger_rows(session, tenant.id, since)))
+        return Response(
+            body,
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="sally-purchases-{tenant.id}.csv"'},
+        )
+
+    def approve_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return service.decide_purchase(session, service.API_ACTOR, tenant, path["id"], "approve")
+
+    def reject_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return service.decide_purchase(session, service.API_ACTOR, tenant, path["id"], "reject")
+
+    def cancel_purchase(self, session: Session, tenant: Tenant, path: dict, _body: dict) -> dict[str, Any]:
+        return service.decide_purchase(session, service.API_ACTOR, tenant, path["id"], "cancel")
+
+    def get_billing(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
+        return service.billing_state(tenant)
 
     def sync(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> dict[str, Any]:
         return views.sync_state(session, tenant)

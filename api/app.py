@@ -32,11 +32,12 @@ from api.scim.http import error_response
 from api.scim.ratelimit import REDIS_ERRORS, RedisPerLoop
 from api.tenants import TenantError
 from api.web.pages import WebPages
+from api.webhooks import StripeWebhooks
 from models.db import database_unavailable, engine_from_settings
 from models.settings import Settings
 from workers.broker import make_broker, redis_client, resolve_redis_url
-from workers.names import QUEUES
-from workers.telemetry import Telemetry, queue_counts
+from workers.names import PURCHASE_SEATS, QUEUES
+from workers.telemetry import Telemetry, queue_counts, stripe_alert_key
 from workers.wakeup import PENDING_TTL_SECONDS, Waker, pending_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Services:
         pipeline_stats: Callable[[], dict[str, Any]] | None = None,
         redis_url: str | None = None,
         wake_async: Callable[[str], Awaitable[Any]] | None = None,
+        send_purchase: Callable[[str], Any] | None = None,
+        stripe_alert: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine
         self.wake = wake
@@ -64,6 +67,8 @@ class Services:
         self.redis_url = redis_url
         # The same wake-up for the event loop (the async hot path), when there is one.
         self.wake_async = wake_async
+        self.send_purchase = send_purchase
+        self.stripe_alert = stripe_alert
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -86,6 +91,21 @@ class Services:
         def ping() -> bool:
             return bool(client.ping())
 
+        def send_purchase(purchase_id: str) -> None:
+            # By actor name: the web process never imports the actors. A lost message
+            # is re-sent by the sweep (the purchase row is the truth).
+            try:
+                waker.enqueue(PURCHASE_SEATS, purchase_id)
+            except Exception:  # noqa: BLE001 - the approval is committed; the sweep delivers it
+                log.warning("could not enqueue purchase %s; the sweep will", purchase_id)
+
+        def stripe_alert() -> str | None:
+            try:
+                value = client.get(stripe_alert_key(settings.redis_namespace))
+            except Exception:  # noqa: BLE001 - readiness reports what it can
+                return None
+            return value.decode() if value else None
+
         flags = RedisPerLoop(url, connect_timeout=settings.redis_connect_timeout,
                              socket_timeout=settings.redis_socket_timeout)
 
@@ -103,7 +123,10 @@ class Services:
                 return False
             return bool(claimed) and await run_in_threadpool(waker.send_claimed, tenant_id)
 
-        return cls(engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake)
+        return cls(
+            engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake,
+            send_purchase=send_purchase, stripe_alert=stripe_alert,
+        )
 
 
 class WakeBatcher:
@@ -207,8 +230,9 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
         metrics.registry.register(PipelineCollector(services.pipeline_stats))
     scim = ScimApi(settings, services.engine, services.wake, wake_async=services.wake_async,
                    redis_url=services.redis_url)
-    admin = AdminApi(settings, services.engine, services.wake)
-    pages = WebPages(settings, services.engine, services.wake)
+    admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
+    webhooks = StripeWebhooks(settings, services.engine, services.wake)
+    pages = WebPages(settings, services.engine, services.wake, services.send_purchase)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -238,6 +262,11 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
         down = {name: reason for name, reason in (("database", database), ("broker", broker)) if reason}
         if down:
             body["down"] = down
+        if services.stripe_alert is not None:
+            alert = await run_in_threadpool(services.stripe_alert)
+            # An operator alert, not unreadiness: SCIM keeps working without Stripe,
+            # so a refused API key must not take the web process out of service.
+            body["stripe"] = {"ok": alert is None, "detail": alert}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_request: Request) -> Response:
@@ -291,6 +320,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
         Route("/metrics", metrics_endpoint),
         *scim.routes(),
         *admin.routes(),
+        *webhooks.routes(),
         *pages.routes(),
     ]
     @asynccontextmanager

@@ -89,6 +89,34 @@ def cmd_tenant_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purchases_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a tenant's purchase ledger as CSV for finance (no broker, no Stripe call)."""
+    from api import tenants
+    from api.service import parse_since
+    from billing.ledger import csv_lines, ledger_rows
+    from models.db import engine_from_settings, session_scope
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"sally-scim: {exc}", file=sys.stderr)
+        return 2
+    engine = engine_from_settings(settings)
+    try:
+        with session_scope(engine) as session:
+            try:
+                tenant = tenants.get_tenant(session, args.tenant)
+            except tenants.TenantError as exc:
+                print(f"sally-scim: {exc.detail}", file=sys.stderr)
+                return 2
+            for line in csv_lines(tenant, ledger_rows(session, tenant.id, since)):
+                sys.stdout.write(line)
+    finally:
+        engine.dispose()
+    sys.stdout.flush()
+    return 0
+
+
 def app_factory():
     """The ASGI app for uvicorn (`--factory`), built from the environment."""
     from api.app import create_app
@@ -148,12 +176,16 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     from dramatiq.cli import make_argument_parser
 
     from workers.broker import release_embedded_redis, resolve_redis_url
+    from workers.names import INVITE_QUEUE, RECONCILE_QUEUE
 
     argv = [
         "workers.entrypoint",
         "--processes", str(settings.worker_processes),
         "--threads", str(settings.worker_threads),
         "--worker-shutdown-timeout", "30000",
+        # The purchases queue runs on PURCHASE_THREADS of its own (workers/purchase_pool.py),
+        # so a Stripe that does not answer never stalls reconcile or invitations.
+        "--queues", RECONCILE_QUEUE, INVITE_QUEUE,
     ]
     # Until Dramatiq sets its own handlers, a SIGTERM still releases the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -337,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--stripe-subscription", dest="stripe_subscription")
     create.add_argument("--json", action="store_true", help="print one JSON line")
     create.set_defaults(func=cmd_tenant_create)
+    purchases = commands.add_parser("purchases", help="the purchase ledger").add_subparsers(
+        dest="purchases_command", required=True
+    )
+    export = purchases.add_parser("export", help="print a tenant's purchases as CSV (one line per invoice)")
+    export.add_argument("--tenant", required=True, help="tenant id")
+    export.add_argument("--since", help="only purchases created or settled on or after this date (YYYY-MM-DD) or time")
+    export.set_defaults(func=cmd_purchases_export)
     jobs = commands.add_parser("jobs", help="inspect and re-queue failed jobs").add_subparsers(
         dest="jobs_command", required=True)
     failed = jobs.add_parser("failed", help="list the jobs given up after their last retry (dead letters)")

@@ -7,17 +7,19 @@ and every change that can alter access appends a sync event there too.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, insert, select
 from sqlmodel import Session
 
 from api import tenants, views
 from api.scim.render import iso
 from api.tenants import TenantError
+from billing import guard
 from billing.licenses import GroupMapping as MappingRule
 from billing.licenses import role_for, tier_for
+from billing.locks import lock_tenant
 from billing.preview import Member, Preview, Price, format_money, preview_mapping
 from models.directory import events as directory_events
 from models.directory import groups as directory_groups
@@ -114,27 +116,57 @@ def create_tenant(
 
 
 def link_billing(session: Session, actor: str, tenant: Tenant, customer: Any, subscription: Any) -> dict[str, Any]:
-    """Link (or change) the tenant's Stripe customer and subscription; the worker reads the seats bought."""
-    for label, value in (("stripe_customer_id", customer), ("stripe_subscription_id", subscription)):
-        if not isinstance(value, str) or not value.strip() or len(value) > 255:
-            raise AdminError(400, "invalid_body", f"'{label}' must be a non-empty string of at most 255 characters.")
-    in_flight = session.execute(
-        select(func.count()).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
-    ).scalar_one()
-    if in_flight:
-        # Its Stripe body may already be frozen for the old subscription.
-        raise AdminError(409, "purchase_pending", "A seat purchase is in flight; link billing once it has settled.")
-    tenant.stripe_customer_id = customer.strip()
-    tenant.stripe_subscription_id = subscription.strip()
-    # Seats bought are read again from the new subscription by the worker (never here).
-    tenant.seats_synced_at = None
-    tenant.billing_blocked = None
-    session.add(tenant)
-    session.flush()
-    record_event(session, tenant.id, "billing_linked", None)
+    """Link (or change) the tenant's Stripe customer and subscription: "unverified" until a worker checks it.
+
+    Stripe is never called here (DESIGN.md); one tenant per subscription (409
+    subscription_in_use), and no change while a purchase is in flight (409).
+    """
+    tenants.link_billing(session, tenant, customer, subscription)
     audit(session, tenant.id, actor, "billing_linked",
           {"stripe_customer_id": tenant.stripe_customer_id, "stripe_subscription_id": tenant.stripe_subscription_id})
-    return {"stripe_customer_id": tenant.stripe_customer_id, "stripe_subscription_id": tenant.stripe_subscription_id}
+    return views.billing(tenant)
+
+
+def billing_state(tenant: Tenant) -> dict[str, Any]:
+    """The Stripe link and its verification state (not_linked, unverified, verified, invalid)."""
+    return views.billing(tenant)
+
+
+# ---------------------------------------------------------------- purchases
+
+
+def parse_since(raw: str) -> datetime:
+    """A date (2026-12-01) or an ISO 8601 time; naive means UTC (ValueError otherwise)."""
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"'since' must be a date (YYYY-MM-DD) or an ISO 8601 time, got {raw[:40]!r}.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def decide_purchase(session: Session, actor: str, tenant: Tenant, purchase_id: str, decision: str) -> dict[str, Any]:
+    """Approve, reject or cancel a purchase the spend guard holds (cancel: also one not yet sent), audited."""
+    now = utcnow()
+    decide = {
+        "approve": lambda: guard.approve(session, tenant, purchase_id, now),
+        "reject": lambda: guard.stop(session, tenant, purchase_id, now, rejected=True),
+        "cancel": lambda: guard.stop(session, tenant, purchase_id, now, rejected=False),
+    }[decision]
+    # Under the tenant's lock: a purchase job freezing this purchase meanwhile waits for us.
+    lock_tenant(session, tenant.id)
+    try:
+        purchase = decide()
+    except LookupError:
+        raise AdminError(404, "not_found", f"Purchase '{purchase_id}' not found.") from None
+    except guard.PurchaseStateError as error:
+        raise AdminError(409, error.code, error.detail) from None
+    # The users' reasons follow the decision at the next reconcile.
+    record_event(session, tenant.id, "purchase_decided", [])
+    audit(session, tenant.id, actor, f"purchase_{DECIDED[decision]}", {"purchase_id": purchase.id})
+    return views.purchase_row(purchase)
+
+
+DECIDED = {"approve": "approved", "reject": "rejected", "cancel": "cancelled"}
 
 
 # -------------------------------------------------------------------- SCIM
@@ -203,6 +235,12 @@ def get_config(session: Session, tenant: Tenant, settings: Settings | None = Non
         "license_groups": {tier: slots[tier] for tier in TIERS},
         "auto_invite": tenant.auto_invite,
         "seat_cap": tenant.seat_cap,
+        "spend_guard": {
+            "enabled": tenant.guard_enabled,
+            "min_seats": tenant.guard_min_seats,
+            "percent": tenant.guard_percent,
+            "first_purchase_seats": tenant.guard_first_purchase,
+        },
         # Per-tenant limits; null = the deployment's default (INVITE_DAILY_CAP,
         # DEPROVISION_HOLD_MIN_USERS, DEPROVISION_HOLD_PERCENT), shown in `effective`.
         "invite_daily_cap": tenant.invite_daily_cap,
@@ -243,6 +281,12 @@ def save_config(
         session.execute(insert(GroupMapping), rows)
     tenant.auto_invite = wanted["auto_invite"]
     tenant.seat_cap = wanted["seat_cap"]
+    # Replaced like the rest of the config: what is left out takes the default (the guard on).
+    spend_guard = {**GUARD_DEFAULTS, **(wanted["spend_guard"] or {})}
+    tenant.guard_enabled = spend_guard["enabled"]
+    tenant.guard_min_seats = spend_guard["min_seats"]
+    tenant.guard_percent = spend_guard["percent"]
+    tenant.guard_first_purchase = spend_guard["first_purchase_seats"]
     tenant.invite_daily_cap = wanted["invite_daily_cap"]
     tenant.hold_min_users = wanted["hold_min_users"]
     tenant.hold_percent = wanted["hold_percent"]
@@ -455,9 +499,38 @@ def _id_list(value: Any, where: str) -> list[str]:
     return value
 
 
+_DEFAULT = guard.GuardPolicy()
+GUARD_DEFAULTS = {"enabled": _DEFAULT.enabled, "min_seats": _DEFAULT.min_seats, "percent": _DEFAULT.percent,
+                  "first_purchase_seats": _DEFAULT.first_purchase}
+GUARD_FIELDS = {"enabled": bool, "min_seats": int, "percent": int, "first_purchase_seats": int}
+# Ceilings that keep the numbers meaningful (and inside a 32-bit column).
+GUARD_MAXIMUM = {"min_seats": 1_000_000, "percent": 1000, "first_purchase_seats": 1_000_000}
+
+
+def _parse_guard(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise AdminError(400, "invalid_body", "'spend_guard' must be an object.")
+    extra = sorted(set(value) - set(GUARD_FIELDS))
+    if extra:
+        raise AdminError(400, "invalid_body", f"Unknown spend_guard field(s): {', '.join(extra)}.")
+    for name, kind in GUARD_FIELDS.items():
+        if name not in value:
+            continue
+        item = value[name]
+        if kind is bool and not isinstance(item, bool):
+            raise AdminError(400, "invalid_body", f"spend_guard.{name} must be true or false.")
+        if kind is int and (not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= GUARD_MAXIMUM[name]):
+            raise AdminError(
+                400, "invalid_body", f"spend_guard.{name} must be a whole number from 0 to {GUARD_MAXIMUM[name]}."
+            )
+    return value
+
+
 def parse_config(body: dict[str, Any]) -> dict[str, Any]:
-    """Validate a SCIM config body (CONTRACT.md) into slots, auto_invite and seat_cap."""
-    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", *LIMITS, "effective"}
+    """Validate a SCIM config body (CONTRACT.md) into slots, auto_invite, seat_cap, spend_guard and limits."""
+    known = {"user_groups", "admin_groups", "license_groups", "auto_invite", "seat_cap", "spend_guard", *LIMITS, "effective"}
     extra = sorted(set(body) - known)
     if extra:
         raise AdminError(400, "invalid_body", f"Unknown field(s): {', '.join(extra)}.")
@@ -487,7 +560,10 @@ def parse_config(body: dict[str, Any]) -> dict[str, Any]:
                 raise AdminError(400, "invalid_body", f"seat_cap.{tier} must be a whole number ≥ 0.")
         seat_cap = dict(seat_cap) or None
     limits = {name: _limit(body.get(name), name, low, high) for name, (low, high) in LIMITS.items()}
-    return {"slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap, **limits}
+    return {
+        "slots": slots, "auto_invite": auto_invite, "seat_cap": seat_cap,
+        "spend_guard": _parse_guard(body.get("spend_guard")), **limits,
+    }
 
 
 # Per-tenant limits in the SCIM config: name → (lowest, highest) value.

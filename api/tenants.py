@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.tokens import new_token, token_digest
 from models.directory.events import record_event
-from models.tables import Tenant, utcnow
+from models.tables import Purchase, Tenant, utcnow
 
 PROVIDERS = ("entra", "google", "okta", "onelogin", "pingone")
 
@@ -54,13 +55,65 @@ def create_tenant(
     for label, value in (("stripe_customer_id", stripe_customer_id), ("stripe_subscription_id", stripe_subscription_id)):
         if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 255):
             raise TenantError(400, "invalid_body", f"'{label}' must be a non-empty string.")
+    if stripe_subscription_id:
+        _subscription_free(session, stripe_subscription_id, None)
     tenant = Tenant(name=name.strip(), stripe_customer_id=stripe_customer_id, stripe_subscription_id=stripe_subscription_id)
+    if stripe_subscription_id:
+        tenant.billing_linked_at = tenant.created_at
+        tenant.billing_status = "unverified"
     session.add(tenant)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        # Another request linked the same subscription a moment ago.
+        raise TenantError(409, "subscription_in_use", "Another tenant already uses this Stripe subscription.") from None
     if stripe_subscription_id:
         # Linking billing changes what the worker reads as seats bought.
         record_event(session, tenant.id, "billing_linked", None)
     return tenant
+
+
+def _subscription_free(session: Session, subscription_id: str, tenant_id: str | None) -> None:
+    """409 when another tenant already uses this Stripe subscription (the unique index is the backstop)."""
+    other = session.execute(
+        select(Tenant.id).where(Tenant.stripe_subscription_id == subscription_id, Tenant.id != (tenant_id or ""))
+    ).scalar_one_or_none()
+    if other is not None:
+        raise TenantError(409, "subscription_in_use", "Another tenant already uses this Stripe subscription.")
+
+
+def link_billing(session: Session, tenant: Tenant, customer: object, subscription: object) -> None:
+    """Link an existing tenant to a Stripe customer and subscription; a worker checks them against Stripe.
+
+    Stripe is never called on the request path (DESIGN.md): the answer is 202
+    with status "unverified", and the worker sets "verified" (the subscription
+    exists, belongs to the customer, is not canceled) or "invalid" with the reason.
+    """
+    for label, value in (("stripe_customer_id", customer), ("stripe_subscription_id", subscription)):
+        if not isinstance(value, str) or not value.strip() or len(value) > 255 or value != value.strip():
+            raise TenantError(400, "invalid_body", f"'{label}' is required and must be a Stripe id.")
+    assert isinstance(customer, str) and isinstance(subscription, str)
+    _subscription_free(session, subscription, tenant.id)
+    open_purchase = session.execute(
+        select(Purchase.id).where(Purchase.tenant_id == tenant.id, Purchase.status == "pending")
+    ).first()
+    if open_purchase is not None and subscription != tenant.stripe_subscription_id:
+        raise TenantError(409, "purchase_in_flight", "A seat purchase is in flight; link billing once it has settled.")
+    tenant.stripe_customer_id = customer
+    tenant.stripe_subscription_id = subscription
+    tenant.billing_linked_at = utcnow()
+    tenant.billing_status = "unverified"
+    tenant.billing_detail = None
+    tenant.billing_blocked = None
+    tenant.seats_lowered = None
+    # Unread: the worker reads the subscription's quantities (and checks it) before anything is bought.
+    tenant.seats_synced_at = None
+    session.add(tenant)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise TenantError(409, "subscription_in_use", "Another tenant already uses this Stripe subscription.") from None
+    record_event(session, tenant.id, "billing_linked", None)
 
 
 def connect_scim(session: Session, tenant: Tenant, provider: str, public_base_url: str) -> Credentials:

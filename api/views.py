@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, not_, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
+from billing.ledger import ledger_rows
 from models.directory import events
 from models.directory.users import invitation_address
 from models.settings import TIERS
@@ -127,23 +129,45 @@ def licenses(session: Session, tenant: Tenant) -> dict[str, Any]:
     return {tier: {"purchased": purchased[tier], "assigned": assigned[tier]} for tier in TIERS}
 
 
-def purchases(session: Session, tenant_id: str) -> list[dict[str, Any]]:
-    rows = session.execute(
-        select(Purchase).where(Purchase.tenant_id == tenant_id).order_by(Purchase.created_at, Purchase.id)
-    ).scalars()
-    return [
-        {
-            "id": p.id,
-            "created_at": _iso(p.created_at),
-            "status": p.status,
-            "trigger": p.trigger,
-            "quantities_before": p.quantities_before,
-            "quantities_after": p.quantities_after,
-            "stripe_invoice_id": p.stripe_invoice_id,
-            "error": p.error,
-        }
-        for p in rows
-    ]
+def purchase_row(p: Purchase) -> dict[str, Any]:
+    """One purchase as the admin API shows it (amounts in the currency's minor unit, as Stripe gives them)."""
+    return {
+        "id": p.id,
+        "created_at": _iso(p.created_at),
+        "status": p.status,
+        "trigger": p.trigger,
+        "quantities_before": p.quantities_before,
+        "quantities_after": p.quantities_after,
+        "demand": p.demand,
+        "stripe_invoice_id": p.stripe_invoice_id,
+        "invoice_status": p.invoice_status,
+        "payment_status": p.payment_status,
+        "amount_due": p.amount_due,
+        "amount_paid": p.amount_paid,
+        "currency": p.currency,
+        "paid_at": _iso(p.paid_at),
+        "settled_at": _iso(p.settled_at),
+        "hold_reason": p.hold_reason if p.status == "awaiting_approval" else None,
+        "approved_at": _iso(p.approved_at),
+        "error": p.error,
+    }
+
+
+def purchases(session: Session, tenant_id: str, since: datetime | None = None) -> list[dict[str, Any]]:
+    return [purchase_row(p) for p in ledger_rows(session, tenant_id, since)]
+
+
+def billing(tenant: Tenant) -> dict[str, Any]:
+    """The tenant's Stripe link and what the worker found when it checked it."""
+    return {
+        "stripe_customer_id": tenant.stripe_customer_id,
+        "stripe_subscription_id": tenant.stripe_subscription_id,
+        "status": tenant.billing_status or "not_linked",
+        "detail": tenant.billing_detail,
+        "linked_at": _iso(tenant.billing_linked_at),
+        "seats_read_at": _iso(tenant.seats_synced_at),
+        "seats_lowered_by_hand": tenant.seats_lowered,
+    }
 
 
 def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:

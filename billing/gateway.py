@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from billing.stripe_gateway import PermanentBillingError, SubscriptionState
+from billing.stripe_gateway import Invoice, PermanentBillingError, SubscriptionState
 
 LEDGER_ONLY = "Billing is not configured (no STRIPE_API_KEY): seats are recorded in the ledger only."
 
@@ -18,7 +18,8 @@ class Gateway(Protocol):
 
     def read_subscription(self, subscription_id: str) -> SubscriptionState: ...
     def build_update(self, state: SubscriptionState, targets: dict[str, int], metadata: dict[str, str]) -> dict: ...
-    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> str | None: ...
+    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> Invoice | None: ...
+    def find_invoice(self, subscription_id: str, purchase_id: str) -> Invoice | None: ...
 
 
 class LedgerGateway:
@@ -40,6 +41,10 @@ class LedgerGateway:
         """Refused: there is no subscription to update without Stripe."""
         raise PermanentBillingError(LEDGER_ONLY)
 
-    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> str | None:
+    def apply_update(self, subscription_id: str, params: dict, idempotency_key: str) -> Invoice | None:
         """Refused: nothing is charged without Stripe."""
+        raise PermanentBillingError(LEDGER_ONLY)
+
+    def find_invoice(self, subscription_id: str, purchase_id: str) -> Invoice | None:
+        """Refused: there are no invoices without Stripe."""
         raise PermanentBillingError(LEDGER_ONLY)

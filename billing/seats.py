@@ -6,20 +6,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Mapping, Sequence
 
-from sqlalchemy import DateTime, insert, literal, or_, select, update
+from sqlalchemy import DateTime, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from billing.gateway import Gateway
-from billing.licenses import TierPlan, plan_tier, purchase_targets
+from billing.guard import HELD, OPEN_STATUSES, GuardPolicy, hold_reason, is_first_purchase
+from billing.licenses import TierPlan, plan_tier, purchase_targets, raised_to
 from models.db import chunks
 from models.settings import TIERS
 from models.tables import Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
+
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
 REASON_CAP = "The {tier} seat cap ({cap}) is reached; the admin can raise it."
 REASON_REFUSED = "Stripe refused the seat purchase: {reason}"
+REASON_HELD = "Waiting for the admin to approve the seat purchase. {reason}"
+REASON_STOPPED = "Waiting: {reason}; more demand, or saving the mapping again, plans a new one."
+REASON_LOWERED = "The {tier} seats in Stripe were lowered to {seats}; this user's seat went with them."
 
 
 @dataclass
@@ -95,9 +100,73 @@ def set_purchased_seats(
 
 
 def pending_purchase(session: Session, tenant_id: str) -> Purchase | None:
+    """The tenant's one open purchase: in flight, or held by the spend guard."""
     return session.execute(
-        select(Purchase).where(Purchase.tenant_id == tenant_id, Purchase.status == "pending")
+        select(Purchase).where(Purchase.tenant_id == tenant_id, Purchase.status.in_(OPEN_STATUSES))
     ).scalar_one_or_none()
+
+
+def guard_check(session: Session, tenant: Tenant, before: dict[str, int], after: dict[str, int]) -> str | None:
+    """The spend guard's verdict on raising ``before`` to ``after`` for this tenant (None: go ahead)."""
+    return hold_reason(
+        GuardPolicy.of(tenant), before, after,
+        first=is_first_purchase(session, tenant), lowered=tenant.seats_lowered,
+    )
+
+
+def seat_needs(session: Session, tenant: Tenant) -> dict[str, int]:
+    """Seats the users need per tier now (holders and waiting users, within the cap): re-read before a freeze."""
+    _, holders = seats_of(session, tenant.id)
+    waiting = dict.fromkeys(TIERS, 0)
+    for tier, count in session.execute(
+        select(Account.wanted_tier, func.count())
+        .where(
+            Account.tenant_id == tenant.id,
+            Account.role.is_not(None),
+            Account.wanted_tier.is_not(None),
+            Account.license.is_(None),
+        )
+        .group_by(Account.wanted_tier)
+    ):
+        waiting[tier] = count
+    caps = tenant.seat_cap or {}
+    return {
+        tier: holders[tier] + waiting[tier] if caps.get(tier) is None
+        else min(holders[tier] + waiting[tier], caps[tier])
+        for tier in TIERS
+    }
+
+
+def _review_held(
+    session: Session,
+    tenant: Tenant,
+    held: Purchase,
+    purchased: dict[str, int],
+    needed: dict[str, int],
+    targets: dict[str, int] | None,
+    now: datetime,
+) -> tuple[Purchase | None, str | None]:
+    """Re-check a held purchase against today's demand: (still open purchase, id to send now)."""
+    if targets is None:
+        held.status = "cancelled"
+        held.error = "no longer needed: the users it was for no longer need the seats"
+        held.settled_at = now
+        session.add(held)
+        session.flush()
+        return None, None
+    held.demand = dict(needed)
+    held.quantities_before = dict(purchased)
+    after = raised_to(purchased, needed)
+    held.hold_reason = guard_check(session, tenant, purchased, after)
+    if held.hold_reason is None:
+        held.status = "pending"
+        held.enqueued_at = now
+        session.add(held)
+        session.flush()
+        return None, held.id
+    session.add(held)
+    session.flush()
+    return held, None
 
 
 def allocate(
@@ -112,6 +181,8 @@ def allocate(
     # Seats held are kept beside the seats bought (change_held), not counted from
     # the accounts: the cost of one change does not grow with the tenant.
     purchased, holders = seats_of(session, tenant.id)
+    if gateway.bills(tenant) and tenant.seats_synced_at is not None:
+        holders = _revoke_beyond(session, tenant.id, purchased, holders, now)
     waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
     for user_id, tier in session.execute(
         select(Account.user_id, Account.wanted_tier)
@@ -150,11 +221,22 @@ def allocate(
         if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
             targets = None
     syncing = is_billed and tenant.seats_synced_at is None
-    if targets is not None and in_flight is None:
+    if in_flight is not None and in_flight.status == HELD:
+        # A held purchase follows the demand until the admin answers: it lets go
+        # once it fits the guard, and ends once nothing is needed any more.
+        in_flight, result.purchase_id = _review_held(session, tenant, in_flight, purchased, needed, targets, now)
+    elif targets is not None and in_flight is None:
         # Also while the seats bought are not read yet: the purchase job reads the
         # subscription before it buys, and …/sync counts it as pending meanwhile.
-        result.purchase_id = _plan_purchase(session, tenant, purchased, needed, now, trigger)
-    result.needs_seat_sync = syncing and blocked is None and result.purchase_id is None and in_flight is None
+        in_flight = _plan_purchase(session, tenant, purchased, needed, now, trigger)
+        if in_flight is not None and in_flight.status == "pending":
+            result.purchase_id = in_flight.id
+            in_flight = None
+    held = in_flight if in_flight is not None and in_flight.status == HELD else None
+    # A held purchase does not wait for the read: the read may show it fits after all.
+    result.needs_seat_sync = (
+        syncing and blocked is None and result.purchase_id is None and (in_flight is None or held is not None)
+    )
 
     for tier in TIERS:
         plan = plans[tier]
@@ -172,8 +254,13 @@ def allocate(
         result.waiting[tier] = len(rest)
         # The users the cap keeps out are the last in line.
         buying_count = len(rest) - plan.over_cap
-        if blocked is not None and result.purchase_id is None and in_flight is None:
-            buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
+        if held is not None:
+            buying_reason = REASON_HELD.format(reason=held.hold_reason)
+        elif blocked is not None and result.purchase_id is None and in_flight is None:
+            if blocked.get("by") == "admin":
+                buying_reason = REASON_STOPPED.format(reason=blocked.get("reason"))
+            else:
+                buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
         elif syncing and in_flight is None and result.purchase_id is None:
             buying_reason = REASON_SYNCING
         else:
@@ -183,17 +270,22 @@ def allocate(
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
             for chunk in chunks(ids):
-                # Only users whose status or reason changes get a history row (the pass repeats).
+                # Only rows whose reason changes: a tenant with many waiting users is
+                # re-allocated on every reconcile, and rewriting them all each time
+                # would make a burst's cost grow with the square of its size. Only
+                # those users get a history row too (the pass repeats).
                 changed = list(session.execute(
                     select(Account.user_id).where(
                         Account.user_id.in_(chunk),
-                        or_(Account.status != "pending_license", Account.status_reason.is_(None),
-                            Account.status_reason != reason),
+                        or_(Account.status != "pending_license", Account.status_reason.is_distinct_from(reason)),
                     )
                 ).scalars())
                 session.execute(
                     update(Account)
-                    .where(Account.user_id.in_(chunk))
+                    .where(
+                        Account.user_id.in_(chunk),
+                        or_(Account.status != "pending_license", Account.status_reason.is_distinct_from(reason)),
+                    )
                     .values(status="pending_license", status_reason=reason, updated_at=now)
                 )
                 _write_history(session, changed, now)
@@ -201,6 +293,38 @@ def allocate(
     return result
 
 
+def _revoke_beyond(
+    session: Session, tenant_id: str, purchased: dict[str, int], holders: dict[str, int], now: datetime
+) -> dict[str, int]:
+    """Seats Stripe no longer has (finance lowered a quantity by hand) are taken back at once.
+
+    The users licensed last give theirs back first and wait as pending_license
+    with the reason, like anyone waiting for a seat: a license Stripe does not
+    bill is never kept silently (issue 9). Returns the seats held afterwards.
+    """
+    held = dict(holders)
+    for tier in TIERS:
+        extra = held[tier] - purchased[tier]
+        if extra <= 0:
+            continue
+        ids = session.execute(
+            select(Account.user_id)
+            .where(Account.tenant_id == tenant_id, Account.license == tier)
+            .order_by(Account.updated_at.desc(), Account.user_id.desc())
+            .limit(extra)
+        ).scalars().all()
+        reason = REASON_LOWERED.format(tier=tier, seats=purchased[tier])
+        for chunk in chunks(ids):
+            session.execute(
+                update(Account)
+                .where(Account.user_id.in_(chunk))
+                .values(license=None, status="pending_license", status_reason=reason, waiting_since=now, updated_at=now)
+            )
+            _write_history(session, chunk, now)
+        change_held(session, tenant_id, {tier: -len(ids)}, now)
+        held[tier] -= len(ids)
+    session.flush()
+    return held
 def _write_history(session: Session, user_ids: Sequence[str], now: datetime) -> None:
     """Copy these accounts' outcome into account_history, in the caller's transaction."""
     if not user_ids:
@@ -217,13 +341,20 @@ def _write_history(session: Session, user_ids: Sequence[str], now: datetime) -> 
 
 def _plan_purchase(
     session: Session, tenant: Tenant, purchased: dict[str, int], needed: dict[str, int], now: datetime, trigger: str
-) -> str | None:
-    """Insert the tenant's one pending purchase; its Stripe body is frozen by the purchase job."""
+) -> Purchase | None:
+    """Insert the tenant's one open purchase: pending, or held when the spend guard says so.
+
+    Checked here, with the seats last read, so a held purchase costs no Stripe
+    call at all; the purchase job checks again against the subscription it reads.
+    """
+    after = raised_to(purchased, needed)
+    reason = guard_check(session, tenant, purchased, after)
     purchase = Purchase(
         id=new_id(),
         tenant_id=tenant.id,
         created_at=now,
-        status="pending",
+        status=HELD if reason else "pending",
+        hold_reason=reason,
         trigger=trigger[:255],
         demand=dict(needed),
         quantities_before=dict(purchased),
@@ -234,6 +365,6 @@ def _plan_purchase(
             session.add(purchase)
             session.flush()
     except IntegrityError:
-        # Another pending purchase exists (the unique index says so): it settles first.
+        # Another open purchase exists (the unique index says so): it settles first.
         return None
-    return purchase.id
+    return purchase

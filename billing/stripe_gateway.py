@@ -49,16 +49,69 @@ class TransientBillingError(BillingError):
 class PermanentBillingError(BillingError):
     """Stripe refused the request for good (declined card, invalid request, bad key)."""
 
+    @property
+    def is_auth(self) -> bool:
+        """Our API key was refused (401/403): an operator's problem, not the tenant's."""
+        return self.status in (401, 403)
+
 
 @dataclass(frozen=True)
 class SubscriptionState:
-    """Seats bought per tier (every tier, 0 when absent) and the item id of each tier present."""
+    """Seats bought per tier (every tier, 0 when absent), the item id of each tier present, and its owner."""
 
     quantities: dict[str, int]
     item_ids: dict[str, str]
+    customer: str | None = None
+    status: str | None = None
     # Per tier present: (price.unit_amount in minor units, price.currency), for the
     # admin page's preview; unit_amount is None for tiered or metered prices.
     prices: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Invoice:
+    """What finance reads of the invoice a purchase produced (amounts in the currency's minor unit)."""
+
+    id: str
+    status: str | None = None
+    amount_due: int | None = None
+    amount_paid: int | None = None
+    currency: str | None = None
+    paid_at: int | None = None  # Unix time, from status_transitions.paid_at
+
+    @classmethod
+    def from_stripe(cls, invoice: Mapping[str, Any]) -> "Invoice":
+        """Read an invoice object (a dict as Stripe sends it, in an answer or a webhook)."""
+        transitions = invoice.get("status_transitions") or {}
+        return cls(
+            id=invoice["id"],
+            status=invoice.get("status"),
+            amount_due=invoice.get("amount_due"),
+            amount_paid=invoice.get("amount_paid"),
+            currency=invoice.get("currency"),
+            paid_at=transitions.get("paid_at"),
+        )
+
+
+class _ScrubKey(logging.Filter):
+    """Takes our API key out of what the stripe library logs (it logs Stripe's error messages,
+    and an "Invalid API Key provided: …" message can carry the key)."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.api_key and self.api_key in message:
+            record.msg, record.args = message.replace(self.api_key, "[redacted]"), ()
+        return True
+
+
+def _scrub_library_logs(api_key: str) -> None:
+    library = logging.getLogger("stripe")
+    if not any(isinstance(f, _ScrubKey) and f.api_key == api_key for f in library.filters):
+        library.addFilter(_ScrubKey(api_key))
 
 
 class StripeGateway:
@@ -80,19 +133,23 @@ class StripeGateway:
             raise ValueError("each tier needs its own Stripe price")
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
+        if not 0 < timeout <= 20:
+            raise ValueError("timeout must be in (0, 20] seconds")
         self._api_key = api_key
+        _scrub_library_logs(api_key)
         self._prices = dict(prices)
         self._tier_of_price = {price: tier for tier, price in prices.items()}
         self._attempts = attempts
         self._wait_seconds = wait_seconds
+        self.timeout = timeout
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
             # tenacity is the one retry layer: the library's own retries would
             # multiply ours and hide the attempts from our logs.
             max_network_retries=0,
-            # Connect and read timeouts of our own (the library waits 80 s): an unanswering
-            # Stripe costs a worker thread this long per attempt, then a transient error.
+            # Connect and read timeouts of our own (the library waits 80 s): a Stripe that does
+            # not answer frees the worker thread after this (issue 9: at most 20 s), then a transient error.
             http_client=stripe.RequestsClient(timeout=timeout),
         )
 
@@ -126,7 +183,17 @@ class StripeGateway:
                     amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
                     currency if isinstance(currency, str) else None,
                 )
-        return SubscriptionState(quantities=quantities, item_ids=item_ids, prices=prices)
+        raw = subscription.to_dict()
+        customer = raw.get("customer")
+        if isinstance(customer, dict):
+            customer = customer.get("id")
+        return SubscriptionState(
+            quantities=quantities,
+            item_ids=item_ids,
+            customer=customer,
+            status=raw.get("status"),
+            prices=prices,
+        )
 
     def build_update(
         self, state: SubscriptionState, targets: Mapping[str, int], metadata: Mapping[str, str]
@@ -172,7 +239,7 @@ class StripeGateway:
             "expand": ["latest_invoice"],
         }
 
-    def apply_update(self, subscription_id: str, params: Mapping[str, Any], idempotency_key: str) -> str | None:
+    def apply_update(self, subscription_id: str, params: Mapping[str, Any], idempotency_key: str) -> Invoice | None:
         """Send the stored update with its key; return the invoice it produced (None if none) after labelling it."""
         body = copy.deepcopy(dict(params))
         subscription = self._call(
@@ -200,7 +267,17 @@ class StripeGateway:
             # on the invoice (parent.subscription_details). Failing the purchase now
             # would show paid seats as refused, so only report it.
             log.warning("seats bought but invoice %s not labelled: %s", invoice["id"], error.reason)
-        return invoice["id"]
+        return Invoice.from_stripe(invoice)
+
+    def find_invoice(self, subscription_id: str, purchase_id: str) -> Invoice | None:
+        """The subscription's latest invoice if a purchase's update made it (by its metadata), else None."""
+        subscription = self._call(
+            lambda: self._client.v1.subscriptions.retrieve(subscription_id, params={"expand": ["latest_invoice"]})
+        ).to_dict()
+        invoice = self._invoice_of(subscription.get("latest_invoice"))
+        if invoice is None or not _made_by(invoice, {"sally_purchase_id": purchase_id}):
+            return None
+        return Invoice.from_stripe(invoice)
 
     def _invoice_of(self, latest_invoice: Any) -> dict[str, Any] | None:
         if latest_invoice is None:

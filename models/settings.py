@@ -37,7 +37,9 @@ def _percent(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+def _seconds(
+    env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float | None = None
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -47,6 +49,8 @@ def _seconds(env: Mapping[str, str], name: str, default: float, minimum: float) 
         raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or not value >= minimum:
         raise SettingsError(f"{name} must be a finite number of at least {minimum}, got {raw}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}, got {raw}")
     return value
 
 
@@ -169,6 +173,20 @@ class Settings:
     database_statement_timeout: float = 30.0
     database_connect_timeout: float = 10.0
     sweep_interval: float = 10.0
+    # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
+    # 400 to everything and the sweep re-reads each linked subscription instead.
+    stripe_webhook_secret: str | None = None
+    # Seconds one Stripe HTTP request may take before it counts as lost (at least 1, at
+    # most 20; the library's default of 80 s would hold a worker thread that long per attempt).
+    stripe_timeout: float = 20.0
+    # Without webhooks: re-read a linked subscription's seats this often (seconds).
+    stripe_resync_interval: float = 900.0
+    # Worker threads of the purchases queue, apart from the reconcile/invitation threads,
+    # so a Stripe that does not answer never stalls reconcile or invitations.
+    purchase_threads: int = 4
+    # At least this many seconds between two seat updates of one Stripe subscription;
+    # a purchase is frozen this long after it is planned, so demand meanwhile joins it.
+    stripe_update_spacing: float = 2.0
     # Prefix for every Redis key and queue, so that several deployments
     # (or test runs) can share one Redis server.
     redis_namespace: str = "sally"
@@ -177,9 +195,6 @@ class Settings:
     # most this, never a hang (the database is the truth; the sweep re-sends).
     redis_connect_timeout: float = 1.0
     redis_socket_timeout: float = 1.0
-    # How long one Stripe HTTP call may take before it counts as lost (the library's
-    # default is 80 s, which would hold a worker thread that long per attempt).
-    stripe_timeout: float = 20.0
     # A tenant whose reconcile fails this many times in a row is quarantined: the
     # sweep leaves it alone for a backoff that doubles from quarantine_backoff up to
     # quarantine_max_backoff (seconds); a success clears it.
@@ -204,6 +219,9 @@ class Settings:
     user_history_limit: int = 200
 
     def __post_init__(self) -> None:
+        if not 0 < self.stripe_timeout <= 20:
+            # Stripe's own guidance: a request with no answer after this is lost.
+            raise SettingsError(f"stripe_timeout must be in (0, 20] seconds, got {self.stripe_timeout}")
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{Path(self.var_dir) / 'sally.db'}")
         object.__setattr__(self, "database_url", normalise_database_url(self.database_url))
@@ -287,9 +305,13 @@ class Settings:
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
+            stripe_webhook_secret=get("STRIPE_WEBHOOK_SECRET"),
+            stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0, maximum=20.0),
+            stripe_resync_interval=_seconds(env, "STRIPE_RESYNC_INTERVAL", 900.0, 1.0),
+            purchase_threads=_int(env, "PURCHASE_THREADS", 4, 1),
+            stripe_update_spacing=_seconds(env, "STRIPE_UPDATE_SPACING", 2.0, 0.0),
             redis_connect_timeout=_seconds(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.05),
             redis_socket_timeout=_seconds(env, "REDIS_SOCKET_TIMEOUT", 1.0, 0.05),
-            stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0),
             quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
             quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),
             quarantine_max_backoff=_seconds(env, "SALLY_QUARANTINE_MAX_BACKOFF", 3600.0, 1.0),

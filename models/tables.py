@@ -33,6 +33,9 @@ class Tenant(SQLModel, table=True):
     """A Sally customer: its SCIM connection, billing link and group mapping settings."""
 
     __tablename__ = "tenant"
+    # One tenant per Stripe subscription: two tenants buying seats on one would
+    # each read the other's seats as their own.
+    __table_args__ = (Index("uq_tenant_stripe_subscription", "stripe_subscription_id", unique=True),)
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
     name: str = Field(max_length=255)
@@ -51,9 +54,25 @@ class Tenant(SQLModel, table=True):
     # good: no new purchase is planned below those targets until the admin
     # saves the mapping again.
     billing_blocked: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
-    # When the seats bought were last read from the Stripe subscription.
+    # When the seats bought were last read from the Stripe subscription; None
+    # means "read them again" (set by a Stripe webhook and the periodic re-read).
     seats_synced_at: Optional[datetime] = None
     last_reconciled_at: Optional[datetime] = None
+    # Spend guard (issue 9): one purchase may add at most max(guard_min_seats,
+    # guard_percent % of the seats bought) per tier without the admin's approval;
+    # the first purchase after billing is linked may add up to guard_first_purchase.
+    guard_enabled: bool = Field(default=True, sa_column_kwargs={"server_default": text("true")})
+    guard_min_seats: int = Field(default=10, sa_column_kwargs={"server_default": text("10")})
+    guard_percent: int = Field(default=25, sa_column_kwargs={"server_default": text("25")})
+    guard_first_purchase: int = Field(default=10_000, sa_column_kwargs={"server_default": text("10000")})
+    # When billing was linked (POST /tenants with ids, or PUT …/billing).
+    billing_linked_at: Optional[datetime] = None
+    # The worker's check of the link: None (no link), "unverified", "verified", "invalid".
+    billing_status: Optional[str] = Field(default=None, max_length=16)
+    billing_detail: Optional[str] = Field(default=None, max_length=1024)
+    # {tier: quantity} that finance lowered by hand in Stripe: a purchase that would
+    # raise such a tier again waits for the admin's approval.
+    seats_lowered: Optional[dict[str, int]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     # Poison tenants: reconciles failed in a row; past SALLY_QUARANTINE_AFTER the sweep
     # leaves the tenant alone until quarantined_until. A success clears all three.
     reconcile_failures: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
@@ -215,7 +234,8 @@ class SeatCount(SQLModel, table=True):
     currency: Optional[str] = Field(default=None, max_length=8)
 
 
-PENDING = text("status = 'pending'")
+# A purchase in flight or held for approval: at most one per tenant.
+OPEN = text("status IN ('pending', 'awaiting_approval')")
 
 
 class Purchase(SQLModel, table=True):
@@ -224,14 +244,14 @@ class Purchase(SQLModel, table=True):
     __tablename__ = "purchase"
     __table_args__ = (
         # At most one purchase in flight per tenant.
-        Index("uq_purchase_one_pending", "tenant_id", unique=True, sqlite_where=PENDING, postgresql_where=PENDING),
+        Index("uq_purchase_one_open", "tenant_id", unique=True, sqlite_where=OPEN, postgresql_where=OPEN),
         Index("ix_purchase_tenant_created", "tenant_id", "created_at"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
     tenant_id: str = Field(foreign_key="tenant.id", max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
-    status: str = Field(default="pending", max_length=16)
+    status: str = Field(default="pending", max_length=32)
     trigger: str = Field(default="", max_length=255)
     # Seats the users need per tier when planned; the targets are fixed when
     # the subscription is read just before the call.
@@ -246,6 +266,36 @@ class Purchase(SQLModel, table=True):
     attempts: int = 0
     enqueued_at: Optional[datetime] = None
     settled_at: Optional[datetime] = None
+    # Why the spend guard holds it (status awaiting_approval), and the admin's answer.
+    hold_reason: Optional[str] = Field(default=None, max_length=1024)
+    approved_at: Optional[datetime] = None
+    # When the body and idempotency key were frozen: Stripe forgets keys after 24 h.
+    key_created_at: Optional[datetime] = None
+    # A worker calling Stripe for this purchase holds it until then; the sweep leaves it alone.
+    lease_until: Optional[datetime] = None
+    # The invoice the purchase produced, as finance reads it (amounts in the currency's minor unit).
+    invoice_status: Optional[str] = Field(default=None, max_length=32)
+    payment_status: Optional[str] = Field(default=None, max_length=16)
+    amount_due: Optional[int] = None
+    amount_paid: Optional[int] = None
+    currency: Optional[str] = Field(default=None, max_length=8)
+    paid_at: Optional[datetime] = None
+    # `created` of the last Stripe invoice event applied: an older one arriving late is ignored.
+    invoice_event_at: Optional[datetime] = None
+
+
+class StripeEvent(SQLModel, table=True):
+    """One Stripe webhook event, stored once by its id (a redelivery is a no-op)."""
+
+    __tablename__ = "stripe_event"
+
+    id: str = Field(primary_key=True, max_length=255)
+    type: str = Field(max_length=128)
+    object_id: Optional[str] = Field(default=None, max_length=255)
+    tenant_id: Optional[str] = Field(default=None, max_length=64)
+    created: datetime
+    received_at: datetime = Field(default_factory=utcnow)
+    outcome: str = Field(default="", max_length=255)
 
 
 class Invitation(SQLModel, table=True):

@@ -24,6 +24,7 @@ from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings, normalise_database_url
 from tests.fakes.ports import free_port
+from tests.fakes.stripe_server import DEFAULT_WEBHOOK_SECRET
 
 # CPython before 3.11.8 (and 3.12.2) keeps the AST constructor's recursion depth in
 # shared state (gh-106905): two threads building ASTs at once leave it off, and every
@@ -40,8 +41,8 @@ ADMIN_TOKEN = "test-admin-token"
 # for each client (~20 ms of CPU, twice per live-server test).
 SSL_CONTEXT = ssl.create_default_context()
 TABLES = (
-    "alert", "audit_log", "account_history", "invitation", "purchase", "seat_count", "account", "group_member", "group_mapping",
-    "sync_event", "scim_group", "scim_user", "tenant",
+    "alert", "audit_log", "account_history", "stripe_event", "invitation", "purchase", "seat_count", "account",
+    "group_member", "group_mapping", "sync_event", "scim_group", "scim_user", "tenant",
 )
 
 
@@ -104,6 +105,8 @@ def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
         public_base_url=f"http://127.0.0.1:{port}",
         admin_token=ADMIN_TOKEN,
         port=port,
+        # The fake Stripe signs its webhook events with this secret.
+        stripe_webhook_secret=DEFAULT_WEBHOOK_SECRET,
         # Each run its own namespace: several runs may share one Redis server.
         redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
         # The suite sends hundreds of requests a second and many wrong tokens from

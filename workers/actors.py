@@ -7,11 +7,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import dramatiq
+import redis
 from dramatiq.middleware import CurrentMessage
 
 from billing.purchasing import PurchaseRunner
 from billing.purchasing import sync_seats as sync_seats_from_stripe
-from billing.stripe_gateway import BillingError
+from billing.stripe_gateway import BillingError, PermanentBillingError
 from models.tables import utcnow
 from workers import invitations, quarantine, runtime
 from workers.names import (
@@ -40,6 +41,16 @@ def _failures_counted(rt: runtime.Runtime, actor: str) -> Iterator[None]:
     """Count a failed job (and a Stripe fault, when Stripe caused it); the error still propagates."""
     try:
         yield
+    except PermanentBillingError as error:
+        rt.telemetry.job(actor, "error")
+        if error.is_auth:
+            # Our STRIPE_API_KEY was refused: the operator must act (log, metric, /readyz),
+            # the tenant did nothing wrong and is not blocked; the job is retried.
+            log.error("Stripe refused the API key (HTTP %s): %s", error.status, error.reason)
+            rt.telemetry.stripe_auth_failed(error.reason)
+        else:
+            rt.telemetry.stripe("transient_error")
+        raise
     except BillingError:
         rt.telemetry.job(actor, "error")
         rt.telemetry.stripe("transient_error")
@@ -47,6 +58,34 @@ def _failures_counted(rt: runtime.Runtime, actor: str) -> Iterator[None]:
     except Exception:
         rt.telemetry.job(actor, "error")
         raise
+
+
+def send_purchase(rt: runtime.Runtime, purchase_id: str, *, coalesce: bool = True) -> None:
+    """Enqueue a purchase job; a new plan waits STRIPE_UPDATE_SPACING first, so demand arriving
+    meanwhile is frozen into the same request (the freeze re-reads the demand)."""
+    delay = int(rt.settings.stripe_update_spacing * 1000) if coalesce else 0
+    purchase_seats.send_with_options(args=(purchase_id,), delay=delay or None)
+
+
+def _pace(rt: runtime.Runtime, subscription_id: str, request_key: str) -> float:
+    """Seconds until this subscription may get another update (0: now, and the slot is taken).
+
+    A retry of the request that holds the slot (same idempotency key) is no new
+    update for Stripe, so it goes at once.
+    """
+    spacing_ms = int(rt.settings.stripe_update_spacing * 1000)
+    if spacing_ms <= 0:
+        return 0.0
+    key = f"{rt.settings.redis_namespace}:stripe-pace:{subscription_id}"
+    try:
+        if rt.redis.set(key, request_key, nx=True, px=spacing_ms):
+            return 0.0
+        holder = rt.redis.get(key)
+        if holder is not None and holder.decode() == request_key:
+            return 0.0
+        return max(0.05, int(rt.redis.pttl(key)) / 1000)
+    except (redis.RedisError, OSError):
+        return 0.0  # Pacing is a courtesy to Stripe; without Redis, Stripe's 429 still paces us.
 
 
 def _retries_so_far() -> int:
@@ -92,7 +131,7 @@ def reconcile_tenant(tenant_id: str) -> None:
         return
     rt.telemetry.job(RECONCILE_TENANT, "ok")
     if result.purchase_id:
-        purchase_seats.send(result.purchase_id)
+        send_purchase(rt, result.purchase_id)
     if result.needs_seat_sync:
         sync_seats.send(tenant_id)
     for batch in invitations.batches(result.invitation_ids, spread=rt.settings.worker_threads):
@@ -108,13 +147,17 @@ def reconcile_tenant(tenant_id: str) -> None:
 def purchase_seats(purchase_id: str) -> None:
     """Run one purchase through the protocol (frozen body and key, Stripe, settle)."""
     rt = runtime.current()
+    runner = PurchaseRunner(rt.engine, rt.gateway, pace=lambda subscription, key: _pace(rt, subscription, key))
     with _failures_counted(rt, PURCHASE_SEATS):
-        outcome = PurchaseRunner(rt.engine, rt.gateway).run(purchase_id)
+        outcome = runner.run(purchase_id)
     rt.telemetry.job(PURCHASE_SEATS, outcome.status)
     if outcome.stripe_called:
         rt.telemetry.stripe("failed" if outcome.status == "failed" else "ok")
+        rt.telemetry.stripe_ok()
+    if outcome.retry_in is not None:
+        purchase_seats.send_with_options(args=(purchase_id,), delay=max(1, int(outcome.retry_in * 1000)))
     if outcome.next_purchase_id:
-        purchase_seats.send(outcome.next_purchase_id)
+        send_purchase(rt, outcome.next_purchase_id)
 
 
 @dramatiq.actor(
@@ -129,8 +172,9 @@ def sync_seats(tenant_id: str) -> None:
     rt.telemetry.job(SYNC_SEATS, "ok")
     if allocation is not None:  # None: the seats were known already, Stripe was not called
         rt.telemetry.stripe("ok")
+        rt.telemetry.stripe_ok()
     if allocation is not None and allocation.purchase_id:
-        purchase_seats.send(allocation.purchase_id)
+        send_purchase(rt, allocation.purchase_id)
 
 
 @dramatiq.actor(

@@ -10,6 +10,7 @@ from models.settings import Settings
 from workers import runtime
 from workers.broker import resolve_redis_url, setup_worker_broker
 from workers.deadletters import FailureRecorder
+from workers.purchase_pool import PurchaseWorkerMiddleware
 from workers.sweep import SweepMiddleware
 
 
@@ -18,6 +19,7 @@ def setup(settings: Settings) -> dramatiq.Broker:
     broker = setup_worker_broker(settings)
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(SweepMiddleware(settings.sweep_interval))
+    broker.add_middleware(PurchaseWorkerMiddleware(settings.purchase_threads))
     runtime.install(runtime.build(settings, broker, resolve_redis_url(settings)))
     broker.add_middleware(FailureRecorder(runtime.current().redis, settings.redis_namespace))
     return broker

@@ -8,13 +8,14 @@ from datetime import timedelta
 
 import redis
 from dramatiq.middleware import Middleware
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
-from models.db import session_scope
+from models.db import chunks, session_scope
 from models.directory import events as directory_events
 from models.tables import Purchase, Tenant, as_utc, utcnow
 from workers import invitations, runtime
 from workers.names import PURCHASE_SEATS, SEND_INVITATION, SYNC_SEATS
+from workers.purchase_pool import is_purchase_worker
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,31 @@ class Sweeper:
             tenants = [(t, oldest) for t, oldest in directory_events.oldest_unapplied(session) if t not in quarantined]
             purchases = [p for (p,) in session.execute(
                 select(Purchase.id)
-                .where(Purchase.status == "pending", func.coalesce(Purchase.enqueued_at, stale) <= stale)
+                .where(
+                    Purchase.status == "pending",
+                    func.coalesce(Purchase.enqueued_at, stale) <= stale,
+                    # A worker is calling Stripe for it (its lease runs): re-sending it
+                    # would only make a second worker wait for the first.
+                    or_(Purchase.lease_until.is_(None), Purchase.lease_until <= now),
+                )
                 .limit(BATCH)
             )]
             if purchases:
                 session.execute(update(Purchase).where(Purchase.id.in_(purchases)).values(enqueued_at=now))
+            if not self.rt.settings.stripe_webhook_secret:
+                # No webhooks tell us what finance changes by hand: re-read each linked
+                # subscription every STRIPE_RESYNC_INTERVAL (the seat read below sends it).
+                due_before = now - timedelta(seconds=self.rt.settings.stripe_resync_interval)
+                stale_reads = [t.id for t in session.execute(
+                    select(Tenant).where(
+                        Tenant.stripe_subscription_id.is_not(None),
+                        Tenant.seats_synced_at <= due_before,
+                        Tenant.billing_blocked.is_(None),
+                        ~Tenant.id.in_(select(Purchase.tenant_id).where(Purchase.status == "pending")),
+                    )
+                ).scalars() if self.rt.gateway.bills(t)]
+                for chunk in chunks(stale_reads):
+                    session.execute(update(Tenant).where(Tenant.id.in_(chunk)).values(seats_synced_at=None))
             seat_syncs = [t.id for t in session.execute(
                 select(Tenant).where(
                     Tenant.stripe_subscription_id.is_not(None),
@@ -79,7 +100,9 @@ class Sweeper:
         sent["purchases"] = len(purchases)
         for tenant_id in seat_syncs:
             key = f"{self.rt.settings.redis_namespace}:seat-sync-sent:{tenant_id}"
-            if self.rt.redis.set(key, "1", nx=True, ex=SEAT_SYNC_EVERY_SECONDS):
+            # Never throttled longer than the periodic re-read's own interval.
+            every = max(1, int(min(SEAT_SYNC_EVERY_SECONDS, self.rt.settings.stripe_resync_interval)))
+            if self.rt.redis.set(key, "1", nx=True, ex=every):
                 self.rt.waker.enqueue(SYNC_SEATS, tenant_id)
                 sent["seat_syncs"] += 1
         for batch in invitations.batches(due, spread=self.rt.settings.worker_threads):
@@ -99,11 +122,15 @@ class SweepMiddleware(Middleware):
         self._thread: threading.Thread | None = None
 
     def after_worker_boot(self, broker, worker) -> None:
+        if is_purchase_worker(worker):
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="sally-sweep", daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker, worker) -> None:
+        if is_purchase_worker(worker):
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)

@@ -11,6 +11,14 @@ from dramatiq.common import dq_name, xq_name
 log = logging.getLogger(__name__)
 
 
+# Stripe refused our API key (401/403): an operator alert, kept for a day unless cleared.
+STRIPE_ALERT_SECONDS = 24 * 3600
+
+
+def stripe_alert_key(namespace: str) -> str:
+    return f"{namespace}:alert:stripe-auth"
+
+
 class Telemetry:
     """Jobs by actor and outcome, Stripe calls by outcome; best effort, never fails a job."""
 
@@ -18,12 +26,28 @@ class Telemetry:
         self.client = client
         self.jobs_key = f"{namespace}:metrics:jobs"
         self.stripe_key = f"{namespace}:metrics:stripe"
+        self.alert_key = stripe_alert_key(namespace)
 
     def job(self, actor: str, outcome: str, count: int = 1) -> None:
         self._incr(self.jobs_key, f"{actor}|{outcome}", count)
 
     def stripe(self, outcome: str) -> None:
         self._incr(self.stripe_key, outcome)
+
+    def stripe_auth_failed(self, reason: str) -> None:
+        """Count it (sally_stripe_calls{outcome="auth_error"}) and raise the alert /readyz shows."""
+        self._incr(self.stripe_key, "auth_error")
+        try:
+            self.client.set(self.alert_key, reason[:500], ex=STRIPE_ALERT_SECONDS)
+        except (redis.RedisError, OSError):
+            log.debug("Stripe alert not recorded: Redis unavailable")
+
+    def stripe_ok(self) -> None:
+        """A Stripe call with our key worked: the auth alert is over."""
+        try:
+            self.client.delete(self.alert_key)
+        except (redis.RedisError, OSError):
+            log.debug("Stripe alert not cleared: Redis unavailable")
 
     def _incr(self, key: str, field: str, count: int = 1) -> None:
         try:

@@ -54,7 +54,15 @@ DONE = {
     "disconnected": "SCIM is disconnected: the token no longer works. Provisioned users stay until you remove them.",
     "saved": "Mapping saved. The pipeline is applying it now (see Sync).",
     "removed": "User removed. Their license is freed by the pipeline.",
-    "linked": "Billing linked. The seats bought are read from Stripe by the worker.",
+    "approved": "Purchase approved: it is sent to Stripe shortly.",
+    "rejected": "Purchase rejected: nothing is bought; the users keep waiting with the reason.",
+    "cancelled": "Purchase cancelled: nothing is bought; the users keep waiting with the reason.",
+    "linked": "Billing linked, not verified yet: a worker checks it against Stripe and reads the seats bought.",
+}
+GUARD_LABELS = {
+    "min_seats": "seats per purchase",
+    "percent": "percent of the seats bought",
+    "first_purchase_seats": "first purchase seats",
 }
 Handler = Callable[[Request, WebSession], Awaitable[Response]]
 
@@ -79,9 +87,17 @@ class PageError(Exception):
 class WebPages:
     """The admin page inside the web process; ``routes()`` goes into the app beside the APIs."""
 
-    def __init__(self, settings: Settings, engine: Engine, wake: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        wake: Callable[[str], Any],
+        send_purchase: Callable[[str], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
+        # Enqueues purchase_seats after an approval commits, as the admin API does (the sweep is the fallback).
+        self.send_purchase = send_purchase
         self.wake = wake
         self.codec = SessionCodec(settings.admin_token, settings.web_session_hours * 3600)
         self.secure = settings.public_base_url.startswith("https://")
@@ -112,6 +128,7 @@ class WebPages:
             Route(t + "/users/{id}", self.page(self.user), methods=["GET"]),
             Route(t + "/users/{id}/remove", self.page(self.remove_user), methods=["GET", "POST"]),
             Route(t + "/billing", self.page(self.billing), methods=["GET", "POST"]),
+            Route(t + "/purchases/{id}/{decision}", self.page(self.decide_purchase), methods=["POST"]),
             Route(t + "/sync", self.page(self.sync), methods=["GET"]),
             Route(t + "/audit", self.page(self.audit), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -338,13 +355,24 @@ class WebPages:
                 if not raw.isdigit() or len(raw) > 9:
                     raise PageError(400, f"The {tier} seat cap must be a whole number of seats (or empty: no cap).")
                 seat_cap[tier] = int(raw)
-        return {
+        config: dict[str, Any] = {
             "user_groups": self._list(form, "user"),
             "admin_groups": self._list(form, "admin"),
             "license_groups": license_groups,
             "auto_invite": self._one(form, "auto_invite") == "on",
             "seat_cap": seat_cap or None,
         }
+        if self._one(form, "guard") == "1":
+            # The config is replaced, not merged: the form carries the spend guard so
+            # that saving the mapping keeps it (a config without one takes the defaults).
+            spend_guard: dict[str, Any] = {"enabled": self._one(form, "guard_enabled") == "on"}
+            for name, label in GUARD_LABELS.items():
+                raw = self._one(form, f"guard_{name}").strip()
+                if not raw.isdigit() or len(raw) > 9:
+                    raise PageError(400, f"The spend guard's {label} must be a whole number.")
+                spend_guard[name] = int(raw)
+            config["spend_guard"] = spend_guard
+        return config
 
     async def mapping(self, request: Request, session: WebSession) -> Response:
         form = request.state.form
@@ -436,6 +464,7 @@ class WebPages:
 
         def work(db: Session, tenant: Tenant) -> dict[str, Any]:
             return {
+                "link": service.billing_state(tenant),
                 "licenses": views.licenses(db, tenant),
                 "purchases": list(reversed(views.purchases(db, tenant.id))),
                 "billed": bool(self.settings.stripe_api_key and tenant.stripe_subscription_id),
@@ -444,6 +473,20 @@ class WebPages:
             }
 
         return await self.tenant_page(request, session, "billing.html", "billing", work)
+
+    async def decide_purchase(self, request: Request, session: WebSession) -> Response:
+        """Approve, reject or cancel a purchase the spend guard holds (the admin API's service function)."""
+        tenant_id, purchase_id = request.path_params["t"], request.path_params["id"]
+        decision = request.path_params["decision"]
+        if decision not in service.DECIDED:
+            raise PageError(404, "Not found.")
+        row = await self.db(lambda db: service.decide_purchase(
+            db, ACTOR, tenants.get_tenant(db, tenant_id), purchase_id, decision
+        ))
+        await run_in_threadpool(self.wake, tenant_id)
+        if self.send_purchase is not None and row["status"] == "pending":
+            await run_in_threadpool(self.send_purchase, row["id"])
+        return RedirectResponse(f"/tenants/{quote(tenant_id)}/billing?done={service.DECIDED[decision]}", status_code=303)
 
     async def sync(self, request: Request, session: WebSession) -> Response:
         def work(db: Session, tenant: Tenant) -> dict[str, Any]:

@@ -263,6 +263,7 @@ def test_scim_config_round_trip(tenant, admin, clean_db):
         "license_groups": {"starter": [], "team": [team], "enterprise": []},
         "auto_invite": True,
         "seat_cap": {"team": 10},
+        "spend_guard": {"enabled": True, "min_seats": 5, "percent": 50, "first_purchase_seats": 200},
     }
     before = sync_counts(admin, tenant.tenant_id)["events_total"]
     response = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json=config)
@@ -280,8 +281,20 @@ def test_scim_config_round_trip(tenant, admin, clean_db):
         "license_groups": {"starter": [], "team": [], "enterprise": []},
         "auto_invite": False,
         "seat_cap": None,
+        # Replaced, not merged: a config without a spend guard gets the defaults (on).
+        "spend_guard": {"enabled": True, "min_seats": 10, "percent": 25, "first_purchase_seats": 10_000},
         **DEFAULT_LIMITS,
     }
+
+
+def test_spend_guard_settings_are_checked(tenant, admin, clean_db):
+    """A spend guard with an unknown field or a number out of range is a 400 and saves nothing."""
+    for bad in ({"percent": -1}, {"min_seats": "10"}, {"enabled": "yes"}, {"limit": 3}, [1],
+                {"first_purchase_seats": 10**9}):
+        response = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={"spend_guard": bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"] == "invalid_body"
+    assert admin.get(f"/tenants/{tenant.tenant_id}/scim/config").json()["spend_guard"]["percent"] == 25
 
 
 # The per-tenant limits of a config that sets none: null, the deployment's defaults in effect.

@@ -156,14 +156,20 @@ def test_a_refused_action_writes_no_audit_row(tenant, admin, clean_db):
 
 def test_link_billing_later(tenant, admin, clean_db):
     """Given a tenant created without billing, When the admin PUTs …/billing with Stripe ids,
-    Then they are stored, a sync event asks the worker to read the seats, and it is audited;
-    a half-filled body is a 400 that changes nothing."""
+    Then they are stored unverified (202: a worker checks them), a sync event asks the worker
+    to read the seats, and it is audited; a half-filled body is a 400 that changes nothing,
+    and another tenant cannot take the same subscription (409)."""
     assert_admin_error(admin.put(f"/tenants/{tenant.tenant_id}/billing", json={"stripe_customer_id": "cus_9"}), 400)
+    assert admin.get(f"/tenants/{tenant.tenant_id}/audit").json()[0]["action"] != "billing_linked"
     response = admin.put(
         f"/tenants/{tenant.tenant_id}/billing", json={"stripe_customer_id": "cus_9", "stripe_subscription_id": "sub_9"}
     )
-    assert response.status_code == 200, response.text
-    assert response.json() == {"stripe_customer_id": "cus_9", "stripe_subscription_id": "sub_9"}
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert answer == admin.get(f"/tenants/{tenant.tenant_id}/billing").json()
+    assert (answer["stripe_customer_id"], answer["stripe_subscription_id"], answer["status"]) == (
+        "cus_9", "sub_9", "unverified"
+    )
     with clean_db.connect() as connection:
         row = connection.execute(
             text("SELECT stripe_subscription_id, seats_synced_at FROM tenant WHERE id = :t"), {"t": tenant.tenant_id}
@@ -171,6 +177,11 @@ def test_link_billing_later(tenant, admin, clean_db):
     assert row == ("sub_9", None)
     assert count_rows(clean_db, "sync_event", "tenant_id = :t AND kind = 'billing_linked'", t=tenant.tenant_id) == 1
     assert admin.get(f"/tenants/{tenant.tenant_id}/audit").json()[0]["action"] == "billing_linked"
+    other = admin.post("/tenants", json={"name": "Other"}).json()["tenant_id"]
+    taken = admin.put(f"/tenants/{other}/billing", json={"stripe_customer_id": "cus_9", "stripe_subscription_id": "sub_9"})
+    assert_admin_error(taken, 409)
+    assert taken.json()["error"] == "subscription_in_use"
+    assert [row["action"] for row in admin.get(f"/tenants/{other}/audit").json()] == ["tenant_created"]
 
 
 def test_tenants_are_listed(admin, clean_db):

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from billing.purchasing import PurchaseRunner, sync_seats
 from billing.stripe_gateway import StripeGateway
 from models.db import session_scope
-from models.tables import Purchase, SeatCount, Tenant, utcnow
+from models.tables import Account, Purchase, ScimUser, SeatCount, Tenant, utcnow
 from tests.fakes.stripe_server import FakeStripe
 
 PRICES = {"starter": "price_starter", "team": "price_team", "enterprise": "price_enterprise"}
@@ -57,10 +57,18 @@ def test_reading_the_seats_keeps_each_tiers_price(clean_db, gateway):
 
 
 def test_a_purchase_that_reads_the_subscription_keeps_the_prices_too(clean_db, gateway, fake):
-    """Given a pending purchase for 3 team seats planned before the seats were ever read,
+    """Given a pending purchase for 3 team seats planned before the seats were ever read
+    (for the 3 users waiting for one: demand is re-read before the freeze),
     When it runs, Then it buys them and the team price read on the way is kept."""
     tenant_id = _tenant(clean_db)
     with session_scope(clean_db) as session:
+        for n in range(3):
+            user = ScimUser(tenant_id=tenant_id, user_name=f"u{n}@example.com", user_name_key=f"u{n}@example.com")
+            session.add(user)
+            session.flush()
+            session.add(Account(user_id=user.id, tenant_id=tenant_id, role="user", wanted_tier="team",
+                                status="pending_license", waiting_since=utcnow()))
+        session.flush()
         purchase = Purchase(tenant_id=tenant_id, status="pending", demand={"starter": 0, "team": 3, "enterprise": 0},
                             quantities_before={"starter": 0, "team": 0, "enterprise": 0}, enqueued_at=utcnow())
         session.add(purchase)

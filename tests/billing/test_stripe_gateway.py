@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -53,7 +54,8 @@ def _purchase(gateway: StripeGateway, targets: dict[str, int], metadata: dict[st
 def test_read_subscription_reports_every_tier(gateway, fake):
     """Given a subscription with starter and enterprise items and a foreign add-on,
     When it is read, Then each tier has its quantity (0 when absent) and only our items count,
-    with each item's price (unit_amount in minor units, currency) for the admin's preview.
+    with the customer it belongs to and its status (what linking billing checks),
+    and each item's price (unit_amount in minor units, currency) for the admin's preview.
     """
     state = gateway.read_subscription("sub_1")
 
@@ -61,6 +63,8 @@ def test_read_subscription_reports_every_tier(gateway, fake):
     assert state == SubscriptionState(
         quantities={"starter": 3, "team": 0, "enterprise": 1},
         item_ids={"starter": items["price_starter"], "enterprise": items["price_enterprise"]},
+        customer="cus_1",
+        status="active",
         prices={
             "starter": (UNIT_AMOUNTS["price_starter"], "usd"),
             "enterprise": (UNIT_AMOUNTS["price_enterprise"], "usd"),
@@ -180,8 +184,12 @@ def test_apply_update_buys_seats_and_returns_the_invoice(gateway, fake):
     """
     params = _purchase(gateway, {"starter": 5, "team": 2, "enterprise": 1})
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = invoice.id
 
+    assert (invoice.status, invoice.amount_due, invoice.amount_paid, invoice.currency) == (
+        "paid", 2 * 800 + 2 * 1500, 2 * 800 + 2 * 1500, "usd")
+    assert invoice.paid_at == fake.invoices[invoice_id]["status_transitions"]["paid_at"]
     assert fake.quantities("sub_1") == {
         "price_starter": 5,
         "price_enterprise": 1,
@@ -208,7 +216,7 @@ def test_an_update_that_raises_nothing_reports_no_invoice(gateway, fake):
     When a later purchase finds every quantity already at target (finance raised them),
     Then it reports no invoice and does not relabel the earlier one.
     """
-    first = gateway.apply_update("sub_1", _purchase(gateway, {"starter": 4}), "purchase-p_7")
+    first = gateway.apply_update("sub_1", _purchase(gateway, {"starter": 4}), "purchase-p_7").id
     later = _purchase(gateway, {"starter": 4}, {**METADATA, "purchase_id": "p_8"})
 
     assert gateway.apply_update("sub_1", later, "purchase-p_8") is None
@@ -224,7 +232,7 @@ def test_a_lost_response_is_replayed_not_bought_twice(gateway, fake):
     params = _purchase(gateway, {"starter": 6, "enterprise": 1})
     fake.lose_next_response(1, path="/v1/subscriptions/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert list(fake.invoices) == [invoice_id]
     assert fake.quantities("sub_1")["price_starter"] == 6
@@ -245,7 +253,7 @@ def test_a_whole_job_retry_after_a_crash_buys_once(gateway, fake):
     with pytest.raises(TransientBillingError):
         gateway.apply_update("sub_1", params, "purchase-p_7")
 
-    invoice_id = gateway.apply_update("sub_1", json.loads(json.dumps(params)), "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", json.loads(json.dumps(params)), "purchase-p_7").id
 
     assert list(fake.invoices) == [invoice_id]
     assert len(fake.updates) == 1
@@ -258,7 +266,7 @@ def test_a_server_error_then_success_buys_once_with_one_key(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     fake.fail_next(1, status=500, path="/v1/subscriptions/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert list(fake.invoices) == [invoice_id]
     assert [call.idempotency_key for call in fake.posts("/v1/subscriptions/")] == ["purchase-p_7"] * 2
@@ -269,7 +277,7 @@ def test_rate_limits_are_retried(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     fake.fail_next(2, status=429, path="/v1/subscriptions/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert invoice_id in fake.invoices
     assert len(fake.posts("/v1/subscriptions/")) == 3
@@ -282,7 +290,7 @@ def test_a_key_still_in_progress_is_retried(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     fake.fail_next(1, status=409, path="/v1/subscriptions/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert list(fake.invoices) == [invoice_id]
 
@@ -433,7 +441,7 @@ def test_a_lost_answer_when_labelling_the_invoice_is_retried(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     fake.lose_next_response(1, path="/v1/invoices/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert fake.invoices[invoice_id]["metadata"] == METADATA
     assert [call.idempotency_key for call in fake.posts("/v1/invoices/")] == ["purchase-p_7:invoice"] * 2
@@ -447,7 +455,7 @@ def test_a_refused_invoice_label_does_not_undo_a_paid_purchase(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     fake.fail_next(1, status=400, path="/v1/invoices/")
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert invoice_id in fake.invoices
     assert fake.invoices[invoice_id]["parent"]["subscription_details"]["metadata"] == METADATA
@@ -460,7 +468,7 @@ def test_a_body_stored_without_expand_still_finds_its_invoice(gateway, fake):
     params = _purchase(gateway, {"starter": 4})
     del params["expand"]
 
-    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7")
+    invoice_id = gateway.apply_update("sub_1", params, "purchase-p_7").id
 
     assert list(fake.invoices) == [invoice_id]
     assert ("GET", f"/v1/invoices/{invoice_id}") in [(call.method, call.path) for call in fake.calls]
@@ -488,3 +496,47 @@ def test_the_fake_decodes_stripe_form_keys():
         "metadata": {"0": "kept as a key", "note": ""},
         "expand": ["latest_invoice", "customer"],
     }
+
+
+# -- limits --------------------------------------------------------------------
+
+
+def test_a_stripe_that_never_answers_frees_the_caller_within_the_timeout(fake):
+    """Given Stripe accepts the connection and never answers (a blackhole),
+    When a read is made with a 0.5 s timeout and 2 attempts,
+    Then it fails as transient (the same key may be retried) within about the attempts' timeouts,
+    not after the library's default 80 s.
+    """
+    gateway = StripeGateway(fake.api_key, PRICES, api_base=fake.url, attempts=2, wait_seconds=0.01, timeout=0.5)
+    fake.blackhole()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransientBillingError):
+            gateway.read_subscription("sub_1")
+    finally:
+        fake.blackhole(False)
+    assert time.monotonic() - started < 5
+
+
+def test_a_timeout_above_twenty_seconds_is_refused(fake):
+    """Stripe calls have an explicit timeout of at most 20 s (issue 9)."""
+    with pytest.raises(ValueError):
+        StripeGateway(fake.api_key, PRICES, api_base=fake.url, timeout=21)
+
+
+def test_a_refused_api_key_is_an_auth_error(fake):
+    """Given a key Stripe refuses (401), Then the error is permanent, flagged as ours to fix, and never shows the key."""
+    gateway = StripeGateway("sk_test_wrong_key_999", PRICES, api_base=fake.url, attempts=1)
+    with pytest.raises(PermanentBillingError) as caught:
+        gateway.read_subscription("sub_1")
+    assert caught.value.is_auth and caught.value.status == 401
+    assert "sk_test_wrong_key_999" not in caught.value.reason
+
+
+def test_find_invoice_recognises_the_purchase_by_its_metadata(gateway, fake):
+    """Given a purchase's update made the latest invoice, Then find_invoice returns it for that purchase only."""
+    params = _purchase(gateway, {"starter": 4}, {"sally_purchase_id": "p_9", "sally_tenant_id": "t_1"})
+    made = gateway.apply_update("sub_1", params, "purchase-p_9")
+
+    assert gateway.find_invoice("sub_1", "p_9") == made
+    assert gateway.find_invoice("sub_1", "p_other") is None

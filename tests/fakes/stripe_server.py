@@ -12,8 +12,7 @@ against it (``StripeClient(..., base_addresses={"api": fake.url})``):
 - errors shaped ``{"error": {"type", "code", "message", ...}}``.
 
 Fault injection (``fail_next``, ``lose_next_response``, ``decline_payments``,
-``blackhole``)
-and inspection (``calls``, ``invoices``, ``updates``, ``subscription()``) are
+``blackhole`` — accept connections and never answer) and inspection (``calls``, ``invoices``, ``updates``, ``subscription()``) are
 for assertions. Queued faults form one queue: each is taken, in order, by the
 first request whose path it matches (any path when none was given). Use it as a context manager, or in a fixture::
 
@@ -21,15 +20,27 @@ first request whose path it matches (any path when none was given). Use it as a 
     def stripe_fake():
         with FakeStripe() as fake:
             yield fake
+
+Webhooks: every change the fake makes (a subscription update, an invoice
+created, paid or failed) is recorded as a Stripe event in ``events``, with
+Stripe's shape (``id``, ``type``, ``created``, ``data.object``).
+``deliver(url, event)`` POSTs one to a webhook endpoint signed the way Stripe
+signs (``Stripe-Signature: t=<unix time>,v1=<HMAC-SHA256 of "t.payload">``
+with ``webhook_secret``), so tests can deliver them late, twice or out of order.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import itertools
 import json
 import re
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +48,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_API_KEY = "sk_test_fake_0123456789"
+DEFAULT_WEBHOOK_SECRET = "whsec_fake_0123456789abcdef"
 DEFAULT_UNIT_AMOUNT = 1000  # cents, for prices the test did not price
 
 
@@ -56,6 +68,7 @@ class _Fault:
     status: int = 500
     body: dict[str, Any] | None = None
     stored: bool = False
+    method: str | None = None
 
 
 class _Response(NamedTuple):
@@ -135,8 +148,18 @@ def _error(code: str | None, message: str, type_: str = "invalid_request_error",
 class FakeStripe:
     """A threaded local Stripe look-alike: subscriptions, invoices, idempotency and faults."""
 
-    def __init__(self, api_key: str = DEFAULT_API_KEY, unit_amounts: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        unit_amounts: dict[str, int] | None = None,
+        webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
+    ) -> None:
         self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.events: list[dict[str, Any]] = []
+        # Stripe's `created` is in whole seconds; events the fake makes in one
+        # second still get increasing values, so their order is unambiguous.
+        self._clock = int(time.time())
         self.unit_amounts: dict[str, int] = dict(unit_amounts or {})
         self.calls: list[Call] = []
         self.invoices: dict[str, dict[str, Any]] = {}
@@ -206,6 +229,8 @@ class FakeStripe:
             self._idempotency.clear()
             self._faults.clear()
             self._declining.clear()
+            self.events.clear()
+        self.answer_again()
 
     # -- seeding and inspection --------------------------------------------
 
@@ -269,6 +294,7 @@ class FakeStripe:
         decline_code: str | None = None,
         path: str | None = None,
         stored: bool | None = None,
+        method: str | None = None,
     ) -> None:
         """Answer the next ``n`` requests (under ``path`` if given) with an error, before any work.
 
@@ -289,17 +315,21 @@ class FakeStripe:
         keep = (status == 402) if stored is None else stored
         with self._lock:
             for _ in range(n):
-                self._faults.append(_Fault("fail", path, status, {"error": error}, keep))
+                self._faults.append(_Fault("fail", path, status, {"error": error}, keep, method))
 
-    def lose_next_response(self, n: int = 1, *, path: str | None = None) -> None:
-        """Process the next ``n`` requests (under ``path`` if given), then close the connection unanswered."""
+    def lose_next_response(self, n: int = 1, *, path: str | None = None, method: str | None = None) -> None:
+        """Process the next ``n`` requests (under ``path``, with ``method``, if given), then close the connection unanswered."""
         with self._lock:
             for _ in range(n):
-                self._faults.append(_Fault("lose", path))
+                self._faults.append(_Fault("lose", path, method=method))
 
-    def blackhole(self) -> None:
+    def blackhole(self, on: bool = True) -> None:
         """From now on, take each connection and never answer it (a network partition, a hung
-        load balancer): the client sees its own timeout. Nothing is processed meanwhile."""
+        load balancer): the client sees its own timeout. Nothing is processed meanwhile.
+        ``blackhole(False)`` is ``answer_again()``."""
+        if not on:
+            self.answer_again()
+            return
         with self._lock:
             self._black_holed = True
             self._released.clear()
@@ -325,6 +355,88 @@ class FakeStripe:
         with self._lock:
             self._declining[customer] = decline_code
 
+    @property
+    def in_blackhole(self) -> bool:
+        """Whether requests are being swallowed now."""
+        return self._black_holed
+
+    # -- webhooks ------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._clock = max(self._clock + 1, int(time.time()))
+        return self._clock
+
+    def emit(self, type_: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record (and return) an event about ``obj`` as Stripe would send it."""
+        with self._lock:
+            event = {
+                "id": f"evt_fake{next(self._ids):06d}",
+                "object": "event",
+                "api_version": "2025-03-31.basil",
+                "created": self._tick(),
+                "livemode": False,
+                "pending_webhooks": 1,
+                "request": {"id": None, "idempotency_key": None},
+                "type": type_,
+                "data": {"object": copy.deepcopy(obj)},
+            }
+            if previous is not None:
+                event["data"]["previous_attributes"] = copy.deepcopy(previous)
+            self.events.append(event)
+            return copy.deepcopy(event)
+
+    def events_of(self, type_: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(e) for e in self.events if e["type"] == type_]
+
+    def sign(self, payload: bytes, timestamp: int | None = None, secret: str | None = None) -> str:
+        """The Stripe-Signature header Stripe would send for ``payload`` (HMAC-SHA256, scheme v1)."""
+        moment = int(time.time()) if timestamp is None else timestamp
+        key = (secret or self.webhook_secret).encode()
+        digest = hmac.new(key, f"{moment}.".encode() + payload, hashlib.sha256).hexdigest()
+        return f"t={moment},v1={digest}"
+
+    def signed(
+        self, event: dict[str, Any], *, signature: str | None = "sign", timestamp: int | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of a delivery of ``event`` (``signature``: "sign", a header value, or None)."""
+        payload = json.dumps(event).encode()
+        headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
+        if signature == "sign":
+            headers["Stripe-Signature"] = self.sign(payload, timestamp)
+        elif signature is not None:
+            headers["Stripe-Signature"] = signature
+        return payload, headers
+
+    def deliver(
+        self, url: str, event: dict[str, Any], *, signature: str | None = "sign", timestamp: int | None = None
+    ) -> tuple[int, bytes]:
+        """POST one event to a webhook endpoint, signed (or with ``signature`` as given; None: no header)."""
+        payload, headers = self.signed(event, signature=signature, timestamp=timestamp)
+        request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def pay_invoice(self, invoice_id: str) -> dict[str, Any]:
+        """Finance collects an open invoice: it becomes paid (invoice.paid)."""
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            invoice["status"] = "paid"
+            invoice["amount_paid"] = invoice["amount_due"]
+            invoice["amount_remaining"] = 0
+            invoice["status_transitions"]["paid_at"] = self._tick()
+            return self.emit("invoice.paid", invoice)
+
+    def fail_invoice_payment(self, invoice_id: str) -> dict[str, Any]:
+        """A payment attempt on an open invoice fails (invoice.payment_failed); it stays open."""
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            invoice["attempt_count"] = invoice.get("attempt_count", 0) + 1
+            return self.emit("invoice.payment_failed", invoice)
+
     # -- request handling (called by the handler threads) --------------------
 
     def handle(
@@ -346,7 +458,7 @@ class FakeStripe:
                 # Real Stripe masks the key; echoing it whole tests that callers never show it.
                 return _Response(401, {"error": _error(None, f"Invalid API Key provided: {presented}")})
 
-            fault = self._take_fault(split.path)
+            fault = self._take_fault(method, split.path)
             key = (self.api_key, idempotency_key) if method == "POST" and idempotency_key else None
             if fault is not None and fault.kind == "fail":
                 response = _Response(fault.status, copy.deepcopy(fault.body or {}))
@@ -369,9 +481,9 @@ class FakeStripe:
                 return None
             return response
 
-    def _take_fault(self, path: str) -> _Fault | None:
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
         for fault in self._faults:
-            if fault.path is None or path.startswith(fault.path):
+            if (fault.path is None or path.startswith(fault.path)) and fault.method in (None, method):
                 self._faults.remove(fault)
                 return fault
         return None
@@ -479,6 +591,17 @@ class FakeStripe:
         if invoice_now:
             invoice_id = self._new_invoice(subscription, added, amount, paid=decline is None)
             subscription["latest_invoice"] = invoice_id
+        self.emit(
+            "customer.subscription.updated",
+            subscription,
+            previous={"items": {"data": [{"price": {"id": p}, "quantity": q} for p, q in before.items()]}},
+        )
+        if invoice_id is not None:
+            self.emit("invoice.finalized", {**self.invoices[invoice_id], "status": "open",
+                                            "amount_paid": 0, "status_transitions": {"finalized_at": self._clock,
+                                                                                      "paid_at": None}})
+            if decline is None:
+                self.emit("invoice.paid", self.invoices[invoice_id])
         self.updates.append(
             {
                 "subscription": subscription_id,
@@ -506,9 +629,13 @@ class FakeStripe:
 
     def _new_invoice(self, subscription: dict[str, Any], added: dict[str, int], amount: int, *, paid: bool) -> str:
         invoice_id = f"in_fake{next(self._ids):06d}"
+        finalized = self._tick()
         self.invoices[invoice_id] = {
             "id": invoice_id,
             "object": "invoice",
+            "created": finalized,
+            "subscription": subscription["id"],
+            "status_transitions": {"finalized_at": finalized, "paid_at": self._tick() if paid else None},
             "customer": subscription["customer"],
             "status": "paid" if paid else "open",
             "billing_reason": "subscription_update",

@@ -63,16 +63,30 @@ class Recorder(Middleware):
         self.retried: list[Any] = []
         self.rewrite: Callable[[Any], None] | None = None
         self.on_sent: Callable[[Any], None] | None = None
+        self._delayed: Counter[str] = Counter()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def is_retry(message, delay) -> bool:
+        # Dramatiq's Retries middleware counts its retries in the options; a purchase is
+        # also sent with a delay on purpose (STRIPE_UPDATE_SPACING), which is no retry.
+        return bool(delay) and bool(message.options.get("retries"))
+
     def before_enqueue(self, broker, message, delay) -> None:
-        if delay is None and self.rewrite is not None:
+        if not self.is_retry(message, delay) and self.rewrite is not None:
             self.rewrite(message)
 
     def after_enqueue(self, broker, message, delay) -> None:
+        retry = self.is_retry(message, delay)
         with self._lock:
-            (self.retried if delay else self.sent).append(message)
-        if not delay and self.on_sent is not None:
+            if message.queue_name.endswith(".DQ"):
+                self._delayed[message.message_id] += 1
+            elif self._delayed[message.message_id] > 0:
+                # The worker moving a delayed message to its queue once due: not a new send.
+                self._delayed[message.message_id] -= 1
+                return
+            (self.retried if retry else self.sent).append(message)
+        if not retry and self.on_sent is not None:
             self.on_sent(message)
 
     def actors(self) -> Counter[str]:

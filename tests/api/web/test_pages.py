@@ -12,7 +12,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from models.tables import utcnow
+from models.db import session_scope
+from models.tables import Purchase, utcnow
 from tests.api.helpers import count_rows
 from tests.api.web.test_session import make_client, sign_in
 from tests.conftest import ADMIN_TOKEN
@@ -153,6 +154,8 @@ def test_link_billing_from_the_page(signed_in, clean_db):
     assert linked.status_code == 303
     page = client.get(linked.headers["location"]).text
     assert "Billing linked" in page and "sub_1" in page
+    # Not checked yet: the page says so until a worker has verified the link against Stripe.
+    assert "unverified" in page and "a worker checks the subscription against Stripe" in page
     assert count_rows(clean_db, "tenant", "stripe_subscription_id = 'sub_1'") == 1
 
 
@@ -183,6 +186,43 @@ def test_the_preview_form_buys_nothing_and_save_applies(signed_in, clean_db):
     sync = client.get(saved.headers["location"]).text
     assert 'data-refresh="2000"' in sync and "Working" in sync  # not applied yet: no worker here
     assert ADMIN_TOKEN not in sync
+
+
+def _hold(engine, tenant_id: str, purchase_id: str) -> None:
+    """A purchase the spend guard holds (as the purchase job leaves it), written directly."""
+    with session_scope(engine) as session:
+        session.add(Purchase(id=purchase_id, tenant_id=tenant_id, status="awaiting_approval", trigger="scim_sync",
+                             quantities_before={"starter": 5}, demand={"starter": 30},
+                             hold_reason="starter 5 → 30 adds 25 seats"))
+
+
+def test_a_held_purchase_is_approved_or_rejected_from_the_billing_page(signed_in, clean_db):
+    """Given a purchase the spend guard holds, When the admin rejects it on the billing page (and approves
+    the next one), Then the same service as the admin API decides them (cancelled / pending), each
+    decision is audited, and a second decision on the same purchase is a 409 page."""
+    client, csrf = signed_in
+    tenant_id, _ = new_tenant(client, csrf, provider=None)
+    _hold(clean_db, tenant_id, "held1")
+    page = client.get(f"/tenants/{tenant_id}/billing").text
+    assert f'action="/tenants/{tenant_id}/purchases/held1/approve"' in page
+    assert f'action="/tenants/{tenant_id}/purchases/held1/reject"' in page
+    assert "starter 5 → 30 adds 25 seats" in page
+    assert client.post(f"/tenants/{tenant_id}/purchases/held1/approve", data={}).status_code == 400, "no CSRF token"
+
+    rejected = client.post(f"/tenants/{tenant_id}/purchases/held1/reject", data={"csrf": csrf})
+    assert rejected.status_code == 303 and rejected.headers["location"].endswith("?done=rejected")
+    _hold(clean_db, tenant_id, "held2")
+    approved = client.post(f"/tenants/{tenant_id}/purchases/held2/approve", data={"csrf": csrf})
+    assert approved.status_code == 303 and approved.headers["location"].endswith("?done=approved")
+    with clean_db.connect() as connection:
+        statuses = dict(connection.execute(text("SELECT id, status FROM purchase WHERE tenant_id = :t"),
+                                           {"t": tenant_id}).all())
+    assert statuses == {"held1": "cancelled", "held2": "pending"}
+    assert client.post(f"/tenants/{tenant_id}/purchases/held2/approve", data={"csrf": csrf}).status_code == 409
+    assert client.post(f"/tenants/{tenant_id}/purchases/held2/destroy", data={"csrf": csrf}).status_code == 404
+    assert client.post(f"/tenants/{tenant_id}/purchases/nope/approve", data={"csrf": csrf}).status_code == 404
+    assert count_rows(clean_db, "audit_log", "tenant_id = :t AND action = 'purchase_rejected'", t=tenant_id) == 1
+    assert count_rows(clean_db, "audit_log", "tenant_id = :t AND action = 'purchase_approved'", t=tenant_id) == 1
 
 
 def test_saving_the_mapping_page_keeps_the_tenants_other_settings(signed_in, clean_db):
