@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import httpx
 from sqlalchemy import text
@@ -139,3 +140,13 @@ def list_all(client: httpx.Client, path: str, **params: Any) -> httpx.Response:
     response = client.get(path, params=params)
     assert response.status_code == 200, response.text
     return response
+
+
+@asynccontextmanager
+async def asgi_client(app: Any, base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the app in process, with the app's lifespan run around it: its
+    shutdown closes the SCIM hot path's async PostgreSQL pool in the loop that opened it
+    (left open, asyncio.run's cancelling of the pool's tasks can hang for good)."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
+            yield client

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from api.app import Services, create_app
 from models.settings import Settings
 from models.tables import ScimUser
+from tests.api.helpers import asgi_client
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 
@@ -45,8 +46,7 @@ def test_the_rate_limit_answers_429_with_retry_after(base_settings, engine, tena
     app = _app(base_settings, engine, scim_rate_limit=5)
 
     async def burst(token: str, n: int) -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=tenant.tenant_url) as client:
+        async with asgi_client(app, tenant.tenant_url) as client:
             headers = {"Authorization": f"Bearer {token}"}
             return [await client.get("/Users", params={"count": 1}, headers=headers) for _ in range(n)]
 
@@ -71,8 +71,7 @@ def test_the_default_rate_limit_is_200_per_second_and_lets_an_idp_cycle_through(
     app = _app(base_settings, engine, scim_rate_limit=defaults.scim_rate_limit)
 
     async def burst() -> set[int]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=tenant.tenant_url) as client:
+        async with asgi_client(app, tenant.tenant_url) as client:
             headers = {"Authorization": f"Bearer {tenant.token}"}
             return {(await client.get("/Users", params={"count": 1}, headers=headers)).status_code for _ in range(150)}
 
@@ -127,8 +126,7 @@ def test_failed_authentications_are_throttled_per_address(base_settings, engine,
     app = _app(settings, engine, scim_auth_failure_limit=3)
 
     async def run() -> tuple[list[httpx.Response], httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=tenant.tenant_url) as client:
+        async with asgi_client(app, tenant.tenant_url) as client:
             wrong = [await client.post("/Users", json={"schemas": [USER], "userName": f"x{i}@example.com"},
                                        headers={"Authorization": f"Bearer wrong-{i}"}) for i in range(5)]
             right = await client.get("/Users", headers={"Authorization": f"Bearer {tenant.token}"})

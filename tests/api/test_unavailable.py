@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from api.app import READY_PROBE_SECONDS, Services, create_app
 from models.db import database_unavailable, make_engine
+from tests.api.helpers import asgi_client
 from tests.conftest import ADMIN_TOKEN, free_port
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -21,8 +22,7 @@ SECRET = "pw-that-must-not-leak"
 
 def _serve(app, method: str, url: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sally.test") as client:
+        async with asgi_client(app, "http://sally.test") as client:
             return await client.request(method, url, **kwargs)
 
     return asyncio.run(go())

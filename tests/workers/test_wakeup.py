@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from api.app import Services, create_app
 from models.tables import ScimUser
+from tests.api.helpers import asgi_client
 from tests.fakes.silent_server import SilentServer
 from workers.broker import make_broker
 from workers.names import RECONCILE_QUEUE
@@ -34,10 +35,9 @@ def test_the_wake_up_is_sent_after_the_commit(base_settings, engine, tenant):
             seen.append(connection.execute(select(ScimUser.id).where(ScimUser.tenant_id == tenant_id)).first() is not None)
 
     app = create_app(base_settings, Services(engine, wake, lambda: True))
-    transport = httpx.ASGITransport(app=app)
 
     async def create() -> httpx.Response:
-        async with httpx.AsyncClient(transport=transport, base_url=tenant.tenant_url) as client:
+        async with asgi_client(app, tenant.tenant_url) as client:
             return await client.post("/Users", json={"schemas": [USER], "userName": "w@x.com"},
                                      headers={"Authorization": f"Bearer {tenant.token}"})
 
