@@ -16,13 +16,13 @@ def test_repr_masks_every_secret():
         redis_url="redis://:redis-pass-456@cache.example:6379/0",
         smtp_url="smtps://mailer:smtp%40pass-789@mail.example",
         admin_token="admin-token-abcdef",
-        stripe_api_key="sk_live_0123456789",
+        stripe_api_key="sk_test_masked-stripe-key",
     )
 
     text = repr(settings)
 
     for secret in ("db-pass-123", "redis-pass-456", "smtp%40pass-789", "smtp@pass-789", "admin-token-abcdef",
-                   "sk_live_0123456789"):
+                   "sk_test_masked-stripe-key"):
         assert secret not in text
     assert "postgresql+psycopg://sally:***@db.example:5432/sally" in text
     assert "redis://:***@cache.example:6379/0" in text
