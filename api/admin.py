@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api import service, tenants, views
-from billing import ledger
 from api.service import AdminError
 from api.tenants import TenantError
 from api.tokens import bearer, same_secret
+from billing import ledger
 from billing.locks import lock_tenant
 from models.db import database_unavailable, session_scope
 from models.settings import Settings

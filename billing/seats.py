@@ -17,7 +17,6 @@ from models.db import chunks
 from models.settings import TIERS
 from models.tables import Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
 
-
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
 REASON_CAP = "The {tier} seat cap ({cap}) is reached; the admin can raise it."

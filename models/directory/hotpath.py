@@ -28,8 +28,8 @@ from models.db import postgres_connect_args
 from models.directory.errors import InvalidValueError, NotFoundError, UnavailableError, UniquenessError
 from models.directory.fields import folded_key
 from models.directory.members import PG_REMOVE_MEMBERS, MemberChanges
-from models.directory.users import UserFields, _user_data
-from models.tables import new_id, utcnow
+from models.directory.users import new_user_row
+from models.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -226,34 +226,19 @@ class AsyncDatabase:
 
     async def create_user(self, tenant_id: str, digest: str, doc: dict[str, Any]) -> dict[str, Any] | None:
         """Insert a user and its event in one statement; the row, or None when the token is not this tenant's."""
-        fields = UserFields.of(doc)
-        now = utcnow()
-        row = {
-            "id": new_id(),
-            "tenant_id": tenant_id,
-            "user_name": fields.user_name,
-            "user_name_key": folded_key(fields.user_name, "userName"),
-            "external_id": fields.external_id,
-            "display_name": fields.display_name,
-            "active": fields.active,
-            "data": _user_data(doc),
-            "version": 1,
-            "created_at": now,
-            "updated_at": now,
-            "deleted_at": None,
-        }
+        row = new_user_row(tenant_id, doc)
         params = {
             "digest": digest, "tenant": tenant_id, "id": row["id"], "user_name": row["user_name"],
             "key": row["user_name_key"], "external_id": row["external_id"], "display_name": row["display_name"],
             "active": row["active"], "data": orjson.dumps(row["data"]).decode(),
-            "user_ids": orjson.dumps([row["id"]]).decode(), "now": now,
+            "user_ids": orjson.dumps([row["id"]]).decode(), "now": row["created_at"],
         }
         async with self.connection() as conn:
             authorized, created = await (await conn.execute(CREATE_USER, params)).fetchone()  # type: ignore[misc]
         if not authorized:
             return None
         if not created:
-            raise UniquenessError(f"userName '{fields.user_name}' is already taken in this tenant.")
+            raise UniquenessError(f"userName '{row['user_name']}' is already taken in this tenant.")
         return row
 
     @asynccontextmanager

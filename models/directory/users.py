@@ -54,11 +54,11 @@ def _user_data(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k not in ("userName", "externalId")}
 
 
-def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> SimpleNamespace:
-    """Insert a user and its event: two Core statements, no unit of work (the hot path)."""
+def new_user_row(tenant_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The columns of a new user's row, from its document (both create paths insert this)."""
     fields = UserFields.of(doc)
     now = utcnow()
-    row = {
+    return {
         "id": new_id(),
         "tenant_id": tenant_id,
         "user_name": fields.user_name,
@@ -72,11 +72,16 @@ def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> Simple
         "updated_at": now,
         "deleted_at": None,
     }
+
+
+def create_user(session: Session, tenant_id: str, doc: dict[str, Any]) -> SimpleNamespace:
+    """Insert a user and its event: two Core statements, no unit of work (the hot path)."""
+    row = new_user_row(tenant_id, doc)
     try:
         session.connection().execute(insert(ScimUser.__table__), row)
     except IntegrityError as exc:
         if is_unique_violation(exc):
-            raise UniquenessError(f"userName '{fields.user_name}' is already taken in this tenant.") from None
+            raise UniquenessError(f"userName '{row['user_name']}' is already taken in this tenant.") from None
         raise
     record_event(session, tenant_id, "user_created", [row["id"]])
     return SimpleNamespace(**row)

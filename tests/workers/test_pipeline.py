@@ -46,8 +46,9 @@ def users_by_name(admin, tenant_id: str) -> dict[str, dict]:
     return {u["userName"]: u for u in admin.get(f"/tenants/{tenant_id}/users").json()}
 
 
-def drain(engine, tenant_id: str, gw: Gateway = LedgerGateway()) -> None:
+def drain(engine, tenant_id: str, gw: Gateway | None = None) -> None:
     """Run reconcile and every purchase it plans until nothing is left (a calm worker)."""
+    gw = gw or LedgerGateway()
     reconciler = Reconciler(engine, gw)
     for _ in range(20):
         result = reconciler.run(tenant_id)
