@@ -203,7 +203,7 @@ class Settings:
     quarantine_max_backoff: float = 3600.0
     # Invitations per tenant per UTC day; the rest wait for the next day
     # (a tenant may override it in its SCIM config).
-    invite_daily_cap: int = 5000
+    invite_daily_cap: int = 50_000
     # Mass-deprovision breaker: a reconcile that would take access from more
     # than max(hold_min_users, hold_percent % of the active users) within
     # hold_window seconds is held for the admin (tenants may override both).
@@ -315,7 +315,7 @@ class Settings:
             quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
             quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),
             quarantine_max_backoff=_seconds(env, "SALLY_QUARANTINE_MAX_BACKOFF", 3600.0, 1.0),
-            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 5000, 1),
+            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 50_000, 1),
             hold_min_users=_int(env, "DEPROVISION_HOLD_MIN_USERS", 10, 0),
             hold_percent=_percent(env, "DEPROVISION_HOLD_PERCENT", 20),
             hold_window=_seconds(env, "DEPROVISION_HOLD_WINDOW", 3600.0, 0.0),
