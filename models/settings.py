@@ -173,6 +173,10 @@ class Settings:
     database_statement_timeout: float = 30.0
     database_connect_timeout: float = 10.0
     sweep_interval: float = 10.0
+    # Seconds a purchase's lease on its Stripe call lasts: the worker calling Stripe
+    # renews it every third of this; a worker that died lets it lapse, and the sweep's
+    # next message for the purchase runs it on another worker.
+    purchase_lease: float = 30.0
     # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
     # 400 to everything and the sweep re-reads each linked subscription instead.
     stripe_webhook_secret: str | None = None
@@ -304,6 +308,8 @@ class Settings:
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 10.0, 1.0),
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
+            # Not in CONTRACT.md either: tests shorten the lease to see one lapse.
+            purchase_lease=_seconds(env, "SALLY_PURCHASE_LEASE", 30.0, 1.0),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
             stripe_webhook_secret=get("STRIPE_WEBHOOK_SECRET"),
             stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0, maximum=20.0),
