@@ -383,6 +383,44 @@ def create_groups(target: Target, count: int, run: str) -> list[str]:
     return ids
 
 
+def cpu_split_sample(database_url: str, sally: Sally) -> dict[str, float]:
+    """CPU seconds so far of the worker and of this run's PostgreSQL backends (the web is counted by run_wrk)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pids = [row[0] for row in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+    return {"worker": cpu_seconds(sally.worker.pid) if sally.worker is not None else 0.0,
+            **{f"pg{pid}": cpu_seconds(pid) for pid in pids}}
+
+
+def split_cpu(database_url: str, sally: Sally, tenant: Target, before: dict[str, float] | None,
+              requests: int) -> dict[str, float]:
+    """Worker and PostgreSQL CPU ms per PATCH, counted until the worker has applied every event."""
+    tenant_id = tenant.base.rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        sync = sally.admin("GET", f"/tenants/{tenant_id}/sync")
+        if sync["events_applied"] == sync["events_total"]:
+            break
+        time.sleep(0.5)
+    after = cpu_split_sample(database_url, sally)
+    before = before or {}
+    worker = after["worker"] - before.get("worker", 0.0)
+    # A backend that closed in between is lost (its CPU is not counted); pools keep theirs open.
+    pg = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("pg"))
+    return {"worker": worker * 1000 / requests, "postgres": pg * 1000 / requests}
+
+
+def fill_users(workdir: Path, run_id: str, target: Target, count: Callable[[], int], wanted: int) -> None:
+    """Create users (unmeasured) until the target holds at least `wanted`."""
+    fill = 0
+    while count() < wanted:
+        fill += 1
+        run_wrk(workdir / "create.lua", target.base + "/Users", [f"f{fill}{run_id}", target.path("/Users"),
+                target.token or ""], duration=3, connections=4, threads=1)
+
+
 def membership_requests(target: Target, groups: list[str], users: list[str], size: int, count: int, path: Path) -> int:
     """PATCHes adding `size` members each; PATCH k adds block k // G of the users to group k % G (pairs distinct)."""
     blocks = len(users) // size
@@ -473,7 +511,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         target.token or ""], duration=2, connections=2, threads=1)
             report["web_rss_idle_kib"] = sally.web_rss_kib()
 
-            for round_no in range(args.repeat):
+            if args.only_patches:
+                # The users the PATCH phase needs, created the same way but not measured.
+                fill_users(workdir, run_id, ref_target, lambda: len(ref.user_ids(ref_target, args.patch_users)),
+                           args.patch_users)
+                fill_users(workdir, run_id, tenant, lambda: len(sally.user_ids(tenant)), args.patch_users)
+            for round_no in range(0 if args.only_patches else args.repeat):
                 r: dict[str, Any] = {}
                 for label, target in (("ref", ref_target), ("sally1", tenant)):
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
@@ -490,13 +533,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for label, target, users in (("ref", ref_target, users_ref), ("sally1", tenant, users_sally)):
                 groups = create_groups(target, args.patch_groups, f"{label}{run_id}")
                 count = membership_requests(target, groups, users, size, 100_000, workdir / f"patch-{label}.tsv")
+                before = cpu_split_sample(database_url, sally) if label == "sally1" else None
+                spy = None
+                if args.py_spy and label == "sally1":
+                    # Sampling profile of the web process during the measured phase (collapsed stacks).
+                    spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(target.pid()), "-d",
+                                            str(int(args.duration)), "-f", "raw", "-o", str(args.py_spy)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 res = run_wrk(workdir / "replay.lua", target.base + "/Groups",
                               [str(workdir / f"patch-{label}.tsv"), str(args.threads), target.token or ""],
                                   server_pid=target.pid(), **wrk)
+                if spy is not None:
+                    spy.wait(timeout=60)
                 report[f"patch1000_{label}"] = res
+                if label == "sally1" and res.requests:
+                    report["patch1000_cpu_ms"] = split_cpu(database_url, sally, tenant, before, res.requests)
                 print(f"1,000-member PATCHes {label:7s} {res.row()}  = {res.rate * size:,.0f} memberships/s"
                       f"{'  (WRAPPED: re-sent PATCHes)' if res.wrapped else ''}  [{count} prepared]", flush=True)
 
+            if args.only_patches:
+                return report
             if not args.skip_burst:
                 burst = subprocess.run(
                     [sys.executable, str(HERE / "burst.py"), "--base-url", sally.root, "--admin-token",
@@ -620,6 +676,10 @@ def print_cpu(report: dict[str, Any]) -> None:
     if ref and ours and ref.cpu_ms_per_request and ours.cpu_ms_per_request:
         print(f"server CPU per 1,000-member PATCH: scim2-server {ref.cpu_ms_per_request:.2f} ms, "
               f"sally-scim {ours.cpu_ms_per_request:.2f} ms (web process only; PostgreSQL and the worker not counted)")
+    split = report.get("patch1000_cpu_ms")
+    if split:
+        print(f"sally-scim CPU per 1,000-member PATCH, counted until the worker caught up: worker {split['worker']:.2f} ms,"
+              f" PostgreSQL backends of the run's database {split['postgres']:.2f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -637,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-tenant", type=int, default=1000)
     parser.add_argument("--big-tenant", type=int, default=100_000)
     parser.add_argument("--reconcile-samples", type=int, default=20)
+    parser.add_argument("--only-patches", action="store_true",
+                        help="only the 1,000-member PATCH phase (users created unmeasured first)")
+    parser.add_argument("--py-spy", type=Path, help="write py-spy's collapsed stacks of the web process during "
+                        "sally-scim's 1,000-member PATCH phase to this file")
     parser.add_argument("--skip-burst", action="store_true", help="no bench/burst.py (no RSS, no 100-member PATCH rate)")
     parser.add_argument("--skip-patch-cost", action="store_true")
     parser.add_argument("--skip-reconcile", action="store_true")
@@ -655,6 +719,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 1
+    if args.only_patches:
+        ref, ours = report["patch1000_ref"], report["patch1000_sally1"]
+        print(f"\nmemberships/s in 1,000-member PATCHes vs scim2-server: {ours.rate / ref.rate:.2f}x (goal 15x)")
+        print_cpu(report)
+        return 0
     rows = summarise(report)
     print_summary(rows)
     print_cpu(report)
