@@ -388,10 +388,35 @@ def cpu_split_sample(database_url: str, sally: Sally) -> dict[str, float]:
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        pids = [row[0] for row in conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
-    return {"worker": cpu_seconds(sally.worker.pid) if sally.worker is not None else 0.0,
-            **{f"pg{pid}": cpu_seconds(pid) for pid in pids}}
+        backends = conn.execute(
+            "SELECT pid, client_port FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    # Whose backend is it: the client process that owns the socket (ss), the web's or the worker's.
+    owners: dict[int, int] = {}
+    listing = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=False).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4].endswith(":5432") and "pid=" in fields[5]:
+            owners[int(fields[3].rsplit(":", 1)[1])] = int(fields[5].split("pid=")[1].split(",")[0])
+    roots = {sally.web.pid if sally.web is not None else -1: "web",
+             sally.worker.pid if sally.worker is not None else -1: "worker"}
+    sample = {"worker": cpu_seconds(sally.worker.pid) if sally.worker is not None else 0.0}
+    for pid, port in backends:
+        sample[f"pg-{_owner(owners.get(port), roots)}-{pid}"] = cpu_seconds(pid)
+    return sample
+
+
+def _owner(pid: int | None, roots: dict[int, str]) -> str:
+    """'web' or 'worker' when the process is one of those or a descendant (the worker forks), else 'other'."""
+    while pid and pid > 1:
+        if pid in roots:
+            return roots[pid]
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            break
+    return "other"
 
 
 def split_cpu(database_url: str, sally: Sally, tenant: Target, before: dict[str, float] | None,
@@ -408,8 +433,11 @@ def split_cpu(database_url: str, sally: Sally, tenant: Target, before: dict[str,
     before = before or {}
     worker = after["worker"] - before.get("worker", 0.0)
     # A backend that closed in between is lost (its CPU is not counted); pools keep theirs open.
-    pg = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("pg"))
-    return {"worker": worker * 1000 / requests, "postgres": pg * 1000 / requests}
+    split = {"worker": worker * 1000 / requests}
+    for owner in ("web", "worker", "other"):
+        pg = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith(f"pg-{owner}-"))
+        split[f"postgres_{owner}"] = pg * 1000 / requests
+    return split
 
 
 def fill_users(workdir: Path, run_id: str, target: Target, count: Callable[[], int], wanted: int) -> None:
@@ -678,8 +706,9 @@ def print_cpu(report: dict[str, Any]) -> None:
               f"sally-scim {ours.cpu_ms_per_request:.2f} ms (web process only; PostgreSQL and the worker not counted)")
     split = report.get("patch1000_cpu_ms")
     if split:
-        print(f"sally-scim CPU per 1,000-member PATCH, counted until the worker caught up: worker {split['worker']:.2f} ms,"
-              f" PostgreSQL backends of the run's database {split['postgres']:.2f} ms")
+        print(f"sally-scim CPU per 1,000-member PATCH, counted until the worker caught up: worker {split['worker']:.2f} ms;"
+              f" PostgreSQL backends of the web {split['postgres_web']:.2f} ms, of the worker"
+              f" {split['postgres_worker']:.2f} ms, others {split['postgres_other']:.2f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
