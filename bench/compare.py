@@ -579,8 +579,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"1,000-member PATCHes {label:7s} {res.row()}  = {res.rate * size:,.0f} memberships/s"
                       f"{'  (WRAPPED: re-sent PATCHes)' if res.wrapped else ''}  [{count} prepared]", flush=True)
 
-            if args.only_patches:
-                return report
             if not args.skip_burst:
                 burst = subprocess.run(
                     [sys.executable, str(HERE / "burst.py"), "--base-url", sally.root, "--admin-token",
@@ -604,6 +602,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         report["patch_cost"] = json.loads((workdir / "cost.json").read_text()).get("p50_ratio_big_over_empty")
                     print(f"patch cost exit {cost.returncode}: {report.get('patch_cost')}", flush=True)
 
+            if args.only_patches:
+                return report
             # Two web processes: creates again, against the same reference.
             sally.start_web(2)
             run_wrk(workdir / "create.lua", tenant.base + "/Users", [f"w2{run_id}", tenant.path("/Users"),
@@ -727,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--big-tenant", type=int, default=100_000)
     parser.add_argument("--reconcile-samples", type=int, default=20)
     parser.add_argument("--only-patches", action="store_true",
-                        help="only the 1,000-member PATCH phase (users created unmeasured first)")
+                        help="only the 1,000-member PATCH phase (users created unmeasured first) and, "
+                        "unless --skip-burst, bench/burst.py")
     parser.add_argument("--py-spy", type=Path, help="write py-spy's collapsed stacks of the web process during "
                         "sally-scim's 1,000-member PATCH phase to this file")
     parser.add_argument("--skip-burst", action="store_true", help="no bench/burst.py (no RSS, no 100-member PATCH rate)")
@@ -751,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only_patches:
         ref, ours = report["patch1000_ref"], report["patch1000_sally1"]
         print(f"\nmemberships/s in 1,000-member PATCHes vs scim2-server: {ours.rate / ref.rate:.2f}x (goal 15x)")
+        if "burst" in report:
+            print(f"100-member PATCHes/s in bench/burst.py: {report['burst'].get('memberships', float('nan')):.0f}"
+                  " (goal 320/s)")
         print_cpu(report)
         return 0
     rows = summarise(report)
