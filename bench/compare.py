@@ -383,6 +383,78 @@ def create_groups(target: Target, count: int, run: str) -> list[str]:
     return ids
 
 
+def cpu_split_sample(database_url: str, sally: Sally) -> dict[str, float]:
+    """CPU seconds so far of the worker and of this run's PostgreSQL backends (the web is counted by run_wrk)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        backends = conn.execute(
+            "SELECT pid, client_port FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    # Whose backend is it: the client process that owns the socket (ss), the web's or the worker's.
+    owners: dict[int, int] = {}
+    listing = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=False).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4].endswith(":5432") and "pid=" in fields[5]:
+            owners[int(fields[3].rsplit(":", 1)[1])] = int(fields[5].split("pid=")[1].split(",")[0])
+    roots = {sally.web.pid if sally.web is not None else -1: "web",
+             sally.worker.pid if sally.worker is not None else -1: "worker"}
+    sample = {"worker": cpu_seconds(sally.worker.pid) if sally.worker is not None else 0.0}
+    for pid, port in backends:
+        sample[f"pg-{_owner(owners.get(port), roots)}-{pid}"] = cpu_seconds(pid)
+    return sample
+
+
+def _owner(pid: int | None, roots: dict[int, str]) -> str:
+    """'web' or 'worker' when the process is one of those or a descendant (the worker forks), else 'other'."""
+    while pid and pid > 1:
+        if pid in roots:
+            return roots[pid]
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            break
+    return "other"
+
+
+def split_cpu(database_url: str, sally: Sally, tenant: Target, before: dict[str, float] | None,
+              requests: int) -> dict[str, float]:
+    """Worker and PostgreSQL CPU ms per PATCH, counted until the worker has applied every event."""
+    tenant_id = tenant.base.rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        sync = sally.admin("GET", f"/tenants/{tenant_id}/sync")
+        if sync["events_applied"] == sync["events_total"]:
+            break
+        time.sleep(0.5)
+    after = cpu_split_sample(database_url, sally)
+    before = before or {}
+    worker = after["worker"] - before.get("worker", 0.0)
+    # A backend that closed in between is lost (its CPU is not counted); pools keep theirs open.
+    split = {"worker": worker * 1000 / requests}
+    for owner in ("web", "worker", "other"):
+        pg = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith(f"pg-{owner}-"))
+        split[f"postgres_{owner}"] = pg * 1000 / requests
+    return split
+
+
+def total_users(target: Target) -> int:
+    """The server's own count of its users (one page of one)."""
+    with httpx.Client(timeout=120, headers=target.headers()) as client:
+        return int(client.get(target.base + "/Users", params={"count": 1}).json()["totalResults"])
+
+
+def fill_users(workdir: Path, run_id: str, target: Target, count: Callable[[], int], wanted: int) -> None:
+    """Create users (unmeasured) until the target holds at least `wanted`."""
+    fill = 0
+    while count() < wanted:
+        fill += 1
+        run_wrk(workdir / "create.lua", target.base + "/Users", [f"f{fill}{run_id}", target.path("/Users"),
+                target.token or ""], duration=3, connections=4, threads=1)
+
+
 def membership_requests(target: Target, groups: list[str], users: list[str], size: int, count: int, path: Path) -> int:
     """PATCHes adding `size` members each; PATCH k adds block k // G of the users to group k % G (pairs distinct)."""
     blocks = len(users) // size
@@ -473,7 +545,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         target.token or ""], duration=2, connections=2, threads=1)
             report["web_rss_idle_kib"] = sally.web_rss_kib()
 
-            for round_no in range(args.repeat):
+            if args.only_patches:
+                # The users the PATCH phase needs, created the same way but not measured.
+                for target in (ref_target, tenant):
+                    fill_users(workdir, run_id, target, lambda t=target: total_users(t), args.patch_users)
+            for round_no in range(0 if args.only_patches else args.repeat):
                 r: dict[str, Any] = {}
                 for label, target in (("ref", ref_target), ("sally1", tenant)):
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
@@ -490,10 +566,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for label, target, users in (("ref", ref_target, users_ref), ("sally1", tenant, users_sally)):
                 groups = create_groups(target, args.patch_groups, f"{label}{run_id}")
                 count = membership_requests(target, groups, users, size, 100_000, workdir / f"patch-{label}.tsv")
+                before = cpu_split_sample(database_url, sally) if label == "sally1" else None
+                spy = None
+                if args.py_spy and label == "sally1":
+                    # Sampling profile of the web process during the measured phase (collapsed stacks).
+                    spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(target.pid()), "-d",
+                                            str(int(args.duration)), "-f", "raw", "-o", str(args.py_spy)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 res = run_wrk(workdir / "replay.lua", target.base + "/Groups",
                               [str(workdir / f"patch-{label}.tsv"), str(args.threads), target.token or ""],
                                   server_pid=target.pid(), **wrk)
+                if spy is not None:
+                    spy.wait(timeout=60)
                 report[f"patch1000_{label}"] = res
+                if label == "sally1" and res.requests:
+                    report["patch1000_cpu_ms"] = split_cpu(database_url, sally, tenant, before, res.requests)
                 print(f"1,000-member PATCHes {label:7s} {res.row()}  = {res.rate * size:,.0f} memberships/s"
                       f"{'  (WRAPPED: re-sent PATCHes)' if res.wrapped else ''}  [{count} prepared]", flush=True)
 
@@ -520,6 +607,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         report["patch_cost"] = json.loads((workdir / "cost.json").read_text()).get("p50_ratio_big_over_empty")
                     print(f"patch cost exit {cost.returncode}: {report.get('patch_cost')}", flush=True)
 
+            if args.only_patches:
+                return report
             # Two web processes: creates again, against the same reference.
             sally.start_web(2)
             run_wrk(workdir / "create.lua", tenant.base + "/Users", [f"w2{run_id}", tenant.path("/Users"),
@@ -620,6 +709,11 @@ def print_cpu(report: dict[str, Any]) -> None:
     if ref and ours and ref.cpu_ms_per_request and ours.cpu_ms_per_request:
         print(f"server CPU per 1,000-member PATCH: scim2-server {ref.cpu_ms_per_request:.2f} ms, "
               f"sally-scim {ours.cpu_ms_per_request:.2f} ms (web process only; PostgreSQL and the worker not counted)")
+    split = report.get("patch1000_cpu_ms")
+    if split:
+        print(f"sally-scim CPU per 1,000-member PATCH, counted until the worker caught up: worker {split['worker']:.2f} ms;"
+              f" PostgreSQL backends of the web {split['postgres_web']:.2f} ms, of the worker"
+              f" {split['postgres_worker']:.2f} ms, others {split['postgres_other']:.2f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -637,6 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-tenant", type=int, default=1000)
     parser.add_argument("--big-tenant", type=int, default=100_000)
     parser.add_argument("--reconcile-samples", type=int, default=20)
+    parser.add_argument("--only-patches", action="store_true",
+                        help="only the 1,000-member PATCH phase (users created unmeasured first) and, "
+                        "unless --skip-burst, bench/burst.py")
+    parser.add_argument("--py-spy", type=Path, help="write py-spy's collapsed stacks of the web process during "
+                        "sally-scim's 1,000-member PATCH phase to this file")
     parser.add_argument("--skip-burst", action="store_true", help="no bench/burst.py (no RSS, no 100-member PATCH rate)")
     parser.add_argument("--skip-patch-cost", action="store_true")
     parser.add_argument("--skip-reconcile", action="store_true")
@@ -655,6 +754,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 1
+    if args.only_patches:
+        ref, ours = report["patch1000_ref"], report["patch1000_sally1"]
+        print(f"\nmemberships/s in 1,000-member PATCHes vs scim2-server: {ours.rate / ref.rate:.2f}x (goal 15x)")
+        if "burst" in report:
+            print(f"100-member PATCHes/s in bench/burst.py: {report['burst'].get('memberships', float('nan')):.0f}"
+                  " (goal 320/s)")
+        print_cpu(report)
+        return 0
     rows = summarise(report)
     print_summary(rows)
     print_cpu(report)

@@ -24,7 +24,7 @@ from api.scim.errors import (
     UnauthorizedError,
     from_directory,
 )
-from api.scim.fastpath import patch_group
+from api.scim.fastpath import added_members, patch_group
 from api.scim.http import (
     OFF_LOOP_BYTES,
     Authenticator,
@@ -233,10 +233,16 @@ class ScimApi:
         """PATCH /Groups/{id} on PostgreSQL (an IdP's membership changes): one short transaction on the loop."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
+        group_id = call.path["id"]
+        # Only-adds-members with no If-Match (an IdP's bulk of PATCHes): one statement.
+        added = None if call.headers.get("if-match") else added_members(call.body, call.limits)
         try:
-            version = await patch_group(
-                self.fast, call.tenant_id, digest, call.path["id"], call.body, call.check_if_match, call.limits
-            )
+            if added is not None and group_id not in added:
+                version = await self.fast.add_group_members(call.tenant_id, digest, group_id, added)
+            else:
+                version = await patch_group(
+                    self.fast, call.tenant_id, digest, group_id, call.body, call.check_if_match, call.limits
+                )
         except DirectoryError as exc:
             raise from_directory(exc) from None
         if version is None:

@@ -94,6 +94,46 @@ UPDATE scim_group SET display_name = %(name)s, display_name_key = %(key)s, exter
        data = %(data)s::json
 WHERE id = %(group)s
 """
+# A PATCH that only adds members (what IdPs send, by the thousand) in ONE
+# statement, one round trip, autocommit: the token checked, the member ids (one
+# JSON parameter, unpacked by the server) looked up by primary key, the group's
+# version bumped only when every id is a User or Group of the tenant, the rows
+# inserted and the sync event appended only when the bump happened. A refused
+# PATCH (unknown member, group or token) changes nothing; the last column says
+# which refusal it is. The event's user ids are the inserted Users, sorted by
+# code point (COLLATE "C", as Python sorts) and written compactly as
+# GroupWrite.record_event writes them.
+ADD_GROUP_MEMBERS = """
+WITH
+t AS (SELECT 1 FROM tenant WHERE id = %(tenant)s AND token_hash = %(digest)s AND scim_enabled),
+w AS (SELECT ARRAY(SELECT json_array_elements_text(%(ids)s::json))::varchar[] AS ids),
+users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY((SELECT ids FROM w)::varchar[])),
+groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group WHERE id = ANY((SELECT ids FROM w)::varchar[])),
+known AS MATERIALIZED (
+    SELECT id, 'User'::varchar AS kind FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL
+    UNION ALL
+    SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
+), bump AS (
+    UPDATE scim_group g SET version = g.version + 1, updated_at = %(now)s
+    WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND EXISTS (SELECT 1 FROM t)
+      AND (SELECT count(*) FROM known) = %(count)s
+    RETURNING g.version
+), ins AS (
+    INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
+    SELECT %(group)s, known.id, %(tenant)s, known.kind FROM known, bump
+    ON CONFLICT (group_id, member_id) DO NOTHING RETURNING member_id, member_type
+), ev AS (
+    INSERT INTO sync_event (tenant_id, kind, user_ids, created_at)
+    SELECT %(tenant)s, 'group_updated', coalesce(array_to_json((
+        SELECT array_agg(member_id ORDER BY member_id COLLATE "C") FROM ins WHERE member_type = 'User')), '[]'::json),
+        %(now)s
+    FROM bump
+)
+SELECT (SELECT version FROM bump), EXISTS (SELECT 1 FROM t),
+       CASE WHEN NOT EXISTS (SELECT 1 FROM bump) THEN
+           EXISTS (SELECT 1 FROM scim_group WHERE id = %(group)s AND tenant_id = %(tenant)s) END,
+       CASE WHEN NOT EXISTS (SELECT 1 FROM bump) THEN ARRAY(SELECT id FROM known) END
+"""
 GROUP_EVENT = "INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) VALUES (%s, 'group_updated', %s::json, %s)"
 
 
@@ -240,6 +280,30 @@ class AsyncDatabase:
         if not created:
             raise UniquenessError(f"userName '{row['user_name']}' is already taken in this tenant.")
         return row
+
+    async def add_group_members(self, tenant_id: str, digest: str, group_id: str, member_ids: list[str]) -> int | None:
+        """Add members to a group in one statement; its new version, or None when the token is refused.
+
+        `member_ids` are distinct and do not name the group itself. An id that is
+        no User or Group of the tenant refuses the whole PATCH, and nothing changes.
+        """
+        params = {
+            "tenant": tenant_id, "digest": digest, "group": group_id, "ids": orjson.dumps(member_ids).decode(),
+            "count": len(member_ids), "now": utcnow(),
+        }
+        async with self.connection() as conn:
+            version, authorized, group_found, known = await (  # type: ignore[misc]
+                await conn.execute(ADD_GROUP_MEMBERS, params)).fetchone()
+        if version is not None:
+            return version
+        if not authorized:
+            return None
+        if not group_found:
+            raise NotFoundError(f"Group '{group_id}' not found.")
+        found = set(known or ())
+        unknown = [i for i in member_ids if i not in found]
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
 
     @asynccontextmanager
     async def group_write(self, tenant_id: str, digest: str, group_id: str) -> AsyncIterator[GroupWrite | None]:
