@@ -94,6 +94,7 @@ class ScimApi:
             engine.url.render_as_string(hide_password=False),
             statement_timeout=settings.database_statement_timeout,
             connect_timeout=settings.database_connect_timeout,
+            create_batch_max=settings.scim_create_batch_max,
         ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
