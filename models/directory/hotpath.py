@@ -47,15 +47,16 @@ CREATE_USERS = """
 WITH t AS (
     SELECT id FROM tenant WHERE token_hash = %(digest)s AND id = %(tenant)s AND scim_enabled
 ), r AS (
-    SELECT * FROM unnest(%(ids)s::varchar[], %(user_names)s::varchar[], %(keys)s::varchar[],
-                         %(external_ids)s::varchar[], %(display_names)s::varchar[], %(actives)s::boolean[],
-                         %(datas)s::text[], %(created)s::timestamptz[])
-        WITH ORDINALITY AS r(id, user_name, user_name_key, external_id, display_name, active, data, created_at, n)
+    -- The rows as one JSON array (one orjson.dumps per batch, each document
+    -- embedded as it will be stored), in the order the creates arrived.
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS r(n int, id varchar, user_name varchar, user_name_key varchar, external_id varchar,
+             display_name varchar, active boolean, data json, created_at timestamptz)
 ), u AS (
     INSERT INTO scim_user (id, tenant_id, user_name, user_name_key, external_id, display_name,
                            active, data, version, created_at, updated_at, deleted_at)
     SELECT r.id, t.id, r.user_name, r.user_name_key, r.external_id, r.display_name,
-           r.active, r.data::json, 1, r.created_at, r.created_at, NULL FROM t CROSS JOIN r ORDER BY r.n
+           r.active, r.data, 1, r.created_at, r.created_at, NULL FROM t CROSS JOIN r ORDER BY r.n
     ON CONFLICT (tenant_id, user_name_key) WHERE deleted_at IS NULL DO NOTHING
     RETURNING id
 ), e AS (
@@ -65,6 +66,8 @@ WITH t AS (
 )
 SELECT (SELECT count(*) FROM t), (SELECT array_agg(id) FROM u), (SELECT count(*) FROM e)
 """
+
+_BATCH_COLUMNS = ("id", "user_name", "user_name_key", "external_id", "display_name", "active", "data", "created_at")
 
 TENANT_OF_TOKEN = "SELECT id, scim_enabled FROM tenant WHERE token_hash = %s"
 TOUCH = "UPDATE tenant SET last_request_at = %s WHERE id = %s"
@@ -352,10 +355,8 @@ class AsyncDatabase:
         ids inserted). A row whose userName is taken (or taken by an earlier row of the list) is left out."""
         params = {
             "digest": digest, "tenant": tenant_id, "now": utcnow(),
-            "ids": [r["id"] for r in rows], "user_names": [r["user_name"] for r in rows],
-            "keys": [r["user_name_key"] for r in rows], "external_ids": [r["external_id"] for r in rows],
-            "display_names": [r["display_name"] for r in rows], "actives": [r["active"] for r in rows],
-            "datas": [orjson.dumps(r["data"]).decode() for r in rows], "created": [r["created_at"] for r in rows],
+            "rows": orjson.dumps([{"n": n, **{column: row[column] for column in _BATCH_COLUMNS}}
+                                  for n, row in enumerate(rows)]).decode(),
         }
         async with self.connection() as conn:
             authorized, created, _ = await (await conn.execute(CREATE_USERS, params)).fetchone()  # type: ignore[misc]

@@ -85,6 +85,11 @@ def test_concurrent_creates_share_one_statement_and_one_event(pg, tenant_id):
     assert [o["user_name"] for o in outcomes] == [f"user{i}@example.com" for i in range(20)]
     assert user_rows(pg, tenant_id) == {o["id"]: o["user_name"] for o in outcomes}
     assert created_events(pg, tenant_id) == [sorted(o["id"] for o in outcomes)]
+    # What the create answered (meta.created, the stored document) is what was stored.
+    with pg.connect() as connection:
+        stored = {uid: (created, data) for uid, created, data in connection.execute(
+            text("SELECT id, created_at, data FROM scim_user WHERE tenant_id = :t"), {"t": tenant_id})}
+    assert stored == {o["id"]: (o["created_at"], o["data"]) for o in outcomes}
 
 
 def test_a_batch_holds_at_most_the_configured_number_of_creates(pg, tenant_id):
