@@ -397,9 +397,10 @@ def give_up(
     with session_scope(engine) as session:
         # Only "pending": a row still "sending" may have been accepted by the
         # mail server; its lease expires and the sweep resends it instead.
+        # And only a row whose day has come: one waiting under the daily cap was never tried.
         rows = session.execute(
             select(Invitation.id, Invitation.user_id, Invitation.error)
-            .where(Invitation.id.in_(ids), Invitation.status == "pending")
+            .where(Invitation.id.in_(ids), Invitation.status == "pending", _day_has_come(at))
         ).all()
         for invitation_id, user_id, last_error in rows:
             full = f"{reason} (last error: {last_error})" if last_error else reason

@@ -21,7 +21,7 @@ import pytest
 from dramatiq import Message, Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Middleware
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.engine import Engine, make_url
 
 from billing.gateway import LedgerGateway
@@ -46,8 +46,8 @@ from workers.invitations import (
     send_invitations,
 )
 from workers.mail.message import message_id
-from workers.mail.transport import OutboxMailer, TransientMailError, make_mailer
-from workers.names import QUEUES
+from workers.mail.transport import OutboxMailer, RecipientDeferredError, TransientMailError, make_mailer
+from workers.names import LAST_ERROR, OWNED_IDS, QUEUES
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
@@ -710,8 +710,9 @@ def test_an_old_single_id_message_still_works(engine, smtp, jobs):
 
 def test_the_actor_retries_a_batch_after_a_transient_failure(engine, smtp, mailer, jobs):
     """Given a batch job of five and a server that answers 421 to every attempt at the third mail,
-    When a worker runs it, Then Dramatiq retries the job, the retry skips the two already sent,
-    and every Message-ID arrives exactly once; the metrics count each invitation by outcome.
+    When a worker runs it, Then Dramatiq retries the job, narrowed to the three it gave back (the two
+    sent are no longer its own), and every Message-ID arrives exactly once; the metrics count each
+    invitation by outcome.
     """
     ids = add_users(engine, 5)
     jobs.rt.mailer = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
@@ -721,7 +722,7 @@ def test_the_actor_retries_a_batch_after_a_transient_failure(engine, smtp, maile
 
     assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(5))
     assert [status for status, _ in statuses(engine, ids)] == ["sent"] * 5
-    assert jobs.counts() == {"sent": 5, "retry": 3, "error": 1, "already_done": 2}
+    assert jobs.counts() == {"sent": 5, "retry": 3, "error": 1}
 
 
 def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, mailer, jobs):
@@ -744,7 +745,86 @@ def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, 
         assert account.invite_error.startswith(f"gave up after {INVITE_RETRIES + 1} attempts: ")
         assert "421 4.3.2" in account.invite_error
     assert len(smtp.messages) == 2
-    assert jobs.broker.dead_letters == []
+    # Dramatiq gave the message up (a dead letter, as any job past its last retry), narrowed to the
+    # three ids it still owned; its on_retry_exhausted callback failed those and nothing else.
+    [letter] = jobs.broker.dead_letters
+    assert letter.actor_name == "send_invitation" and letter.options[OWNED_IDS] == ids[2:]
+    assert jobs.counts()["given_up"] == 3
+
+
+def test_the_give_up_fails_only_what_the_message_still_owns(engine, jobs):
+    """Given a batch message of three whose earlier attempt gave back only the first id (the other two
+    were postponed into a new message and are pending again), When Dramatiq's retries are spent and the
+    on_retry_exhausted callback runs, Then only the first is failed; the other two stay pending, untouched.
+    """
+    ids = add_users(engine, 3)
+    message = {"queue_name": "invitations", "actor_name": "send_invitation", "args": ids, "kwargs": {},
+               "options": {"retries": 8, OWNED_IDS: ids[:1], LAST_ERROR: "the mail server deferred the recipient"}}
+
+    jobs.actors.give_up_invitations(message, {"retries": 8, "max_retries": 8})
+
+    assert statuses(engine, ids) == [("failed", 0), ("pending", 0), ("pending", 0)]
+    account = load(engine, ids[0])[1]
+    assert account.invite_error == "gave up after 9 attempts: the mail server deferred the recipient"
+    assert [load(engine, invitation_id)[1].invite_error for invitation_id in ids[1:]] == [None, None]
+
+
+def test_a_message_from_before_narrowing_gives_up_its_pending_ids_only(engine, clock, jobs):
+    """Given a send_invitation message that carries no owned ids (enqueued before this version) and
+    whose ids are sent, pending, and waiting for a later day under the daily cap,
+    When its retries are spent, Then only the pending row whose day has come is failed.
+    """
+    ids = add_users(engine, 3)
+    with session_scope(engine) as session:
+        session.execute(update(Invitation).where(Invitation.id == ids[0]).values(status="sent", sent_at=clock()))
+        session.execute(update(Invitation).where(Invitation.id == ids[2]).values(send_day=datetime.now(timezone.utc) + timedelta(days=2)))
+    message = {"queue_name": "invitations", "actor_name": "send_invitation", "args": ids, "kwargs": {},
+               "options": {"retries": 8}}
+
+    jobs.actors.give_up_invitations(message, {"retries": 8, "max_retries": 8})
+
+    assert [status for status, _ in statuses(engine, ids)] == ["sent", "failed", "pending"]
+    assert load(engine, ids[1])[1].invite_error == "gave up after 9 attempts: unknown error"
+
+
+def test_a_last_attempt_that_postpones_gives_up_only_the_deferred_row(engine, smtp, mailer, jobs, monkeypatch):
+    """Given a batch of three on its last retry, whose first recipient is deferred and after which the
+    claim's send budget is spent (a slow server), When the job runs, Then the two untried rows go out in
+    a new message and are sent, and only the deferred one is given up, with the server's reply as reason.
+    """
+    import workers.invitations as module
+    from workers.actors import INVITE_RETRIES
+
+    class DefersTheFirstThenIsSlow:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def send(self, mail) -> None:
+            self.count += 1
+            if self.count == 1:
+                monkeypatch.setattr(module, "SEND_BUDGET", timedelta(seconds=-1))  # spent from now on
+                raise RecipientDeferredError("the mail server deferred the recipient: 451 4.7.1 greylisted",
+                                             code=451)
+            mailer.send(mail)
+
+    class BudgetBackForTheNewMessage(Middleware):
+        def after_enqueue(self, broker, message, delay) -> None:
+            if message.actor_name == "send_invitation" and not delay:
+                monkeypatch.setattr(module, "SEND_BUDGET", SEND_BUDGET)
+
+    jobs.broker.add_middleware(BudgetBackForTheNewMessage())
+    ids = add_users(engine, 3)
+    jobs.rt.mailer = DefersTheFirstThenIsSlow()
+
+    jobs.actors.send_invitation.send_with_options(args=tuple(ids), retries=INVITE_RETRIES)
+    jobs.drain()
+
+    assert [status for status, _ in statuses(engine, ids)] == ["failed", "sent", "sent"]
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in (1, 2))
+    assert "gave up after" in load(engine, ids[0])[1].invite_error and "451 4.7.1" in load(engine, ids[0])[1].invite_error
+    [letter] = jobs.broker.dead_letters
+    assert letter.options[OWNED_IDS] == ids[:1]
+    assert [m.args for m in jobs.sent.messages if m.actor_name == "send_invitation"] == [tuple(ids), tuple(ids[1:])]
 
 
 def test_the_sweep_resends_due_invitations_in_batches(engine, smtp, jobs):
