@@ -16,6 +16,7 @@ from billing.purchasing import sync_seats as sync_seats_from_stripe
 from billing.stripe_gateway import BillingError, PermanentBillingError
 from models.tables import utcnow
 from workers import invitations, quarantine, runtime
+from workers.deadletters import safe_reason
 from workers.names import (
     GIVE_UP_INVITATIONS,
     INVITE_QUEUE,
@@ -95,6 +96,8 @@ def _pace(rt: runtime.Runtime, subscription_id: str, request_key: str) -> float:
 @dramatiq.actor(
     actor_name=RECONCILE_TENANT, queue_name=RECONCILE_QUEUE,
     max_retries=RECONCILE_RETRIES, min_backoff=500, max_backoff=15_000,
+    # A failure that quarantines the tenant ends the message's retries.
+    throws=(quarantine.TenantQuarantined,),
 )
 def reconcile_tenant(tenant_id: str) -> None:
     """Apply a tenant's unapplied events; then send the purchase and invitations it planned."""
@@ -117,8 +120,9 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.telemetry.job(RECONCILE_TENANT, "error")
         if quarantine.counts_as_poison(error):
             policy = quarantine.QuarantinePolicy.from_settings(rt.settings)
-            if quarantine.record_failure(rt.engine, tenant_id, error, policy, utcnow()) is not None:
-                return  # quarantined: no more retries of this message
+            until = quarantine.record_failure(rt.engine, tenant_id, error, policy, utcnow())
+            if until is not None:
+                raise quarantine.TenantQuarantined(tenant_id, until, safe_reason(error)) from error
         raise
     if health.failures and not result.busy:
         quarantine.clear(rt.engine, tenant_id)
