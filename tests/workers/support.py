@@ -62,6 +62,26 @@ class SlowSmtp(FakeSmtp):
     def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
+        self.held: set[str] = set()
+        self.held_refusals = 0
+
+    def hold(self, addresses: Iterable[str]) -> None:
+        """Take no mail for these addresses until release(): their RCPT is answered 451 (try again
+        later), so the worker keeps them pending and retries, and none of its threads waits on us."""
+        with self._lock:
+            self.held |= {address.casefold() for address in addresses}
+
+    def release(self) -> None:
+        with self._lock:
+            self.held.clear()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self._lock:
+            held = address.casefold() in self.held
+            self.held_refusals += held
+        if held:
+            return "451 4.7.1 Held by the test: try again later"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
     async def handle_DATA(self, server, session, envelope):
         reply = await super().handle_DATA(server, session, envelope)
