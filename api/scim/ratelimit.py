@@ -72,6 +72,12 @@ class RedisPerLoop:
             self._loop = loop
         return self._client
 
+    async def close(self) -> None:
+        """Close the client of the running loop (the app's shutdown), so no socket outlives its loop."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()
+
     def available(self) -> bool:
         """False for a few seconds after a failure: callers skip Redis (and fail open) meanwhile."""
         return self.clock() >= self._quiet_until
@@ -109,6 +115,10 @@ class Gate:
         self._known: dict[str, tuple[str, float]] = {}
         self._rates: dict[str, _Rate] = {}
         self._blocked: dict[str, int] = {}  # address → the failure window it is over the limit in
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
 
     async def admit(self, tenant_id: str, authorization: str | None, client: str | None) -> str:
         """The digest of the request's token once the token opens this tenant and is within its rate."""
