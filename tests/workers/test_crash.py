@@ -59,6 +59,10 @@ def expected_tier(i: int) -> str | None:
     return "starter" if i % 2 == 0 else "team" if i % 3 == 0 else None
 
 
+def wave_settled(sync: dict) -> bool:
+    return sync["events_applied"] == sync["events_total"] and sync["pending_purchases"] == 0
+
+
 def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_settings, engine, tmp_path: Path):
     """Given a billed tenant whose mapping is saved (auto-invite on) and a worker buying seats and
     sending invitations (slowly, and none of wave 2's until the kill: the mail server holds them) while
@@ -125,8 +129,11 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
                 # Wave 1, calm but for one lost Stripe answer (retried with the same key).
                 lose_one.set()
                 wave(0, 120)
-                wait_until(lambda: any(p["status"] == "succeeded" for p in purchases(admin, t)),
-                           timeout=30, what="the first purchase", worker=worker)
+                # Its events applied and its purchases settled, so the purchase that kills the worker
+                # is wave 2's (whose invitations are queued in the same commit that plans it).
+                wait_until(lambda: wave_settled(admin.get(f"/tenants/{t}/sync").json()),
+                           timeout=60, what="wave 1's events and purchases", worker=worker)
+                assert any(p["status"] == "succeeded" for p in purchases(admin, t))
                 wait_until(lambda: smtp.messages, timeout=30, what="a first invitation sent", worker=worker)
                 # Wave 2: the next purchase kills the worker; the IdP goes on regardless. The mail
                 # server takes none of wave 2's invitations until then, so some are surely unsent at
