@@ -118,20 +118,6 @@ def batches(invitation_ids: Sequence[str], *, size: int = BATCH_SIZE, spread: in
     yield from chunks(ids, size)
 
 
-def send_invitation(
-    engine: Engine,
-    mailer: Mailer,
-    settings: Settings,
-    invitation_id: str,
-    now: Callable[[], datetime] = utcnow,
-) -> Outcome:
-    """Claim, send and record one invitation; raises on a transient failure so the job is retried."""
-    result = send_invitations(engine, mailer, settings, [invitation_id], now=now)
-    if result.error is not None:
-        raise result.error
-    return result.outcomes[invitation_id]
-
-
 def send_invitations(
     engine: Engine,
     mailer: Mailer,

@@ -30,7 +30,7 @@ from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
-from tests.workers.support import bind_actors, drain
+from tests.workers.support import bind_actors, drain, send_one
 from workers import runtime
 from workers.invitations import (
     BATCH_SIZE,
@@ -42,7 +42,6 @@ from workers.invitations import (
     due_invitations,
     give_up,
     mark_enqueued,
-    send_invitation,
     send_invitations,
 )
 from workers.mail.message import message_id
@@ -155,7 +154,7 @@ def test_an_invitation_is_sent_once_and_recorded(engine, settings, smtp, mailer,
     """
     invitation_id = add_user(engine)
 
-    outcome = send_invitation(engine, mailer, settings, invitation_id, now=clock)
+    outcome = send_one(engine, mailer, settings, invitation_id, now=clock)
 
     assert outcome == "sent"
     assert smtp.message_ids() == ["<invite.t1.u1@sally-scim.invalid>"]
@@ -174,9 +173,9 @@ def test_a_second_run_sends_nothing(engine, settings, smtp, mailer, clock):
     Then it answers already_done and the server still holds one mail.
     """
     invitation_id = add_user(engine)
-    send_invitation(engine, mailer, settings, invitation_id, now=clock)
+    send_one(engine, mailer, settings, invitation_id, now=clock)
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
     assert len(smtp.messages) == 1
 
 
@@ -189,10 +188,10 @@ def test_a_claim_held_by_another_worker_is_respected(engine, settings, smtp, mai
 
     class SecondWorkerDuringSend:
         def send(self, msg) -> None:
-            outcomes.append(send_invitation(engine, mailer, settings, invitation_id, now=clock))
+            outcomes.append(send_one(engine, mailer, settings, invitation_id, now=clock))
             mailer.send(msg)
 
-    assert send_invitation(engine, SecondWorkerDuringSend(), settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, SecondWorkerDuringSend(), settings, invitation_id, now=clock) == "sent"
     assert outcomes == ["claimed_elsewhere"]
     assert len(smtp.messages) == 1
 
@@ -207,7 +206,7 @@ def test_concurrent_workers_send_one_mail(engine, settings, smtp, mailer):
 
     def work() -> None:
         start.wait()
-        outcomes.append(send_invitation(engine, mailer, settings, invitation_id))
+        outcomes.append(send_one(engine, mailer, settings, invitation_id))
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for thread in threads:
@@ -229,18 +228,18 @@ def test_a_worker_killed_after_acceptance_resends_with_the_same_message_id(engin
     """
     invitation_id = add_user(engine)
     with pytest.raises(WorkerDied):
-        send_invitation(engine, DiesAfterAcceptance(mailer), settings, invitation_id, now=clock)
+        send_one(engine, DiesAfterAcceptance(mailer), settings, invitation_id, now=clock)
     assert load(engine, invitation_id)[0].status == "sending"
 
     clock.advance(30)
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "claimed_elsewhere"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "claimed_elsewhere"
     with session_scope(engine) as session:
         assert due_invitations(session, clock()) == []
 
     clock.advance(CLAIM_LEASE.total_seconds())
     with session_scope(engine) as session:
         assert due_invitations(session, clock()) == [invitation_id]
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
 
     assert smtp.message_ids() == [message_id("t1", "u1")] * 2
     invitation, account = load(engine, invitation_id)
@@ -255,7 +254,7 @@ def test_a_421_is_retried_within_the_job(engine, settings, smtp, mailer, clock):
     invitation_id = add_user(engine)
     smtp.fail_next(1, "421 4.7.0 Try again later")
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
     assert len(smtp.messages) == 1
     assert smtp.data_attempts == 2
 
@@ -269,7 +268,7 @@ def test_a_transient_failure_releases_the_claim_for_the_jobs_retry(engine, setti
     smtp.fail_next(3, "451 4.3.0 Queue full")
 
     with pytest.raises(TransientMailError):
-        send_invitation(engine, mailer, settings, invitation_id, now=clock)
+        send_one(engine, mailer, settings, invitation_id, now=clock)
 
     invitation, account = load(engine, invitation_id)
     assert (invitation.status, invitation.claimed_at, invitation.attempts) == ("pending", None, 1)
@@ -277,7 +276,7 @@ def test_a_transient_failure_releases_the_claim_for_the_jobs_retry(engine, setti
     assert account.invited_at is None and account.invite_error is None
 
     clock.advance(5)
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
     invitation, account = load(engine, invitation_id)
     assert (invitation.status, invitation.error, invitation.attempts) == ("sent", None, 2)
     assert len(smtp.messages) == 1
@@ -291,7 +290,7 @@ def test_giving_up_after_the_last_retry_is_visible(engine, settings, smtp, maile
     invitation_id = add_user(engine)
     smtp.fail_next(3, "421 4.3.2 Shutting down")
     with pytest.raises(TransientMailError):
-        send_invitation(engine, mailer, settings, invitation_id, now=clock)
+        send_one(engine, mailer, settings, invitation_id, now=clock)
 
     assert give_up(engine, invitation_id, "gave up after 5 retries") == [invitation_id]
 
@@ -299,7 +298,7 @@ def test_giving_up_after_the_last_retry_is_visible(engine, settings, smtp, maile
     assert invitation.status == "failed"
     assert account.invite_error.startswith("gave up after 5 retries (last error: ")
     assert "421 4.3.2 Shutting down" in account.invite_error
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
     assert smtp.messages == []
 
 
@@ -324,8 +323,8 @@ def test_a_550_fails_the_invitation_without_retry(engine, settings, smtp, mailer
     invitation_id = add_user(engine)
     smtp.fail_next(1, "550 5.1.1 <zoe@acme.example>: Recipient address rejected", at="RCPT")
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "failed"
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "failed"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
 
     assert smtp.rcpt_attempts == 1
     assert smtp.messages == []
@@ -339,7 +338,7 @@ def test_a_row_without_address_fails_without_mailing(engine, settings, smtp, mai
     """Given an invitation row with no address, When the job runs, Then it fails with a reason and nothing is sent."""
     invitation_id = add_user(engine, address=None)
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "failed"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "failed"
     assert load(engine, invitation_id)[1].invite_error == "the user has no email address to invite"
     assert smtp.connections == 0
 
@@ -350,7 +349,7 @@ def test_fifty_invitations_share_one_smtp_connection(engine, settings, smtp, mai
     """
     ids = [add_user(engine, user_id=f"u{n}", address=f"user{n}@acme.example") for n in range(50)]
 
-    outcomes = [send_invitation(engine, mailer, settings, invitation_id, now=clock) for invitation_id in ids]
+    outcomes = [send_one(engine, mailer, settings, invitation_id, now=clock) for invitation_id in ids]
 
     assert outcomes == ["sent"] * 50
     assert len(set(smtp.message_ids())) == 50
@@ -365,10 +364,10 @@ def test_without_smtp_the_invitation_lands_in_the_outbox_once(engine, settings, 
     assert isinstance(outbox, OutboxMailer)
     invitation_id = add_user(engine)
     with pytest.raises(WorkerDied):
-        send_invitation(engine, DiesAfterAcceptance(outbox), settings, invitation_id, now=clock)
+        send_one(engine, DiesAfterAcceptance(outbox), settings, invitation_id, now=clock)
 
     clock.advance(CLAIM_LEASE.total_seconds() + 1)
-    assert send_invitation(engine, outbox, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, outbox, settings, invitation_id, now=clock) == "sent"
 
     assert [path.name for path in (settings.var_dir / "outbox").iterdir()] == [
         outbox.path_for(message_id("t1", "u1")).name
@@ -577,7 +576,7 @@ def test_a_batch_with_an_id_already_sent_mails_only_the_others(engine, settings,
     mail, and the two others are sent once each.
     """
     ids = add_users(engine, 3)
-    assert send_invitation(engine, mailer, settings, ids[1], now=clock) == "sent"
+    assert send_one(engine, mailer, settings, ids[1], now=clock) == "sent"
 
     result = send_invitations(engine, mailer, settings, [*ids, "no-such-invitation", ids[0]], now=clock)
 

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
-from typing import Iterator
 
-import pytest
-from starlette.testclient import TestClient
-
-from api.app import Services, create_app
 from api.web.session import COOKIE, SessionCodec, WebSession
 from tests.api.helpers import count_rows
+from tests.api.web.conftest import csrf_of, make_client, sign_in
 from tests.conftest import ADMIN_TOKEN
-
-CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-def make_client(settings, engine) -> TestClient:
-    services = Services(engine, wake=lambda _tenant: None, ping_broker=lambda: True)
-    return TestClient(create_app(settings, services), base_url="http://testserver", follow_redirects=False)
-
-
-@pytest.fixture
-def page(base_settings, clean_db) -> Iterator[TestClient]:
-    with make_client(base_settings, clean_db) as client:
-        yield client
-
-
-def csrf_of(html: str) -> str:
-    match = CSRF.search(html)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
-
-
-def sign_in(client: TestClient) -> str:
-    """Sign in with the admin token; returns the signed-in session's CSRF token."""
-    response = client.post("/login", data={"token": ADMIN_TOKEN, "csrf": csrf_of(client.get("/").text)})
-    assert response.status_code == 303 and response.headers["location"] == "/"
-    return csrf_of(client.get("/").text)
 
 
 def test_signed_out_root_is_the_sign_in_page_with_a_strict_httponly_cookie(page):
