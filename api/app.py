@@ -235,7 +235,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
                    redis_url=services.redis_url)
     admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
     webhooks = StripeWebhooks(settings, services.engine, services.wake)
-    pages = WebPages(settings, services.engine, services.wake, services.send_purchase)
+    pages = WebPages(settings, services.engine, services.wake, services.send_purchase, redis_url=services.redis_url)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -330,6 +330,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
         await scim.close()
+        await pages.close()
         if services.close_async is not None:
             await services.close_async()
 

@@ -110,9 +110,10 @@ def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
         # Each run its own namespace: several runs may share one Redis server.
         redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
         # The suite sends hundreds of requests a second and many wrong tokens from
-        # one address; tests/api/test_limits.py sets these limits where it tests them.
+        # one address; tests/api/test_limits.py and tests/api/web/test_session.py set these limits where they test them.
         scim_rate_limit=0,
         scim_auth_failure_limit=0,
+        web_signin_failure_limit=0,
     )
 
 

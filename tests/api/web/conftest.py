@@ -14,9 +14,12 @@ from tests.conftest import ADMIN_TOKEN
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def make_client(settings, engine) -> TestClient:
-    services = Services(engine, wake=lambda _tenant: None, ping_broker=lambda: True)
-    return TestClient(create_app(settings, services), base_url="http://testserver", follow_redirects=False)
+def make_client(settings, engine, *, redis_url: str | None = None,
+                client: tuple[str, int] = ("testclient", 50000)) -> TestClient:
+    """The real app (no broker; Redis only when given) for a browser at the ``client`` address."""
+    services = Services(engine, wake=lambda _tenant: None, ping_broker=lambda: True, redis_url=redis_url)
+    return TestClient(create_app(settings, services), base_url="http://testserver", follow_redirects=False,
+                      client=client)
 
 
 @pytest.fixture
