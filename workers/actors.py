@@ -195,7 +195,8 @@ def give_up_invitations(message_data: dict[str, Any], retry_info: dict[str, Any]
     """Dramatiq gave up a send_invitation message: its own ids, still pending, become failed with the reason."""
     rt = runtime.current()
     options = message_data.get("options") or {}
-    ids = options.get(OWNED_IDS) or message_data.get("args") or []
+    # A message from before narrowing owns all its args.
+    ids = options[OWNED_IDS] if OWNED_IDS in options else message_data.get("args") or []
     attempts = int(retry_info.get("retries", INVITE_RETRIES)) + 1
     reason = options.get(LAST_ERROR) or "unknown error"
     given_up = invitations.give_up(rt.engine, ids, f"gave up after {attempts} attempts: {reason}")
@@ -215,7 +216,8 @@ def send_invitation(*invitation_ids: str) -> None:
     """
     rt = runtime.current()
     message = CurrentMessage.get_current_message()
-    owned = list((message.options.get(OWNED_IDS) if message is not None else None) or invitation_ids)
+    narrowed = message is not None and OWNED_IDS in message.options
+    owned = list(message.options[OWNED_IDS] if narrowed else invitation_ids)  # type: ignore[union-attr]
     try:
         result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, owned)
     except Exception as error:
