@@ -170,6 +170,9 @@ class Settings:
     # Failed sign-ins to the admin page per client address per minute; past it the address waits out the minute.
     web_signin_failure_limit: int = 10
     scim_limits: ScimLimits = field(default_factory=ScimLimits)
+    # PostgreSQL only: at most this many concurrent user creates of one tenant
+    # share one statement and one commit (1 sends each create alone).
+    scim_create_batch_max: int = 64
     # PostgreSQL only: the longest one statement may run, and the longest a
     # connection attempt may wait, in seconds (0 turns the statement limit off).
     database_statement_timeout: float = 30.0
@@ -303,6 +306,7 @@ class Settings:
             scim_auth_failure_limit=_int(env, "SCIM_AUTH_FAILURE_LIMIT", 30, 0),
             web_signin_failure_limit=_int(env, "WEB_SIGNIN_FAILURE_LIMIT", 10, 0),
             scim_limits=ScimLimits.from_env(env),
+            scim_create_batch_max=_int(env, "SCIM_CREATE_BATCH_MAX", 64, 1),
             database_statement_timeout=_seconds(env, "DATABASE_STATEMENT_TIMEOUT", 30.0, 0.0),
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 10.0, 1.0),
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.

@@ -24,7 +24,7 @@ from api.scim.errors import (
     UnauthorizedError,
     from_directory,
 )
-from api.scim.fastpath import patch_group
+from api.scim.fastpath import added_members, patch_group
 from api.scim.http import (
     OFF_LOOP_BYTES,
     Authenticator,
@@ -53,6 +53,7 @@ from api.scim.schema import (
     SEARCH_REQUEST,
     USER_RESOURCE,
     ResourceSchema,
+    normalise_patched,
     normalise_resource,
 )
 from models.db import is_postgres, session_scope
@@ -94,6 +95,7 @@ class ScimApi:
             engine.url.render_as_string(hide_password=False),
             statement_timeout=settings.database_statement_timeout,
             connect_timeout=settings.database_connect_timeout,
+            create_batch_max=settings.scim_create_batch_max,
         ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
@@ -234,10 +236,16 @@ class ScimApi:
         """PATCH /Groups/{id} on PostgreSQL (an IdP's membership changes): one short transaction on the loop."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
+        group_id = call.path["id"]
+        # Only-adds-members with no If-Match (an IdP's bulk of PATCHes): one statement.
+        added = None if call.headers.get("if-match") else added_members(call.body, call.limits)
         try:
-            version = await patch_group(
-                self.fast, call.tenant_id, digest, call.path["id"], call.body, call.check_if_match, call.limits
-            )
+            if added is not None and group_id not in added:
+                version = await self.fast.add_group_members(call.tenant_id, digest, group_id, added)
+            else:
+                version = await patch_group(
+                    self.fast, call.tenant_id, digest, group_id, call.body, call.check_if_match, call.limits
+                )
         except DirectoryError as exc:
             raise from_directory(exc) from None
         if version is None:
@@ -352,8 +360,10 @@ class ScimApi:
 
     def patch_user(self, session: Session, tenant: AuthorizedTenant, call: Call) -> Response:
         user = self._locked_user(session, tenant, call)
+        stored = user_doc(user)
         doc = Patcher(USER_RESOURCE, user_doc(user), limits=call.limits).apply(call.body)
-        users.update_user(session, user, normalise_resource(USER_RESOURCE, doc, call.limits))
+        # Only what the operations changed is normalised again (the rest was when it was stored).
+        users.update_user(session, user, normalise_patched(USER_RESOURCE, stored, doc, call.limits))
         user_groups = groups_of(session, [user.id])[user.id]
         return self._projected(USER_RESOURCE, call, user_json(user, call.base_url, user_groups))
 

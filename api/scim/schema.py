@@ -438,6 +438,51 @@ def normalise_resource(resource: ResourceSchema, body: Any, limits: ScimLimits) 
     return out
 
 
+_ABSENT = object()
+
+
+def normalise_patched(
+    resource: ResourceSchema, before: dict[str, Any], after: dict[str, Any], limits: ScimLimits,
+) -> dict[str, Any]:
+    """What `normalise_resource(resource, after, limits)` stores, where `after` is a PATCH applied to `before`,
+    the stored document (normalised when it was written): only the top-level attributes the operations changed
+    are normalised again; the extensions declared and the document's size are checked on the whole.
+
+    normalise_resource treats each top-level attribute on its own and leaves its own
+    output as it is, so this is the same document for less work. Anything else (a
+    changed `schemas`, a key not spelt as the schema spells it, the pre-RFC
+    enterprise URN, whose attributes merge with the extension's) is normalised whole.
+    """
+    changed = [key for key, value in after.items() if before.get(key, _ABSENT) != value]
+    if (not isinstance(after.get("schemas"), list) or before.get("schemas") != after["schemas"]
+            or not all(_canonical(resource, key) for key in changed)):
+        return normalise_resource(resource, after, limits)
+    fresh = normalise_resource(resource, {"schemas": after["schemas"], **{key: after[key] for key in changed}}, limits)
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        if key == "schemas":
+            continue
+        if key not in changed:
+            out[key] = value
+        elif key in fresh:
+            out[key] = fresh[key]  # else normalised away (emptied, read-only)
+    out["schemas"] = declared_schemas(resource, out)
+    check_document_size(out, limits)
+    return out
+
+
+def _canonical(resource: ResourceSchema, key: str) -> bool:
+    """The key is stored under its own name: the schema's spelling, an extension's id, or an unknown attribute."""
+    lowered = key.lower()
+    if lowered in _READ_ONLY_TOP or lowered in LEGACY_ENTERPRISE_SCHEMAS:
+        return False
+    ext = resource.is_extension(key)
+    if ext is not None:
+        return ext.id == key
+    attr = resource.core.attr(key)
+    return attr is None or attr.name == key
+
+
 def coerce_ext_value(attr: Attr, value: Any, where: str) -> Any:
     """Extension attributes; Entra sends `manager` as a plain id string."""
     if attr.name == "manager" and isinstance(value, str):

@@ -4,7 +4,9 @@ An IdP's first cycle is thousands of `POST /Users` and member PATCHes in a
 burst (DESIGN.md "The SCIM write path is the hot path"). A create is ONE
 statement: a data-modifying CTE that checks the token, inserts the user and
 appends its sync event, atomically (autocommit: one statement, one
-transaction), with no thread-pool hop and no ORM. A group write is one short
+transaction), with no thread-pool hop and no ORM; the creates of one tenant
+that arrive while such a statement runs share the next one (CreateBatcher), so
+a burst costs PostgreSQL one commit and one event per batch, not per user. A group write is one short
 transaction in pipeline mode (GroupWrite). psycopg prepares a statement it has
 run a few times, so the server plans it once per connection. SQLite keeps the
 synchronous functions of this package, in the thread pool.
@@ -35,26 +37,37 @@ log = logging.getLogger(__name__)
 
 CHECKOUT_TIMEOUT_SECONDS = 5.0
 
-# The token, the user and its event in one statement. The partial unique index
-# (tenant, case-folded userName) WHERE deleted_at IS NULL decides uniqueness:
-# ON CONFLICT DO NOTHING turns a duplicate into "no row", never an error.
-CREATE_USER = """
+# The token, the users and their event in one statement, for the creates of one
+# tenant that arrived together (CreateBatcher): one commit, one sync event
+# naming every user it created. The partial unique index (tenant, case-folded
+# userName) WHERE deleted_at IS NULL decides uniqueness: ON CONFLICT DO NOTHING
+# turns a duplicate into "no row", never an error, and a row that conflicts with
+# an earlier row of the same statement is skipped the same way (the first wins).
+CREATE_USERS = """
 WITH t AS (
     SELECT id FROM tenant WHERE token_hash = %(digest)s AND id = %(tenant)s AND scim_enabled
+), r AS (
+    -- The rows as one JSON array (one orjson.dumps per batch, each document
+    -- embedded as it will be stored), in the order the creates arrived.
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS r(n int, id varchar, user_name varchar, user_name_key varchar, external_id varchar,
+             display_name varchar, active boolean, data json, created_at timestamptz)
 ), u AS (
     INSERT INTO scim_user (id, tenant_id, user_name, user_name_key, external_id, display_name,
                            active, data, version, created_at, updated_at, deleted_at)
-    SELECT %(id)s, t.id, %(user_name)s, %(key)s, %(external_id)s, %(display_name)s,
-           %(active)s, %(data)s::json, 1, %(now)s, %(now)s, NULL FROM t
+    SELECT r.id, t.id, r.user_name, r.user_name_key, r.external_id, r.display_name,
+           r.active, r.data, 1, r.created_at, r.created_at, NULL FROM t CROSS JOIN r ORDER BY r.n
     ON CONFLICT (tenant_id, user_name_key) WHERE deleted_at IS NULL DO NOTHING
     RETURNING id
 ), e AS (
     INSERT INTO sync_event (tenant_id, kind, user_ids, created_at)
-    SELECT %(tenant)s, 'user_created', %(user_ids)s::json, %(now)s FROM u
+    SELECT %(tenant)s, 'user_created', json_agg(id ORDER BY id), %(now)s FROM u HAVING count(*) > 0
     RETURNING id
 )
-SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM e)
+SELECT (SELECT count(*) FROM t), (SELECT array_agg(id) FROM u), (SELECT count(*) FROM e)
 """
+
+_BATCH_COLUMNS = ("id", "user_name", "user_name_key", "external_id", "display_name", "active", "data", "created_at")
 
 TENANT_OF_TOKEN = "SELECT id, scim_enabled FROM tenant WHERE token_hash = %s"
 TOUCH = "UPDATE tenant SET last_request_at = %s WHERE id = %s"
@@ -93,6 +106,46 @@ REWRITE_GROUP = """
 UPDATE scim_group SET display_name = %(name)s, display_name_key = %(key)s, external_id = %(external_id)s,
        data = %(data)s::json
 WHERE id = %(group)s
+"""
+# A PATCH that only adds members (what IdPs send, by the thousand) in ONE
+# statement, one round trip, autocommit: the token checked, the member ids (one
+# JSON parameter, unpacked by the server) looked up by primary key, the group's
+# version bumped only when every id is a User or Group of the tenant, the rows
+# inserted and the sync event appended only when the bump happened. A refused
+# PATCH (unknown member, group or token) changes nothing; the last column says
+# which refusal it is. The event's user ids are the inserted Users, sorted by
+# code point (COLLATE "C", as Python sorts) and written compactly as
+# GroupWrite.record_event writes them.
+ADD_GROUP_MEMBERS = """
+WITH
+t AS (SELECT 1 FROM tenant WHERE id = %(tenant)s AND token_hash = %(digest)s AND scim_enabled),
+w AS (SELECT ARRAY(SELECT json_array_elements_text(%(ids)s::json))::varchar[] AS ids),
+users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY((SELECT ids FROM w)::varchar[])),
+groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group WHERE id = ANY((SELECT ids FROM w)::varchar[])),
+known AS MATERIALIZED (
+    SELECT id, 'User'::varchar AS kind FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL
+    UNION ALL
+    SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
+), bump AS (
+    UPDATE scim_group g SET version = g.version + 1, updated_at = %(now)s
+    WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND EXISTS (SELECT 1 FROM t)
+      AND (SELECT count(*) FROM known) = %(count)s
+    RETURNING g.version
+), ins AS (
+    INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
+    SELECT %(group)s, known.id, %(tenant)s, known.kind FROM known, bump
+    ON CONFLICT (group_id, member_id) DO NOTHING RETURNING member_id, member_type
+), ev AS (
+    INSERT INTO sync_event (tenant_id, kind, user_ids, created_at)
+    SELECT %(tenant)s, 'group_updated', coalesce(array_to_json((
+        SELECT array_agg(member_id ORDER BY member_id COLLATE "C") FROM ins WHERE member_type = 'User')), '[]'::json),
+        %(now)s
+    FROM bump
+)
+SELECT (SELECT version FROM bump), EXISTS (SELECT 1 FROM t),
+       CASE WHEN NOT EXISTS (SELECT 1 FROM bump) THEN
+           EXISTS (SELECT 1 FROM scim_group WHERE id = %(group)s AND tenant_id = %(tenant)s) END,
+       CASE WHEN NOT EXISTS (SELECT 1 FROM bump) THEN ARRAY(SELECT id FROM known) END
 """
 GROUP_EVENT = "INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) VALUES (%s, 'group_updated', %s::json, %s)"
 
@@ -161,12 +214,113 @@ class GroupWrite:
         await self.conn.execute(GROUP_EVENT, (self.tenant_id, orjson.dumps(sorted(set(user_ids))).decode(), self.now))
 
 
+# Statements in flight at once per tenant and process: one would make each batch
+# wait for the previous one's commit (its WAL flush); a few overlap those waits.
+SENDERS_PER_TENANT = 2
+
+# (authorized, created) of one create: the token opened the tenant; the row was inserted.
+CreateOutcome = tuple[bool, bool]
+
+
+@dataclass
+class _PendingCreate:
+    row: dict[str, Any]
+    done: asyncio.Future[CreateOutcome]
+
+
+class CreateBatcher:
+    """Concurrent user creates of one tenant and token share one statement (a group commit for creates).
+
+    The first create of a tenant starts a sender; creates that arrive while its
+    statement runs wait for the next one, up to `max_rows` per statement. Each
+    create is answered only after the statement that holds it committed, with
+    its own outcome (created, userName taken, token refused). When a statement
+    fails for a reason other than the database being unreachable (a value
+    PostgreSQL refuses), its creates are sent again one by one, so one bad row
+    answers for itself and no other create fails with it.
+    """
+
+    def __init__(self, database: "AsyncDatabase", max_rows: int, senders: int = SENDERS_PER_TENANT) -> None:
+        self.database = database
+        self.max_rows = max(1, max_rows)
+        self.senders = max(1, senders)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[tuple[str, str], list[_PendingCreate]] = {}
+        self._tasks: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
+
+    async def create(self, tenant_id: str, digest: str, row: dict[str, Any]) -> CreateOutcome:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A batcher's futures and tasks belong to one loop (a test's asyncio.run makes a new one each time).
+            self._loop, self._waiting, self._tasks = loop, {}, {}
+        key = (tenant_id, digest)
+        pending = _PendingCreate(row, loop.create_future())
+        self._waiting.setdefault(key, []).append(pending)
+        senders = self._tasks.setdefault(key, set())
+        if len(senders) < self.senders:
+            senders.add(loop.create_task(self._send(key)))
+        return await pending.done
+
+    async def _send(self, key: tuple[str, str]) -> None:
+        try:
+            while waiting := self._waiting.get(key):
+                batch, rest = waiting[:self.max_rows], waiting[self.max_rows:]
+                if rest:
+                    self._waiting[key] = rest
+                else:
+                    del self._waiting[key]
+                # A create whose request was cancelled (the client left) before its turn is not sent.
+                batch = [pending for pending in batch if not pending.done.done()]
+                if not batch:
+                    continue
+                try:
+                    await self._run(key, batch)
+                except BaseException as exc:
+                    _answer_all(batch, exc)  # cancelled (the loop shuts down): nobody waits for ever
+                    raise
+        finally:
+            # In the same step as the last look at the queue: a create that comes after it starts a new sender.
+            senders = self._tasks.get(key)
+            task = asyncio.current_task()
+            if senders is not None and task is not None:
+                senders.discard(task)
+                if not senders:
+                    del self._tasks[key]
+
+    async def _run(self, key: tuple[str, str], batch: list[_PendingCreate]) -> None:
+        tenant_id, digest = key
+        try:
+            authorized, created = await self.database.insert_users(tenant_id, digest, [p.row for p in batch])
+        except UnavailableError as exc:
+            _answer_all(batch, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - re-sent one by one below, so each create answers for itself
+            if len(batch) == 1:
+                _answer_all(batch, exc)
+                return
+            log.warning("a batch of %d user creates failed (%s); sending them one by one", len(batch),
+                        type(exc).__name__)
+            for pending in batch:
+                await self._run(key, [pending])
+            return
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_result((authorized, pending.row["id"] in created))
+
+
+def _answer_all(batch: list[_PendingCreate], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.done.done():
+            pending.done.set_exception(exc)
+
+
 class AsyncDatabase:
     """A psycopg async pool per event loop, opened on first use (nothing connects at import or build time)."""
 
     def __init__(self, database_url: str, *, max_size: int = 20,
                  checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS,
-                 statement_timeout: float | None = None, connect_timeout: float | None = None) -> None:
+                 statement_timeout: float | None = None, connect_timeout: float | None = None,
+                 create_batch_max: int = 64) -> None:
         self._conninfo = conninfo(database_url)
         # The same statement and connect timeouts as the engine (models/db.py).
         self._connect_args = postgres_connect_args(statement_timeout, connect_timeout)
@@ -175,6 +329,7 @@ class AsyncDatabase:
         self._pool: AsyncConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = asyncio.Lock()
+        self.creates = CreateBatcher(self, create_batch_max)
 
     async def _current(self) -> AsyncConnectionPool:
         loop = asyncio.get_running_loop()
@@ -225,21 +380,51 @@ class AsyncDatabase:
             await conn.execute(TOUCH, (utcnow(), tenant_id))
 
     async def create_user(self, tenant_id: str, digest: str, doc: dict[str, Any]) -> dict[str, Any] | None:
-        """Insert a user and its event in one statement; the row, or None when the token is not this tenant's."""
+        """Insert a user and its event, committed, in one statement that concurrent creates of the tenant
+        may share (CreateBatcher); the row, or None when the token is not this tenant's."""
         row = new_user_row(tenant_id, doc)
-        params = {
-            "digest": digest, "tenant": tenant_id, "id": row["id"], "user_name": row["user_name"],
-            "key": row["user_name_key"], "external_id": row["external_id"], "display_name": row["display_name"],
-            "active": row["active"], "data": orjson.dumps(row["data"]).decode(),
-            "user_ids": orjson.dumps([row["id"]]).decode(), "now": row["created_at"],
-        }
-        async with self.connection() as conn:
-            authorized, created = await (await conn.execute(CREATE_USER, params)).fetchone()  # type: ignore[misc]
+        authorized, created = await self.creates.create(tenant_id, digest, row)
         if not authorized:
             return None
         if not created:
             raise UniquenessError(f"userName '{row['user_name']}' is already taken in this tenant.")
         return row
+
+    async def add_group_members(self, tenant_id: str, digest: str, group_id: str, member_ids: list[str]) -> int | None:
+        """Add members to a group in one statement; its new version, or None when the token is refused.
+
+        `member_ids` are distinct and do not name the group itself. An id that is
+        no User or Group of the tenant refuses the whole PATCH, and nothing changes.
+        """
+        params = {
+            "tenant": tenant_id, "digest": digest, "group": group_id, "ids": orjson.dumps(member_ids).decode(),
+            "count": len(member_ids), "now": utcnow(),
+        }
+        async with self.connection() as conn:
+            version, authorized, group_found, known = await (  # type: ignore[misc]
+                await conn.execute(ADD_GROUP_MEMBERS, params)).fetchone()
+        if version is not None:
+            return version
+        if not authorized:
+            return None
+        if not group_found:
+            raise NotFoundError(f"Group '{group_id}' not found.")
+        found = set(known or ())
+        unknown = [i for i in member_ids if i not in found]
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise InvalidValueError(f"Members must be Users or Groups of this tenant; unknown: {shown}.")
+
+    async def insert_users(self, tenant_id: str, digest: str, rows: list[dict[str, Any]]) -> tuple[bool, set[str]]:
+        """Insert these users and one event naming those inserted, in one statement: (token opened the tenant,
+        ids inserted). A row whose userName is taken (or taken by an earlier row of the list) is left out."""
+        params = {
+            "digest": digest, "tenant": tenant_id, "now": utcnow(),
+            "rows": orjson.dumps([{"n": n, **{column: row[column] for column in _BATCH_COLUMNS}}
+                                  for n, row in enumerate(rows)]).decode(),
+        }
+        async with self.connection() as conn:
+            authorized, created, _ = await (await conn.execute(CREATE_USERS, params)).fetchone()  # type: ignore[misc]
+        return bool(authorized), set(created or ())
 
     @asynccontextmanager
     async def group_write(self, tenant_id: str, digest: str, group_id: str) -> AsyncIterator[GroupWrite | None]:

@@ -14,6 +14,7 @@ def test_defaults_are_bounded():
     assert settings.scim_limits.max_document_bytes == 65536
     assert settings.database_statement_timeout == 30.0
     assert settings.database_connect_timeout == 10.0
+    assert settings.scim_create_batch_max == 64
 
 
 def test_each_cap_is_read_from_its_variable():
@@ -28,8 +29,10 @@ def test_each_cap_is_read_from_its_variable():
         "SCIM_MAX_DOCUMENT_BYTES": "4096",
         "DATABASE_STATEMENT_TIMEOUT": "2.5",
         "DATABASE_CONNECT_TIMEOUT": "3",
+        "SCIM_CREATE_BATCH_MAX": "1",
     }
     settings = Settings.from_env(env)
+    assert settings.scim_create_batch_max == 1
     assert settings.scim_limits == ScimLimits(7, 8, 9, 10, 11, 12, 13, 4096)
     assert (settings.database_statement_timeout, settings.database_connect_timeout) == (2.5, 3.0)
 
@@ -42,6 +45,7 @@ def test_each_cap_is_read_from_its_variable():
     ("DATABASE_STATEMENT_TIMEOUT", "inf"),
     ("DATABASE_CONNECT_TIMEOUT", "nan"),
     ("DATABASE_CONNECT_TIMEOUT", "0"),
+    ("SCIM_CREATE_BATCH_MAX", "0"),
 ])
 def test_unusable_values_are_refused_with_the_variable_named(name, value):
     with pytest.raises(SettingsError, match=name):
