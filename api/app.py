@@ -59,6 +59,7 @@ class Services:
         wake_async: Callable[[str], Awaitable[Any]] | None = None,
         send_purchase: Callable[[str], Any] | None = None,
         stripe_alert: Callable[[], str | None] | None = None,
+        close_async: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self.wake = wake
@@ -69,6 +70,8 @@ class Services:
         self.wake_async = wake_async
         self.send_purchase = send_purchase
         self.stripe_alert = stripe_alert
+        # Closes what the event loop's side opened (wake_async's Redis client), at the app's shutdown.
+        self.close_async = close_async
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Services":
@@ -125,7 +128,7 @@ class Services:
 
         return cls(
             engine_from_settings(settings), waker.wake, ping, stats, url, WakeBatcher(wake_async).wake,
-            send_purchase=send_purchase, stripe_alert=stripe_alert,
+            send_purchase=send_purchase, stripe_alert=stripe_alert, close_async=flags.close,
         )
 
 
@@ -232,7 +235,7 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
                    redis_url=services.redis_url)
     admin = AdminApi(settings, services.engine, services.wake, services.send_purchase)
     webhooks = StripeWebhooks(settings, services.engine, services.wake)
-    pages = WebPages(settings, services.engine, services.wake, services.send_purchase)
+    pages = WebPages(settings, services.engine, services.wake, services.send_purchase, redis_url=services.redis_url)
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -327,6 +330,9 @@ def create_app(settings: Settings, services: Services | None = None) -> "Starlet
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
         await scim.close()
+        await pages.close()
+        if services.close_async is not None:
+            await services.close_async()
 
     app = Starlette(
         lifespan=lifespan,

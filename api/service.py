@@ -7,7 +7,7 @@ and every change that can alter access appends a sync event there too.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select
@@ -141,7 +141,7 @@ def parse_since(raw: str) -> datetime:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"'since' must be a date (YYYY-MM-DD) or an ISO 8601 time, got {raw[:40]!r}.") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return as_utc(moment)
 
 
 def decide_purchase(session: Session, actor: str, tenant: Tenant, purchase_id: str, decision: str) -> dict[str, Any]:

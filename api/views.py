@@ -14,6 +14,8 @@ from models.directory import events
 from models.directory.users import invitation_address
 from models.settings import TIERS
 from models.tables import (
+    ACCOUNT_HELD,
+    HOLD_KEEP,
     Account,
     Invitation,
     Purchase,
@@ -23,7 +25,6 @@ from models.tables import (
     as_utc,
     utcnow,
 )
-from workers.deprovision import HELD, KEEP
 
 
 def _iso(moment: Any) -> str | None:
@@ -79,7 +80,7 @@ def user_rows(
         waiting = invite_status == "pending" and send_day is not None and as_utc(send_day) > now
         status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")
         if account is not None and account.role is not None and (
-            account.status == HELD or (account.hold_decision == KEEP and user.deleted_at is not None)
+            account.status == ACCOUNT_HELD or (account.hold_decision == HOLD_KEEP and user.deleted_at is not None)
         ):
             # The breaker keeps this user's access (held, or kept by the admin's revert), deleted by the IdP or not.
             status = account.status
@@ -93,7 +94,7 @@ def user_rows(
                 "role": account.role if account and status != "deleted" else None,
                 "license": account.license if account and status != "deleted" else None,
                 "status": status,
-                "status_reason": account.status_reason if account and status in ("pending_license", HELD) else None,
+                "status_reason": account.status_reason if account and status in ("pending_license", ACCOUNT_HELD) else None,
                 "invited_at": _iso(account.invited_at) if account else None,
                 "invite_error": account.invite_error if account else None,
                 # Past the tenant's daily invitation cap: why it waits and until when.
@@ -184,7 +185,7 @@ def sync_state(session: Session, tenant: Tenant) -> dict[str, Any]:
         ).where(Invitation.tenant_id == tenant.id, Invitation.status.in_(("pending", "sending")))
     ).one()
     held = session.execute(
-        select(func.count()).where(Account.tenant_id == tenant.id, Account.status == HELD)
+        select(func.count()).where(Account.tenant_id == tenant.id, Account.status == ACCOUNT_HELD)
     ).scalar_one()
     return {
         "events_total": total,

@@ -76,10 +76,6 @@ class Preview:
     # Tiers with seats to buy whose price was not read from Stripe yet.
     unpriced: list[str] = field(default_factory=list)
 
-    @property
-    def seats_to_buy(self) -> int:
-        return sum(t.to_buy for t in self.tiers.values())
-
 
 def preview_mapping(
     members: Iterable[Member],

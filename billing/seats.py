@@ -15,7 +15,7 @@ from billing.guard import HELD, OPEN_STATUSES, GuardPolicy, hold_reason, is_firs
 from billing.licenses import TierPlan, plan_tier, purchase_targets, raised_to
 from models.db import chunks
 from models.settings import TIERS
-from models.tables import Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
+from models.tables import ACCOUNT_HELD, Account, AccountHistory, Purchase, SeatCount, Tenant, new_id
 
 REASON_BUYING = "Waiting for the {tier} seat purchase in progress."
 REASON_SYNCING = "Waiting for the seats bought to be read from Stripe."
@@ -194,7 +194,7 @@ def allocate(
             Account.wanted_tier.is_not(None),
             Account.license.is_(None),
             # A user whose removal of access the breaker holds waits for the admin, not for a seat.
-            Account.status != "held",
+            Account.status != ACCOUNT_HELD,
         )
         .order_by(Account.waiting_since, Account.user_id)
     ):

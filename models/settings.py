@@ -167,6 +167,8 @@ class Settings:
     scim_rate_limit: int = 200
     # Failed SCIM authentications per client address per minute before 429.
     scim_auth_failure_limit: int = 30
+    # Failed sign-ins to the admin page per client address per minute; past it the address waits out the minute.
+    web_signin_failure_limit: int = 10
     scim_limits: ScimLimits = field(default_factory=ScimLimits)
     # PostgreSQL only: at most this many concurrent user creates of one tenant
     # share one statement and one commit (1 sends each create alone).
@@ -306,6 +308,7 @@ class Settings:
             max_body_bytes=_int(env, "SCIM_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),
             scim_rate_limit=_int(env, "SCIM_RATE_LIMIT", 200, 0),
             scim_auth_failure_limit=_int(env, "SCIM_AUTH_FAILURE_LIMIT", 30, 0),
+            web_signin_failure_limit=_int(env, "WEB_SIGNIN_FAILURE_LIMIT", 10, 0),
             scim_limits=ScimLimits.from_env(env),
             scim_create_batch_max=_int(env, "SCIM_CREATE_BATCH_MAX", 64, 1),
             database_statement_timeout=_seconds(env, "DATABASE_STATEMENT_TIMEOUT", 30.0, 0.0),

@@ -209,10 +209,17 @@ class Account(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
     # When this user's access was last taken away (the breaker counts recent removals).
     access_removed_at: Optional[datetime] = None
-    # Mass-deprovision breaker: since when a removal of access is held, and
-    # the admin's decision ("confirm" → apply it, "keep" → the user keeps access).
+    # Mass-deprovision breaker: since when a removal of access is held (status ACCOUNT_HELD), and
+    # the admin's decision (HOLD_CONFIRM → apply it, HOLD_KEEP → the user keeps access).
     held_since: Optional[datetime] = None
     hold_decision: Optional[str] = Field(default=None, max_length=16)
+
+
+# Account.status of a user whose removal of access the mass-deprovision breaker holds.
+ACCOUNT_HELD = "held"
+# Account.hold_decision: the admin confirmed the held removal, or kept the user's access.
+HOLD_CONFIRM = "confirm"
+HOLD_KEEP = "keep"
 
 
 class SeatCount(SQLModel, table=True):

@@ -110,9 +110,10 @@ def base_settings(var_dir: Path, database_url: str, redis_url: str) -> Settings:
         # Each run its own namespace: several runs may share one Redis server.
         redis_namespace=f"sallytest{os.getpid()}{uuid.uuid4().hex[:4]}",
         # The suite sends hundreds of requests a second and many wrong tokens from
-        # one address; tests/api/test_limits.py sets these limits where it tests them.
+        # one address; tests/api/test_limits.py and tests/api/web/test_session.py set these limits where they test them.
         scim_rate_limit=0,
         scim_auth_failure_limit=0,
+        web_signin_failure_limit=0,
     )
 
 
@@ -195,7 +196,9 @@ def live_server(base_settings: Settings, engine: Engine) -> Iterator[LiveServer]
     services.engine.dispose()
     services.engine = engine
     app = create_app(base_settings, services)
-    config = uvicorn.Config(app, host="127.0.0.1", port=base_settings.port, log_level="warning", lifespan="off")
+    # With the app's lifespan, as in production: at the end of the session its shutdown closes the SCIM
+    # hot path's async PostgreSQL pool and the async Redis clients in the server's own event loop.
+    config = uvicorn.Config(app, host="127.0.0.1", port=base_settings.port, log_level="warning", lifespan="on")
     server = _Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -206,7 +209,9 @@ def live_server(base_settings: Settings, engine: Engine) -> Iterator[LiveServer]
         time.sleep(0.02)
     yield LiveServer(base_settings.public_base_url, base_settings, app)
     server.should_exit = True
-    thread.join(timeout=10)
+    thread.join(timeout=30)
+    # A socket left open by the app (its lifespan closes them all) keeps uvloop's close from returning.
+    assert not thread.is_alive(), "the test server did not shut down within 30 s"
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import dramatiq
 import redis
@@ -16,8 +17,12 @@ from billing.purchasing import sync_seats as sync_seats_from_stripe
 from billing.stripe_gateway import BillingError, PermanentBillingError
 from models.tables import utcnow
 from workers import invitations, quarantine, runtime
+from workers.deadletters import safe_reason
 from workers.names import (
+    GIVE_UP_INVITATIONS,
     INVITE_QUEUE,
+    LAST_ERROR,
+    OWNED_IDS,
     PURCHASE_QUEUE,
     PURCHASE_SEATS,
     RECONCILE_QUEUE,
@@ -89,14 +94,11 @@ def _pace(rt: runtime.Runtime, subscription_id: str, request_key: str) -> float:
         return 0.0  # Pacing is a courtesy to Stripe; without Redis, Stripe's 429 still paces us.
 
 
-def _retries_so_far() -> int:
-    message = CurrentMessage.get_current_message()
-    return int(message.options.get("retries", 0)) if message is not None else 0
-
-
 @dramatiq.actor(
     actor_name=RECONCILE_TENANT, queue_name=RECONCILE_QUEUE,
     max_retries=RECONCILE_RETRIES, min_backoff=500, max_backoff=15_000,
+    # A failure that quarantines the tenant ends the message's retries.
+    throws=(quarantine.TenantQuarantined,),
 )
 def reconcile_tenant(tenant_id: str) -> None:
     """Apply a tenant's unapplied events; then send the purchase and invitations it planned."""
@@ -119,8 +121,9 @@ def reconcile_tenant(tenant_id: str) -> None:
         rt.telemetry.job(RECONCILE_TENANT, "error")
         if quarantine.counts_as_poison(error):
             policy = quarantine.QuarantinePolicy.from_settings(rt.settings)
-            if quarantine.record_failure(rt.engine, tenant_id, error, policy, utcnow()) is not None:
-                return  # quarantined: no more retries of this message
+            until = quarantine.record_failure(rt.engine, tenant_id, error, policy, utcnow())
+            if until is not None:
+                raise quarantine.TenantQuarantined(tenant_id, until, safe_reason(error)) from error
         raise
     if health.failures and not result.busy:
         quarantine.clear(rt.engine, tenant_id)
@@ -179,9 +182,34 @@ def sync_seats(tenant_id: str) -> None:
         send_purchase(rt, allocation.purchase_id)
 
 
+# A send_invitation message owns its ids until each is settled. An attempt that fails keeps in the
+# message's options (which Dramatiq's retries carry along) only the ids it gave back for the retry, and
+# why: ids sent, refused for good, waiting for their day, being sent by another message or postponed
+# into a new message are no longer this message's. So the retry sends only those, and when the retries
+# are spent, give_up_invitations (Dramatiq's on_retry_exhausted) fails only those.
+
+
+@dramatiq.actor(
+    actor_name=GIVE_UP_INVITATIONS, queue_name=INVITE_QUEUE,
+    max_retries=INVITE_RETRIES, min_backoff=1_000, max_backoff=60_000,
+)
+def give_up_invitations(message_data: dict[str, Any], retry_info: dict[str, Any]) -> None:
+    """Dramatiq gave up a send_invitation message: its own ids, still pending, become failed with the reason."""
+    rt = runtime.current()
+    options = message_data.get("options") or {}
+    # A message from before narrowing owns all its args.
+    ids = options[OWNED_IDS] if OWNED_IDS in options else message_data.get("args") or []
+    attempts = int(retry_info.get("retries", INVITE_RETRIES)) + 1
+    reason = options.get(LAST_ERROR) or "unknown error"
+    given_up = invitations.give_up(rt.engine, ids, f"gave up after {attempts} attempts: {reason}")
+    if given_up:
+        rt.telemetry.job(SEND_INVITATION, "given_up", len(given_up))
+
+
 @dramatiq.actor(
     actor_name=SEND_INVITATION, queue_name=INVITE_QUEUE,
     max_retries=INVITE_RETRIES, min_backoff=1_000, max_backoff=60_000,
+    on_retry_exhausted=GIVE_UP_INVITATIONS,
 )
 def send_invitation(*invitation_ids: str) -> None:
     """Claim, send (stable Message-ID) and record a batch of invitations; after the last retry the error is on the rows.
@@ -189,17 +217,19 @@ def send_invitation(*invitation_ids: str) -> None:
     Messages from before batching carry one id; they are a batch of one.
     """
     rt = runtime.current()
+    message = CurrentMessage.get_current_message()
+    narrowed = message is not None and OWNED_IDS in message.options
+    owned = list(message.options[OWNED_IDS] if narrowed else invitation_ids)  # type: ignore[union-attr]
     try:
-        result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, invitation_ids)
+        result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, owned)
     except Exception as error:
-        # The database (or a bug), not the mail server: nothing says which rows were sent.
+        # The database (or a bug), not the mail server: nothing says which rows were sent, so the
+        # message keeps every id it owned (give_up fails only rows still pending, never a sent one).
         rt.telemetry.job(SEND_INVITATION, "error")
-        if _retries_so_far() >= INVITE_RETRIES:
-            _give_up(rt, invitation_ids, error)
-            return
+        _keep_for_retry(message, owned, error)
         raise
     # One count per invitation and outcome: sent, failed, already_done,
-    # claimed_elsewhere, retry (Dramatiq retries the job), postponed.
+    # claimed_elsewhere, retry (Dramatiq retries the job), postponed, waiting.
     for outcome, count in result.counts().items():
         rt.telemetry.job(SEND_INVITATION, outcome, count)
     postponed = result.ids("postponed")
@@ -209,13 +239,14 @@ def send_invitation(*invitation_ids: str) -> None:
     if result.error is not None:
         # And one "error" per failed job, as for the other actors.
         rt.telemetry.job(SEND_INVITATION, "error")
-        if _retries_so_far() >= INVITE_RETRIES:
-            _give_up(rt, result.ids("retry"), result.error)
-            return
+        _keep_for_retry(message, result.ids("retry"), result.error)
         raise result.error
 
 
-def _give_up(rt: runtime.Runtime, invitation_ids: Iterable[str], error: Exception) -> None:
+def _keep_for_retry(message: Any, invitation_ids: list[str], error: Exception) -> None:
+    """Narrow the failing message to the ids it still owns, with the reason its give-up will show."""
+    if message is None:
+        return
+    message.options[OWNED_IDS] = list(invitation_ids)
     # The reason, never str(error): a database error could carry SQL and addresses.
-    reason = getattr(error, "reason", type(error).__name__)
-    invitations.give_up(rt.engine, invitation_ids, f"gave up after {INVITE_RETRIES + 1} attempts: {reason}")
+    message.options[LAST_ERROR] = getattr(error, "reason", None) or type(error).__name__

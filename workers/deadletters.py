@@ -1,4 +1,5 @@
-"""Dead letters: the jobs Dramatiq gave up on after their last retry, listed and re-queued.
+"""Dead letters: the jobs Dramatiq gave up on (after their last retry, or at once for an error in the actor's
+`throws`), listed and re-queued.
 
 Dramatiq's Redis broker keeps each queue's dead letters in a sorted set
 `{ns}:{queue}.XQ` (scored by the time it gave up, in ms) and their bodies in
@@ -56,7 +57,8 @@ class FailureRecorder(Middleware):
     def before_nack(self, broker: Broker, message: Any) -> None:
         error = getattr(message, "_exception", None)
         reason = safe_reason(error) if error is not None else "unknown"
-        log.error("job %s(%s) gave up after its last retry: %s; it is a dead letter now (`sally-scim jobs failed`)",
+        # After its last retry, or at once for an error in the actor's `throws` (a quarantined tenant).
+        log.error("job %s(%s) given up: %s; it is a dead letter now (`sally-scim jobs failed`)",
                   message.actor_name, ", ".join(map(str, message.args)), reason)
         try:
             self.client.set(error_key(self.namespace, message.options["redis_message_id"]), reason,

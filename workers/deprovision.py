@@ -23,15 +23,11 @@ from sqlmodel import Session
 from models.db import chunks
 from models.directory.events import record_event
 from models.settings import Settings
-from models.tables import Account, Alert, ScimUser, Tenant, as_utc
+from models.tables import ACCOUNT_HELD, HOLD_CONFIRM, HOLD_KEEP, Account, Alert, ScimUser, Tenant, as_utc
 
 log = logging.getLogger(__name__)
 
-HELD = "held"
 ALERT_KIND = "mass_deprovision"
-# Account.hold_decision values: the admin confirmed the removal, or reverted it.
-CONFIRM = "confirm"
-KEEP = "keep"
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ class Breaker:
         self.removed_by_admin = removed_by_admin
 
     def _kept(self, account: Account) -> bool:
-        return account.hold_decision == KEEP and account.user_id not in self.named
+        return account.hold_decision == HOLD_KEEP and account.user_id not in self.named
 
     def removals(self) -> list[str]:
         """Users who have access, would lose it now, and are neither held already nor decided by the admin."""
@@ -83,7 +79,7 @@ class Breaker:
             account = self.accounts.get(user_id)
             if account is None or account.role is None or ent.role is not None:
                 continue
-            if account.status == HELD or account.hold_decision == CONFIRM or self._kept(account):
+            if account.status == ACCOUNT_HELD or account.hold_decision == HOLD_CONFIRM or self._kept(account):
                 continue
             if user_id in self.removed_by_admin:
                 continue
@@ -92,15 +88,15 @@ class Breaker:
 
     def keeps(self, account: Account, ent: Any, held: set[str], reason: str | None, now: datetime) -> bool:
         """Whether this account stays as it is (its removal held, or kept by a revert); marks the newly held."""
-        if ent.role is not None or account.role is None or account.hold_decision == CONFIRM:
+        if ent.role is not None or account.role is None or account.hold_decision == HOLD_CONFIRM:
             return False  # access again (any hold ends), nothing to remove, or the admin confirmed
         if account.user_id in self.removed_by_admin:
-            account.hold_decision = CONFIRM  # removed by hand: applied, and not counted by the breaker
+            account.hold_decision = HOLD_CONFIRM  # removed by hand: applied, and not counted by the breaker
             return False
-        if self._kept(account) or account.status == HELD:
+        if self._kept(account) or account.status == ACCOUNT_HELD:
             return True
         if account.user_id in held:
-            account.status = HELD
+            account.status = ACCOUNT_HELD
             account.status_reason = (reason or "")[:1024]
             account.held_since = now
             account.updated_at = now
@@ -165,7 +161,7 @@ def holds(session: Session, tenant_id: str) -> dict[str, Any]:
     held = session.execute(
         select(ScimUser.id, ScimUser.user_name, Account.held_since, Account.status_reason)
         .join(Account, Account.user_id == ScimUser.id)
-        .where(Account.tenant_id == tenant_id, Account.status == HELD)
+        .where(Account.tenant_id == tenant_id, Account.status == ACCOUNT_HELD)
         .order_by(Account.held_since, ScimUser.id)
     ).all()
     alerts = session.execute(
@@ -188,8 +184,8 @@ def confirm(session: Session, tenant_id: str, now: datetime) -> list[str]:
     user_ids = _held(session, tenant_id)
     for chunk in chunks(user_ids):
         session.execute(
-            update(Account).where(Account.user_id.in_(chunk), Account.status == HELD)
-            .values(hold_decision=CONFIRM, updated_at=now)
+            update(Account).where(Account.user_id.in_(chunk), Account.status == ACCOUNT_HELD)
+            .values(hold_decision=HOLD_CONFIRM, updated_at=now)
         )
     if user_ids:
         record_event(session, tenant_id, "holds_confirmed", user_ids)
@@ -202,7 +198,7 @@ def revert(session: Session, tenant_id: str, now: datetime) -> list[str]:
     user_ids = _held(session, tenant_id)
     for chunk in chunks(user_ids):
         for account in session.execute(select(Account).where(Account.user_id.in_(chunk))).scalars():
-            account.hold_decision = KEEP
+            account.hold_decision = HOLD_KEEP
             account.held_since = None
             account.status_reason = None
             waiting = account.wanted_tier is not None and account.license != account.wanted_tier
@@ -215,7 +211,7 @@ def revert(session: Session, tenant_id: str, now: datetime) -> list[str]:
 
 def _held(session: Session, tenant_id: str) -> list[str]:
     return list(session.execute(
-        select(Account.user_id).where(Account.tenant_id == tenant_id, Account.status == HELD).order_by(Account.user_id)
+        select(Account.user_id).where(Account.tenant_id == tenant_id, Account.status == ACCOUNT_HELD).order_by(Account.user_id)
     ).scalars())
 
 

@@ -118,20 +118,6 @@ def batches(invitation_ids: Sequence[str], *, size: int = BATCH_SIZE, spread: in
     yield from chunks(ids, size)
 
 
-def send_invitation(
-    engine: Engine,
-    mailer: Mailer,
-    settings: Settings,
-    invitation_id: str,
-    now: Callable[[], datetime] = utcnow,
-) -> Outcome:
-    """Claim, send and record one invitation; raises on a transient failure so the job is retried."""
-    result = send_invitations(engine, mailer, settings, [invitation_id], now=now)
-    if result.error is not None:
-        raise result.error
-    return result.outcomes[invitation_id]
-
-
 def send_invitations(
     engine: Engine,
     mailer: Mailer,
@@ -397,9 +383,10 @@ def give_up(
     with session_scope(engine) as session:
         # Only "pending": a row still "sending" may have been accepted by the
         # mail server; its lease expires and the sweep resends it instead.
+        # And only a row whose day has come: one waiting under the daily cap was never tried.
         rows = session.execute(
             select(Invitation.id, Invitation.user_id, Invitation.error)
-            .where(Invitation.id.in_(ids), Invitation.status == "pending")
+            .where(Invitation.id.in_(ids), Invitation.status == "pending", _day_has_come(at))
         ).all()
         for invitation_id, user_id, last_error in rows:
             full = f"{reason} (last error: {last_error})" if last_error else reason
@@ -467,56 +454,11 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
     if not ids:
         return [], {}
     with session_scope(engine) as session:
-        taken = {
-            row.id: row
-            for row in session.execute(
-                update(Invitation)
-                .where(
-                    Invitation.id.in_(ids),
-                    or_(
-                        Invitation.status == "pending",
-                        and_(Invitation.status == "sending", _lease_expired(claimed_at)),
-                    ),
-                    _day_has_come(claimed_at),
-                )
-                .values(status="sending", claimed_at=claimed_at, attempts=Invitation.attempts + 1,
-                        wait_reason=None)
-                .returning(Invitation.id, Invitation.tenant_id, Invitation.user_id, Invitation.address,
-                           Invitation.message_id)
-                .execution_options(synchronize_session=False)
-            )
-        }
-        outcomes: dict[str, Outcome] = {}
-        others = [invitation_id for invitation_id in ids if invitation_id not in taken]
-        if others:
-            found = {
-                invitation_id: (status, send_day)
-                for invitation_id, status, send_day in session.execute(
-                    select(Invitation.id, Invitation.status, Invitation.send_day).where(Invitation.id.in_(others))
-                )
-            }
-            for invitation_id in others:
-                status, send_day = found.get(invitation_id, (None, None))
-                if status is None:
-                    log.warning("invitation %s does not exist; nothing to send", invitation_id)
-                if status in (None, "sent", "failed"):
-                    outcomes[invitation_id] = "already_done"
-                elif send_day is not None and as_utc(send_day) > claimed_at:
-                    outcomes[invitation_id] = "waiting"
-                else:
-                    log.info("invitation %s is being sent by another worker", invitation_id)
-                    outcomes[invitation_id] = "claimed_elsewhere"
+        taken = _take(session, ids, claimed_at)
+        outcomes = _not_taken(session, [i for i in ids if i not in taken], claimed_at)
         if not taken:
             return [], outcomes
-        tenants = dict(session.execute(
-            select(Tenant.id, Tenant.name).where(Tenant.id.in_({row.tenant_id for row in taken.values()}))
-        ).all())
-        names = {
-            user_id: _display_name(display_name, data)
-            for user_id, (display_name, data) in directory_users.names(
-                session, [row.user_id for row in taken.values()]
-            ).items()
-        }
+        tenants, names = _greetings(session, list(taken.values()))
     claims = [
         _Claim(
             invitation_id=row.id,
@@ -530,6 +472,65 @@ def _claim(engine: Engine, ids: list[str], claimed_at: datetime) -> tuple[list[_
         for row in (taken[invitation_id] for invitation_id in ids if invitation_id in taken)
     ]
     return claims, outcomes
+
+
+def _take(session: Session, ids: list[str], claimed_at: datetime) -> dict[str, Any]:
+    """The conditional UPDATE … RETURNING: pending rows (or expired claims) whose day has come become ours."""
+    return {
+        row.id: row
+        for row in session.execute(
+            update(Invitation)
+            .where(
+                Invitation.id.in_(ids),
+                or_(
+                    Invitation.status == "pending",
+                    and_(Invitation.status == "sending", _lease_expired(claimed_at)),
+                ),
+                _day_has_come(claimed_at),
+            )
+            .values(status="sending", claimed_at=claimed_at, attempts=Invitation.attempts + 1, wait_reason=None)
+            .returning(Invitation.id, Invitation.tenant_id, Invitation.user_id, Invitation.address,
+                       Invitation.message_id)
+            .execution_options(synchronize_session=False)
+        )
+    }
+
+
+def _not_taken(session: Session, others: list[str], claimed_at: datetime) -> dict[str, Outcome]:
+    """Why each id the claim did not take is not ours: done already, waiting for its day, or another worker's."""
+    if not others:
+        return {}
+    found = {
+        invitation_id: (status, send_day)
+        for invitation_id, status, send_day in session.execute(
+            select(Invitation.id, Invitation.status, Invitation.send_day).where(Invitation.id.in_(others))
+        )
+    }
+    outcomes: dict[str, Outcome] = {}
+    for invitation_id in others:
+        status, send_day = found.get(invitation_id, (None, None))
+        if status is None:
+            log.warning("invitation %s does not exist; nothing to send", invitation_id)
+        if status in (None, "sent", "failed"):
+            outcomes[invitation_id] = "already_done"
+        elif send_day is not None and as_utc(send_day) > claimed_at:
+            outcomes[invitation_id] = "waiting"
+        else:
+            log.info("invitation %s is being sent by another worker", invitation_id)
+            outcomes[invitation_id] = "claimed_elsewhere"
+    return outcomes
+
+
+def _greetings(session: Session, taken: list[Any]) -> tuple[dict[str, str], dict[str, str | None]]:
+    """The tenants' names and the users' display names the mails greet with, in one read each."""
+    tenants = dict(session.execute(
+        select(Tenant.id, Tenant.name).where(Tenant.id.in_({row.tenant_id for row in taken}))
+    ).all())
+    names = {
+        user_id: _display_name(display_name, data)
+        for user_id, (display_name, data) in directory_users.names(session, [row.user_id for row in taken]).items()
+    }
+    return tenants, names
 
 
 def _mail(settings: Settings, claim: _Claim) -> Mail | str:

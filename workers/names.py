@@ -11,6 +11,8 @@ RECONCILE_TENANT = "reconcile_tenant"
 PURCHASE_SEATS = "purchase_seats"
 SYNC_SEATS = "sync_seats"
 SEND_INVITATION = "send_invitation"
+# Dramatiq's on_retry_exhausted callback of send_invitation.
+GIVE_UP_INVITATIONS = "give_up_invitations"
 
 # The queue of each actor: the actors declare themselves with it, and a message
 # sent by name (the waker, the sweep) goes to the same queue.
@@ -19,4 +21,10 @@ QUEUE_OF = {
     PURCHASE_SEATS: PURCHASE_QUEUE,
     SYNC_SEATS: PURCHASE_QUEUE,
     SEND_INVITATION: INVITE_QUEUE,
+    GIVE_UP_INVITATIONS: INVITE_QUEUE,
 }
+
+# Options of a send_invitation message (Dramatiq keeps a message's options across its retries):
+# after a failed attempt, the ids the message still owns and why the last attempt failed.
+OWNED_IDS = "sally_invitation_ids"
+LAST_ERROR = "sally_last_error"

@@ -52,6 +52,16 @@ class TenantHealth:
         return self.quarantined_until is not None and as_utc(self.quarantined_until) > now
 
 
+class TenantQuarantined(Exception):
+    """A failure put the tenant in quarantine: the reconcile actor raises it and, being in the actor's
+    ``throws``, Dramatiq gives the message up at once (a dead letter, with this reason); the sweep sends
+    the tenant again once the quarantine is over."""
+
+    def __init__(self, tenant_id: str, until: datetime, cause: str) -> None:
+        self.reason = f"tenant {tenant_id} quarantined until {until.isoformat()} after: {cause}"
+        super().__init__(self.reason)
+
+
 def counts_as_poison(error: BaseException) -> bool:
     """An outage (database or Redis unreachable) is nobody's data: it does not count."""
     return not (database_unavailable(error) or isinstance(error, (redis.RedisError, OSError)))

@@ -19,7 +19,7 @@ from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
 from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
 from models.settings import TIERS, Settings
-from models.tables import Account, AccountHistory, ScimUser, Tenant, utcnow
+from models.tables import ACCOUNT_HELD, Account, AccountHistory, ScimUser, Tenant, utcnow
 from models.tables import GroupMapping as MappingRow
 from workers import deprovision
 from workers.invitations import Wanted, queue_invitations, replan_waiting
@@ -223,7 +223,7 @@ class Reconciler:
                     continue
                 account = Account(user_id=user.id, tenant_id=tenant.id, status="no_access", updated_at=now)
             elif breaker.keeps(account, ent, held, reason, now):
-                if account.status == deprovision.HELD and account.held_since == now:
+                if account.status == ACCOUNT_HELD and account.held_since == now:
                     history.append(history_row(account, now))  # newly held by the breaker
                 continue
             outcome_before = (account.role, account.license, account.status, account.status_reason)

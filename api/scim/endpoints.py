@@ -124,6 +124,7 @@ class ScimApi:
     async def close(self) -> None:
         if self.fast is not None:
             await self.fast.close()
+        await self.gate.close()
 
     def routes(self) -> list[Route]:
         prefix = "/scim/v2/{tenant_id}"

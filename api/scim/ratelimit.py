@@ -19,14 +19,13 @@ from typing import Awaitable, Callable
 import redis.asyncio as aredis
 
 from api.scim.errors import TooManyRequestsError, UnauthorizedError
+from api.throttle import REDIS_ERRORS, FailureWindow
 from api.tokens import bearer, token_digest
 
 log = logging.getLogger(__name__)
 
 TOKEN_CACHE_SECONDS = 2.0
-AUTH_FAILURE_WINDOW_SECONDS = 60
 MAX_REMEMBERED = 10_000
-REDIS_ERRORS = (aredis.RedisError, OSError, asyncio.TimeoutError)
 # After a Redis failure, Redis is left alone for this long (the limit and the
 # failed-auth count fail open, wake-ups fall to the sweep): a stalled Redis then
 # costs one request per process one timeout, not every request one each.
@@ -72,6 +71,12 @@ class RedisPerLoop:
             self._loop = loop
         return self._client
 
+    async def close(self) -> None:
+        """Close the client of the running loop (the app's shutdown), so no socket outlives its loop."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()
+
     def available(self) -> bool:
         """False for a few seconds after a failure: callers skip Redis (and fail open) meanwhile."""
         return self.clock() >= self._quiet_until
@@ -108,7 +113,11 @@ class Gate:
         self.wall = wall
         self._known: dict[str, tuple[str, float]] = {}
         self._rates: dict[str, _Rate] = {}
-        self._blocked: dict[str, int] = {}  # address → the failure window it is over the limit in
+        self.auth_failures = FailureWindow(redis, namespace, "authfail", auth_failure_limit, wall=wall)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
 
     async def admit(self, tenant_id: str, authorization: str | None, client: str | None) -> str:
         """The digest of the request's token once the token opens this tenant and is within its rate."""
@@ -146,30 +155,12 @@ class Gate:
         others sent from the same address (a NAT, a proxy); once an address is
         over the limit this process answers it without Redis until the window ends.
         """
-        if self.redis is None or self.auth_failure_limit <= 0 or not self.redis.available():
-            return
-        now = int(self.wall())
-        window = now // AUTH_FAILURE_WINDOW_SECONDS
-        retry_after = AUTH_FAILURE_WINDOW_SECONDS - now % AUTH_FAILURE_WINDOW_SECONDS
-        address = client or "-"
-        if self._blocked.get(address) != window:
-            key = f"{self.namespace}:authfail:{address}:{window}"
-            try:
-                async with self.redis.get().pipeline(transaction=False) as pipe:
-                    pipe.incr(key)
-                    pipe.expire(key, AUTH_FAILURE_WINDOW_SECONDS * 2)
-                    count, _ = await pipe.execute()
-            except REDIS_ERRORS:
-                self.redis.failed()
-                return  # a Redis outage must not take the SCIM API down with it
-            if int(count) <= self.auth_failure_limit:
-                return
-            if len(self._blocked) >= MAX_REMEMBERED:
-                self._blocked.clear()
-            self._blocked[address] = window
-        raise TooManyRequestsError(
-            f"Too many failed authentications from this address; retry in {retry_after} s.", retry_after=retry_after
-        )
+        retry_after = await self.auth_failures.failed(client)
+        if retry_after is not None:
+            raise TooManyRequestsError(
+                f"Too many failed authentications from this address; retry in {retry_after} s.",
+                retry_after=retry_after,
+            )
 
     # -------------------------------------------------------------- rate
 

@@ -24,7 +24,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from api import service, tenants, views
+from api.scim.ratelimit import RedisPerLoop
 from api.tenants import PROVIDERS, TenantError
+from api.throttle import FailureWindow
 from api.tokens import same_secret
 from api.web.idps import IDPS
 from api.web.session import COOKIE, SessionCodec, WebSession
@@ -93,9 +95,16 @@ class WebPages:
         engine: Engine,
         wake: Callable[[str], Any],
         send_purchase: Callable[[str], Any] | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
+        # WEB_SIGNIN_FAILURE_LIMIT, counted in Redis like SCIM's failed authentications (off without Redis).
+        self.signin_failures = FailureWindow(
+            RedisPerLoop(redis_url, connect_timeout=settings.redis_connect_timeout,
+                         socket_timeout=settings.redis_socket_timeout) if redis_url else None,
+            settings.redis_namespace, "signinfail", settings.web_signin_failure_limit,
+        )
         # Enqueues purchase_seats after an approval commits, as the admin API does (the sweep is the fallback).
         self.send_purchase = send_purchase
         self.wake = wake
@@ -262,19 +271,39 @@ class WebPages:
         rows = await self.db(service.list_tenants)
         return self.render(request, session, "tenants.html", {"tenants": rows})
 
+    async def close(self) -> None:
+        """The app's shutdown: close the sign-in throttle's Redis client in its own loop."""
+        if self.signin_failures.redis is not None:
+            await self.signin_failures.redis.close()
+
     async def login(self, request: Request, session: WebSession) -> Response:
         if request.method == "GET":
             return RedirectResponse("/", status_code=303)
-        token = self._one(request.state.form, "token").strip()
-        # Constant-time compare (hmac.compare_digest), like the admin API's bearer check.
-        if not same_secret(token, self.settings.admin_token):
+        address = request.client.host if request.client else None
+        # An address past WEB_SIGNIN_FAILURE_LIMIT waits out the minute: its attempts are not even checked,
+        # so guessing the token gets at most that many tries per minute and address.
+        wait = await self.signin_failures.blocked(address)
+        if wait is None:
+            token = self._one(request.state.form, "token").strip()
+            # Constant-time compare (hmac.compare_digest), like the admin API's bearer check.
+            if same_secret(token, self.settings.admin_token):
+                # A new session (and CSRF token) on sign-in: a token planted before it is worthless.
+                request.state.new_session = WebSession.fresh(self.codec.lifetime, signed_in=True)
+                return RedirectResponse("/", status_code=303)
+            wait = await self.signin_failures.failed(address)
+        if wait is None:
             return self.render(
                 request, session, "login.html",
                 {"configured": bool(self.settings.admin_token), "error": "That is not the admin token."}, status=401,
             )
-        # A new session (and CSRF token) on sign-in: a token planted before it is worthless.
-        request.state.new_session = WebSession.fresh(self.codec.lifetime, signed_in=True)
-        return RedirectResponse("/", status_code=303)
+        log.warning("admin page: too many failed sign-ins from %s; refused for %d s", address or "-", wait)
+        response = self.render(
+            request, session, "login.html",
+            {"configured": bool(self.settings.admin_token),
+             "error": f"Too many failed sign-ins from this address. Try again in {wait} seconds."}, status=429,
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
 
     async def logout(self, request: Request, session: WebSession) -> Response:
         if request.method == "GET":

@@ -11,7 +11,8 @@ import pytest
 
 from api import cli
 from models.settings import Settings
-from workers.mail.message import build_invitation, message_id
+from tests.workers.support import build_invitation
+from workers.mail.message import message_id
 from workers.mail.transport import OutboxMailer
 
 

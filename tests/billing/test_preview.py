@@ -67,7 +67,7 @@ def test_seats_to_buy_and_the_price_per_tier():
     assert preview.tiers["starter"].cost == 2000
     assert preview.tiers["enterprise"].cost == 19800
     assert preview.totals == {"usd": 21800}
-    assert preview.seats_to_buy == 4 and preview.unpriced == []
+    assert sum(t.to_buy for t in preview.tiers.values()) == 4 and preview.unpriced == []
 
 
 def test_seats_are_never_reduced_and_the_cap_stops_buying():

@@ -11,7 +11,7 @@ from models.db import session_scope
 from models.directory.groups import create_group
 from models.directory.users import create_user
 from models.tables import Account, SeatCount, Tenant, utcnow
-from tests.workers.test_pipeline import drain, make_group, make_user
+from tests.workers.support import make_group, make_user, settle_pipeline
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
@@ -39,7 +39,7 @@ def test_the_seats_held_follow_every_license_change(admin, tenant, engine):
     r = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={
         "user_groups": [users], "license_groups": {"starter": [starter], "team": [team]}})
     assert r.status_code == 200, r.text
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     assert _held(engine, tenant.tenant_id) == ({"starter": 2, "team": 2}, {"starter": 2, "team": 2})
 
     def patch(group: str, op: str, member: str) -> None:
@@ -48,18 +48,18 @@ def test_the_seats_held_follow_every_license_change(admin, tenant, engine):
 
     patch(starter, "remove", bob)  # bob: starter → no license (still has access)
     patch(team, "add", ann)  # ann: lowest tier stays starter: nothing changes
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     assert _held(engine, tenant.tenant_id) == ({"starter": 1, "team": 2}, {"starter": 1, "team": 2})
 
     assert c.patch(f"/Users/{cid}", json={"schemas": [PATCH], "Operations": [
         {"op": "replace", "path": "active", "value": False}]}).status_code == 200  # cid loses access
     assert c.delete(f"/Users/{dan}").status_code == 204  # dan deleted
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     assert _held(engine, tenant.tenant_id) == ({"starter": 1}, {"starter": 1})
 
     purchases = len(admin.get(f"/tenants/{tenant.tenant_id}/purchases").json())
     patch(team, "add", bob)  # bob takes one of the two team seats freed above: no purchase
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     assert _held(engine, tenant.tenant_id) == ({"starter": 1, "team": 1}, {"starter": 1, "team": 1})
     assert len(admin.get(f"/tenants/{tenant.tenant_id}/purchases").json()) == purchases
 
@@ -79,7 +79,7 @@ def test_allocating_again_rewrites_no_waiting_user_whose_reason_stands(admin, te
     saved = admin.put(f"/tenants/{tenant.tenant_id}/scim/config", json={
         "user_groups": [group_id], "license_groups": {"starter": [group_id]}, "seat_cap": {"starter": 10}})
     assert saved.status_code == 200, saved.text
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     reason = REASON_CAP.format(tier="starter", cap=10)
     statements: list[str] = []
 

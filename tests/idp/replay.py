@@ -27,7 +27,7 @@ from billing.gateway import LedgerGateway
 from billing.purchasing import PurchaseRunner
 from models.settings import TIERS, Settings
 from models.tables import Invitation, Purchase, SyncEvent
-from workers.invitations import send_invitation
+from tests.workers.support import send_one
 from workers.reconcile import Reconciler
 
 ROOT = Path(__file__).parent
@@ -462,7 +462,7 @@ class Replay:
             for purchase_id in self._ids(purchases):
                 runner.run(purchase_id)
             for invitation_id in self._ids(invitations):
-                send_invitation(self.engine, self.outbox, self.settings, invitation_id)
+                send_one(self.engine, self.outbox, self.settings, invitation_id)
             if not (self._ids(unapplied) or self._ids(purchases) or self._ids(invitations)):
                 return
         self._fail(name, f"the pipeline did not settle in {DRAIN_ROUNDS} rounds")

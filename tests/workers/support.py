@@ -20,15 +20,23 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
+from billing.gateway import Gateway, LedgerGateway
+from billing.purchasing import PurchaseRunner, sync_seats
 from models.settings import Settings
+from models.tables import Purchase, SyncEvent, utcnow
 from tests.fakes.smtp_server import FakeSmtp
 from tests.fakes.stripe_server import FakeStripe
+from workers.invitations import send_invitations
+from workers.mail.message import Mail, invitation_template
+from workers.reconcile import Reconciler
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"starter": "price_starter", "team": "price_team", "enterprise": "price_enterprise"}
@@ -48,7 +56,62 @@ def expected_message_id(tenant_id: str, user_id: str) -> str:
     return f"<invite.{tenant_id}.{user_id}@sally-scim.invalid>"
 
 
+# -- the pipeline, driven directly over the SCIM API ---------------------------------
+
+
+def make_user(client, name: str, active: bool = True) -> str:
+    r = client.post("/Users", json={"schemas": [USER_SCHEMA], "userName": name, "active": active,
+                                    "emails": [{"value": name, "primary": True}]})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def make_group(client, name: str, members: list[str]) -> str:
+    r = client.post("/Groups", json={"schemas": [GROUP_SCHEMA], "displayName": name,
+                                     "members": [{"value": m} for m in members]})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def users_by_name(admin, tenant_id: str) -> dict[str, dict]:
+    return {u["userName"]: u for u in admin.get(f"/tenants/{tenant_id}/users").json()}
+
+
+def settle_pipeline(engine, tenant_id: str, gw: Gateway | None = None) -> None:
+    """Run reconcile and every purchase it plans until nothing is left (a calm worker)."""
+    gw = gw or LedgerGateway()
+    reconciler = Reconciler(engine, gw)
+    for _ in range(20):
+        result = reconciler.run(tenant_id)
+        if result.needs_seat_sync:
+            sync_seats(engine, gw, tenant_id)
+        with engine.connect() as c:
+            pending = [p for (p,) in c.execute(select(Purchase.id).where(Purchase.status == "pending"))]
+        for purchase_id in pending:
+            PurchaseRunner(engine, gw).run(purchase_id)
+        with engine.connect() as c:
+            left = c.execute(select(func.count()).select_from(SyncEvent).where(SyncEvent.applied_at.is_(None))).scalar()
+            still = c.execute(select(func.count()).select_from(Purchase).where(Purchase.status == "pending")).scalar()
+        if not left and not still:
+            return
+    raise AssertionError("the pipeline did not settle")
+
+
 # -- the mail server ---------------------------------------------------------------
+
+
+def build_invitation(*, mail_from: str, tenant_name: str, login_url: str, **render: Any) -> Mail:
+    """One invitation as the worker builds it: the tenant's template, rendered for one user."""
+    return invitation_template(mail_from=mail_from, tenant_name=tenant_name, login_url=login_url).render(**render)
+
+
+def send_one(engine, mailer, settings: Settings, invitation_id: str, now: Callable[[], datetime] = utcnow) -> str:
+    """Claim, send and record one invitation (a batch of one); raises its transient failure, as the job does."""
+    result = send_invitations(engine, mailer, settings, [invitation_id], now=now)
+    if result.error is not None:
+        raise result.error
+    return result.outcomes[invitation_id]
+
 
 
 class SlowSmtp(FakeSmtp):
@@ -62,6 +125,26 @@ class SlowSmtp(FakeSmtp):
     def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
+        self.held: set[str] = set()
+        self.held_refusals = 0
+
+    def hold(self, addresses: Iterable[str]) -> None:
+        """Take no mail for these addresses until release(): their RCPT is answered 451 (try again
+        later), so the worker keeps them pending and retries, and none of its threads waits on us."""
+        with self._lock:
+            self.held |= {address.casefold() for address in addresses}
+
+    def release(self) -> None:
+        with self._lock:
+            self.held.clear()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self._lock:
+            held = address.casefold() in self.held
+            self.held_refusals += held
+        if held:
+            return "451 4.7.1 Held by the test: try again later"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
     async def handle_DATA(self, server, session, envelope):
         reply = await super().handle_DATA(server, session, envelope)

@@ -59,9 +59,14 @@ def expected_tier(i: int) -> str | None:
     return "starter" if i % 2 == 0 else "team" if i % 3 == 0 else None
 
 
+def wave_settled(sync: dict) -> bool:
+    return sync["events_applied"] == sync["events_total"] and sync["pending_purchases"] == 0
+
+
 def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_settings, engine, tmp_path: Path):
     """Given a billed tenant whose mapping is saved (auto-invite on) and a worker buying seats and
-    sending invitations (slowly) while an IdP pushes users in waves, one Stripe answer lost on the way,
+    sending invitations (slowly, and none of wave 2's until the kill: the mail server holds them) while
+    an IdP pushes users in waves, one Stripe answer lost on the way,
     When the worker is killed with SIGKILL right after Stripe applied a subscription update (before the
     worker could record it), the burst goes on while no worker runs, and a new worker is started,
     Then within 2 minutes the pipeline has caught up with the end state of a calm run: every user has
@@ -72,7 +77,7 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
     with stripe_fake() as fake, SlowSmtp(delay=SMTP_DELAY) as smtp:
         fake.add_subscription("sub_crash", customer="cus_crash", items={"price_starter": 1})
         # Purchases go to Stripe as soon as they are planned (no coalescing delay), so the kill
-        # lands while the wave's invitations are still being sent, as the scenario needs.
+        # lands while wave 1's invitations may still be in flight.
         worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=THREADS,
                                extra_env={"STRIPE_UPDATE_SPACING": "0"})
         lose_one, armed, killed = threading.Event(), threading.Event(), threading.Event()
@@ -124,9 +129,17 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
                 # Wave 1, calm but for one lost Stripe answer (retried with the same key).
                 lose_one.set()
                 wave(0, 120)
-                wait_until(lambda: any(p["status"] == "succeeded" for p in purchases(admin, t)),
-                           timeout=30, what="the first purchase", worker=worker)
-                # Wave 2: the next purchase kills the worker; the IdP goes on regardless.
+                # Its events applied and its purchases settled, so the purchase that kills the worker
+                # is wave 2's (whose invitations are queued in the same commit that plans it).
+                wait_until(lambda: wave_settled(admin.get(f"/tenants/{t}/sync").json()),
+                           timeout=60, what="wave 1's events and purchases", worker=worker)
+                assert any(p["status"] == "succeeded" for p in purchases(admin, t))
+                wait_until(lambda: smtp.messages, timeout=30, what="a first invitation sent", worker=worker)
+                # Wave 2: the next purchase kills the worker; the IdP goes on regardless. The mail
+                # server takes none of wave 2's invitations until then, so some are surely unsent at
+                # the kill, however fast the worker is (their RCPT is deferred: no worker thread waits,
+                # so reconciles and the purchase go on).
+                smtp.hold(f"k{i:03d}@crash.example" for i in range(120, 240))
                 armed.set()
                 wave(120, 240)
                 assert killed.wait(30), "no purchase reached Stripe during the second wave\n" + worker.tail()
@@ -147,6 +160,7 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
                     select(func.count()).select_from(SyncEvent).where(SyncEvent.applied_at.is_(None))).scalar_one()
             assert unapplied > 0, "the burst went on while no worker ran"
 
+            smtp.release()  # the dead worker's processes are gone: the new worker may send wave 2's mails
             restarted = time.monotonic()
             worker.start()
             wait_caught_up(admin, t, timeout=RESTART_BOUND, worker=worker)
@@ -198,6 +212,7 @@ def test_a_worker_killed_mid_burst_converges_to_the_calm_end_state(admin, base_s
         assert all(n == 2 for n in duplicates.values()), duplicates
         assert len(duplicates) <= THREADS, f"only sends in flight when the worker died may repeat: {duplicates}"
         assert all(users[uid]["invited_at"] for uid in gained)
-        print(f"caught up {took:.1f}s after the restart; invitations at the kill: {invitations_at_kill}; "
+        print(f"caught up {took:.1f}s after the restart; invitations at the kill: {invitations_at_kill} "
+              f"(wave 2's RCPTs deferred while held: {smtp.held_refusals}); "
               f"resent with the same Message-ID: {len(duplicates)}; Stripe POSTs per key: {dict(posted_keys)}")
         scim.client.close()

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from models.tables import Alert
-from tests.workers.test_pipeline import drain, make_user, users_by_name
+from tests.workers.support import make_user, settle_pipeline, users_by_name
 from workers.deprovision import HoldPolicy
 
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
@@ -14,7 +14,7 @@ PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
 def reconcile(engine, tenant_id: str) -> None:
     """Apply every event of the tenant and settle its (ledger-only) purchases, as a calm worker would."""
-    drain(engine, tenant_id)
+    settle_pipeline(engine, tenant_id)
 
 
 def statuses(admin, tenant_id: str) -> dict[str, str]:

@@ -16,9 +16,9 @@ from models.directory.users import create_user
 from models.settings import Settings
 from models.tables import Invitation
 from tests.fakes.smtp_server import FakeSmtp
-from tests.workers.test_pipeline import make_group, make_user, users_by_name
+from tests.workers.support import build_invitation, make_group, make_user, users_by_name
 from workers.invitations import ENQUEUE_GRACE, due_invitations, send_invitations
-from workers.mail.message import build_invitation, message_id
+from workers.mail.message import message_id
 from workers.mail.transport import OutboxMailer, SmtpMailer
 from workers.reconcile import Reconciler
 
@@ -190,7 +190,7 @@ def test_the_greeting_uses_at_most_64_characters_of_a_name():
         tenant_name="Acme", login_url="https://sally.example", message_id=message_id("t1", "u1"),
     )
 
-    received = message_from_bytes(mail.as_bytes(), policy=email.policy.default)
+    received = message_from_bytes(mail.data, policy=email.policy.default)
     text = received.get_body(("plain",)).get_content()
     assert text.splitlines()[0] == f"Hello {name[:64]},"
     assert f"<p>Hello {name[:64]},</p>" in received.get_body(("html",)).get_content()

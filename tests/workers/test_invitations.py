@@ -21,7 +21,7 @@ import pytest
 from dramatiq import Message, Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Middleware
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.engine import Engine, make_url
 
 from billing.gateway import LedgerGateway
@@ -30,7 +30,7 @@ from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
-from tests.workers.support import bind_actors, drain
+from tests.workers.support import bind_actors, drain, send_one
 from workers import runtime
 from workers.invitations import (
     BATCH_SIZE,
@@ -42,12 +42,11 @@ from workers.invitations import (
     due_invitations,
     give_up,
     mark_enqueued,
-    send_invitation,
     send_invitations,
 )
 from workers.mail.message import message_id
-from workers.mail.transport import OutboxMailer, TransientMailError, make_mailer
-from workers.names import QUEUES
+from workers.mail.transport import OutboxMailer, RecipientDeferredError, TransientMailError, make_mailer
+from workers.names import LAST_ERROR, OWNED_IDS, QUEUES
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
@@ -155,7 +154,7 @@ def test_an_invitation_is_sent_once_and_recorded(engine, settings, smtp, mailer,
     """
     invitation_id = add_user(engine)
 
-    outcome = send_invitation(engine, mailer, settings, invitation_id, now=clock)
+    outcome = send_one(engine, mailer, settings, invitation_id, now=clock)
 
     assert outcome == "sent"
     assert smtp.message_ids() == ["<invite.t1.u1@sally-scim.invalid>"]
@@ -174,9 +173,9 @@ def test_a_second_run_sends_nothing(engine, settings, smtp, mailer, clock):
     Then it answers already_done and the server still holds one mail.
     """
     invitation_id = add_user(engine)
-    send_invitation(engine, mailer, settings, invitation_id, now=clock)
+    send_one(engine, mailer, settings, invitation_id, now=clock)
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
     assert len(smtp.messages) == 1
 
 
@@ -189,10 +188,10 @@ def test_a_claim_held_by_another_worker_is_respected(engine, settings, smtp, mai
 
     class SecondWorkerDuringSend:
         def send(self, msg) -> None:
-            outcomes.append(send_invitation(engine, mailer, settings, invitation_id, now=clock))
+            outcomes.append(send_one(engine, mailer, settings, invitation_id, now=clock))
             mailer.send(msg)
 
-    assert send_invitation(engine, SecondWorkerDuringSend(), settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, SecondWorkerDuringSend(), settings, invitation_id, now=clock) == "sent"
     assert outcomes == ["claimed_elsewhere"]
     assert len(smtp.messages) == 1
 
@@ -207,7 +206,7 @@ def test_concurrent_workers_send_one_mail(engine, settings, smtp, mailer):
 
     def work() -> None:
         start.wait()
-        outcomes.append(send_invitation(engine, mailer, settings, invitation_id))
+        outcomes.append(send_one(engine, mailer, settings, invitation_id))
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for thread in threads:
@@ -229,18 +228,18 @@ def test_a_worker_killed_after_acceptance_resends_with_the_same_message_id(engin
     """
     invitation_id = add_user(engine)
     with pytest.raises(WorkerDied):
-        send_invitation(engine, DiesAfterAcceptance(mailer), settings, invitation_id, now=clock)
+        send_one(engine, DiesAfterAcceptance(mailer), settings, invitation_id, now=clock)
     assert load(engine, invitation_id)[0].status == "sending"
 
     clock.advance(30)
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "claimed_elsewhere"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "claimed_elsewhere"
     with session_scope(engine) as session:
         assert due_invitations(session, clock()) == []
 
     clock.advance(CLAIM_LEASE.total_seconds())
     with session_scope(engine) as session:
         assert due_invitations(session, clock()) == [invitation_id]
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
 
     assert smtp.message_ids() == [message_id("t1", "u1")] * 2
     invitation, account = load(engine, invitation_id)
@@ -255,7 +254,7 @@ def test_a_421_is_retried_within_the_job(engine, settings, smtp, mailer, clock):
     invitation_id = add_user(engine)
     smtp.fail_next(1, "421 4.7.0 Try again later")
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
     assert len(smtp.messages) == 1
     assert smtp.data_attempts == 2
 
@@ -269,7 +268,7 @@ def test_a_transient_failure_releases_the_claim_for_the_jobs_retry(engine, setti
     smtp.fail_next(3, "451 4.3.0 Queue full")
 
     with pytest.raises(TransientMailError):
-        send_invitation(engine, mailer, settings, invitation_id, now=clock)
+        send_one(engine, mailer, settings, invitation_id, now=clock)
 
     invitation, account = load(engine, invitation_id)
     assert (invitation.status, invitation.claimed_at, invitation.attempts) == ("pending", None, 1)
@@ -277,7 +276,7 @@ def test_a_transient_failure_releases_the_claim_for_the_jobs_retry(engine, setti
     assert account.invited_at is None and account.invite_error is None
 
     clock.advance(5)
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "sent"
     invitation, account = load(engine, invitation_id)
     assert (invitation.status, invitation.error, invitation.attempts) == ("sent", None, 2)
     assert len(smtp.messages) == 1
@@ -291,7 +290,7 @@ def test_giving_up_after_the_last_retry_is_visible(engine, settings, smtp, maile
     invitation_id = add_user(engine)
     smtp.fail_next(3, "421 4.3.2 Shutting down")
     with pytest.raises(TransientMailError):
-        send_invitation(engine, mailer, settings, invitation_id, now=clock)
+        send_one(engine, mailer, settings, invitation_id, now=clock)
 
     assert give_up(engine, invitation_id, "gave up after 5 retries") == [invitation_id]
 
@@ -299,7 +298,7 @@ def test_giving_up_after_the_last_retry_is_visible(engine, settings, smtp, maile
     assert invitation.status == "failed"
     assert account.invite_error.startswith("gave up after 5 retries (last error: ")
     assert "421 4.3.2 Shutting down" in account.invite_error
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
     assert smtp.messages == []
 
 
@@ -324,8 +323,8 @@ def test_a_550_fails_the_invitation_without_retry(engine, settings, smtp, mailer
     invitation_id = add_user(engine)
     smtp.fail_next(1, "550 5.1.1 <zoe@acme.example>: Recipient address rejected", at="RCPT")
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "failed"
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "already_done"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "failed"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "already_done"
 
     assert smtp.rcpt_attempts == 1
     assert smtp.messages == []
@@ -339,7 +338,7 @@ def test_a_row_without_address_fails_without_mailing(engine, settings, smtp, mai
     """Given an invitation row with no address, When the job runs, Then it fails with a reason and nothing is sent."""
     invitation_id = add_user(engine, address=None)
 
-    assert send_invitation(engine, mailer, settings, invitation_id, now=clock) == "failed"
+    assert send_one(engine, mailer, settings, invitation_id, now=clock) == "failed"
     assert load(engine, invitation_id)[1].invite_error == "the user has no email address to invite"
     assert smtp.connections == 0
 
@@ -350,7 +349,7 @@ def test_fifty_invitations_share_one_smtp_connection(engine, settings, smtp, mai
     """
     ids = [add_user(engine, user_id=f"u{n}", address=f"user{n}@acme.example") for n in range(50)]
 
-    outcomes = [send_invitation(engine, mailer, settings, invitation_id, now=clock) for invitation_id in ids]
+    outcomes = [send_one(engine, mailer, settings, invitation_id, now=clock) for invitation_id in ids]
 
     assert outcomes == ["sent"] * 50
     assert len(set(smtp.message_ids())) == 50
@@ -365,10 +364,10 @@ def test_without_smtp_the_invitation_lands_in_the_outbox_once(engine, settings, 
     assert isinstance(outbox, OutboxMailer)
     invitation_id = add_user(engine)
     with pytest.raises(WorkerDied):
-        send_invitation(engine, DiesAfterAcceptance(outbox), settings, invitation_id, now=clock)
+        send_one(engine, DiesAfterAcceptance(outbox), settings, invitation_id, now=clock)
 
     clock.advance(CLAIM_LEASE.total_seconds() + 1)
-    assert send_invitation(engine, outbox, settings, invitation_id, now=clock) == "sent"
+    assert send_one(engine, outbox, settings, invitation_id, now=clock) == "sent"
 
     assert [path.name for path in (settings.var_dir / "outbox").iterdir()] == [
         outbox.path_for(message_id("t1", "u1")).name
@@ -577,7 +576,7 @@ def test_a_batch_with_an_id_already_sent_mails_only_the_others(engine, settings,
     mail, and the two others are sent once each.
     """
     ids = add_users(engine, 3)
-    assert send_invitation(engine, mailer, settings, ids[1], now=clock) == "sent"
+    assert send_one(engine, mailer, settings, ids[1], now=clock) == "sent"
 
     result = send_invitations(engine, mailer, settings, [*ids, "no-such-invitation", ids[0]], now=clock)
 
@@ -710,8 +709,9 @@ def test_an_old_single_id_message_still_works(engine, smtp, jobs):
 
 def test_the_actor_retries_a_batch_after_a_transient_failure(engine, smtp, mailer, jobs):
     """Given a batch job of five and a server that answers 421 to every attempt at the third mail,
-    When a worker runs it, Then Dramatiq retries the job, the retry skips the two already sent,
-    and every Message-ID arrives exactly once; the metrics count each invitation by outcome.
+    When a worker runs it, Then Dramatiq retries the job, narrowed to the three it gave back (the two
+    sent are no longer its own), and every Message-ID arrives exactly once; the metrics count each
+    invitation by outcome.
     """
     ids = add_users(engine, 5)
     jobs.rt.mailer = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
@@ -721,7 +721,7 @@ def test_the_actor_retries_a_batch_after_a_transient_failure(engine, smtp, maile
 
     assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(5))
     assert [status for status, _ in statuses(engine, ids)] == ["sent"] * 5
-    assert jobs.counts() == {"sent": 5, "retry": 3, "error": 1, "already_done": 2}
+    assert jobs.counts() == {"sent": 5, "retry": 3, "error": 1}
 
 
 def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, mailer, jobs):
@@ -744,7 +744,86 @@ def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, 
         assert account.invite_error.startswith(f"gave up after {INVITE_RETRIES + 1} attempts: ")
         assert "421 4.3.2" in account.invite_error
     assert len(smtp.messages) == 2
-    assert jobs.broker.dead_letters == []
+    # Dramatiq gave the message up (a dead letter, as any job past its last retry), narrowed to the
+    # three ids it still owned; its on_retry_exhausted callback failed those and nothing else.
+    [letter] = jobs.broker.dead_letters
+    assert letter.actor_name == "send_invitation" and letter.options[OWNED_IDS] == ids[2:]
+    assert jobs.counts()["given_up"] == 3
+
+
+def test_the_give_up_fails_only_what_the_message_still_owns(engine, jobs):
+    """Given a batch message of three whose earlier attempt gave back only the first id (the other two
+    were postponed into a new message and are pending again), When Dramatiq's retries are spent and the
+    on_retry_exhausted callback runs, Then only the first is failed; the other two stay pending, untouched.
+    """
+    ids = add_users(engine, 3)
+    message = {"queue_name": "invitations", "actor_name": "send_invitation", "args": ids, "kwargs": {},
+               "options": {"retries": 8, OWNED_IDS: ids[:1], LAST_ERROR: "the mail server deferred the recipient"}}
+
+    jobs.actors.give_up_invitations(message, {"retries": 8, "max_retries": 8})
+
+    assert statuses(engine, ids) == [("failed", 0), ("pending", 0), ("pending", 0)]
+    account = load(engine, ids[0])[1]
+    assert account.invite_error == "gave up after 9 attempts: the mail server deferred the recipient"
+    assert [load(engine, invitation_id)[1].invite_error for invitation_id in ids[1:]] == [None, None]
+
+
+def test_a_message_from_before_narrowing_gives_up_its_pending_ids_only(engine, clock, jobs):
+    """Given a send_invitation message that carries no owned ids (enqueued before this version) and
+    whose ids are sent, pending, and waiting for a later day under the daily cap,
+    When its retries are spent, Then only the pending row whose day has come is failed.
+    """
+    ids = add_users(engine, 3)
+    with session_scope(engine) as session:
+        session.execute(update(Invitation).where(Invitation.id == ids[0]).values(status="sent", sent_at=clock()))
+        session.execute(update(Invitation).where(Invitation.id == ids[2]).values(send_day=datetime.now(timezone.utc) + timedelta(days=2)))
+    message = {"queue_name": "invitations", "actor_name": "send_invitation", "args": ids, "kwargs": {},
+               "options": {"retries": 8}}
+
+    jobs.actors.give_up_invitations(message, {"retries": 8, "max_retries": 8})
+
+    assert [status for status, _ in statuses(engine, ids)] == ["sent", "failed", "pending"]
+    assert load(engine, ids[1])[1].invite_error == "gave up after 9 attempts: unknown error"
+
+
+def test_a_last_attempt_that_postpones_gives_up_only_the_deferred_row(engine, smtp, mailer, jobs, monkeypatch):
+    """Given a batch of three on its last retry, whose first recipient is deferred and after which the
+    claim's send budget is spent (a slow server), When the job runs, Then the two untried rows go out in
+    a new message and are sent, and only the deferred one is given up, with the server's reply as reason.
+    """
+    import workers.invitations as module
+    from workers.actors import INVITE_RETRIES
+
+    class DefersTheFirstThenIsSlow:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def send(self, mail) -> None:
+            self.count += 1
+            if self.count == 1:
+                monkeypatch.setattr(module, "SEND_BUDGET", timedelta(seconds=-1))  # spent from now on
+                raise RecipientDeferredError("the mail server deferred the recipient: 451 4.7.1 greylisted",
+                                             code=451)
+            mailer.send(mail)
+
+    class BudgetBackForTheNewMessage(Middleware):
+        def after_enqueue(self, broker, message, delay) -> None:
+            if message.actor_name == "send_invitation" and not delay:
+                monkeypatch.setattr(module, "SEND_BUDGET", SEND_BUDGET)
+
+    jobs.broker.add_middleware(BudgetBackForTheNewMessage())
+    ids = add_users(engine, 3)
+    jobs.rt.mailer = DefersTheFirstThenIsSlow()
+
+    jobs.actors.send_invitation.send_with_options(args=tuple(ids), retries=INVITE_RETRIES)
+    jobs.drain()
+
+    assert [status for status, _ in statuses(engine, ids)] == ["failed", "sent", "sent"]
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in (1, 2))
+    assert "gave up after" in load(engine, ids[0])[1].invite_error and "451 4.7.1" in load(engine, ids[0])[1].invite_error
+    [letter] = jobs.broker.dead_letters
+    assert letter.options[OWNED_IDS] == ids[:1]
+    assert [m.args for m in jobs.sent.messages if m.actor_name == "send_invitation"] == [tuple(ids), tuple(ids[1:])]
 
 
 def test_the_sweep_resends_due_invitations_in_batches(engine, smtp, jobs):

@@ -19,7 +19,8 @@ import pytest
 from models.settings import Settings
 from tests.fakes.ports import free_port
 from tests.fakes.smtp_server import FakeSmtp
-from workers.mail.message import build_invitation, message_id
+from tests.workers.support import build_invitation
+from workers.mail.message import message_id
 from workers.mail.transport import (
     OutboxMailer,
     PermanentMailError,
@@ -109,7 +110,7 @@ def test_an_unusable_address_is_refused_before_sending(address):
 
 
 def parsed(mail) -> EmailMessage:
-    return message_from_bytes(mail.as_bytes(), policy=email.policy.default)
+    return message_from_bytes(mail.data, policy=email.policy.default)
 
 
 def test_the_message_is_7bit_rfc5322_with_non_ascii_names_encoded():
@@ -119,8 +120,8 @@ def test_the_message_is_7bit_rfc5322_with_non_ascii_names_encoded():
     """
     mail = invitation(display_name="Zoë Ångström", tenant_name="Société Générale")
 
-    assert mail.as_bytes().isascii()
-    lines = mail.as_bytes().split(b"\r\n")
+    assert mail.data.isascii()
+    lines = mail.data.split(b"\r\n")
     assert b"\n" not in b"".join(lines) and all(len(line) <= 78 for line in lines)
     received = parsed(mail)
     assert not received.defects
@@ -158,7 +159,7 @@ def test_any_display_name_stays_one_name_of_one_recipient(name):
     expected = " ".join("".join(" " if ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in name).split())
     # A name folded over encoded words reads back with the folding space (the email package's own folding).
     assert shown.replace(" ", "") == expected.replace(" ", "")
-    assert all(len(line) <= 998 for line in mail.as_bytes().split(b"\r\n"))
+    assert all(len(line) <= 998 for line in mail.data.split(b"\r\n"))
 
 
 def test_long_lines_and_a_boundary_look_alike_stay_inside_their_part():
@@ -172,7 +173,7 @@ def test_long_lines_and_a_boundary_look_alike_stay_inside_their_part():
     assert [part.get_content_type() for part in received.iter_parts()] == ["text/plain", "text/html"]
     assert url in received.get_body(("plain",)).get_content()
     assert f'href="{url}"' in received.get_body(("html",)).get_content()
-    assert all(len(line) <= 78 for line in mail.as_bytes().split(b"\r\n"))
+    assert all(len(line) <= 78 for line in mail.data.split(b"\r\n"))
 
 
 def test_an_internationalised_domain_is_sent_in_its_ascii_form():
@@ -199,7 +200,7 @@ def test_mail_from_with_a_non_ascii_name_is_encoded():
     mail = invitation(mail_from="Équipe Sally <no-reply@sally.example>")
 
     assert parsed(mail)["From"] == "Équipe Sally <no-reply@sally.example>"
-    assert mail.sender == "no-reply@sally.example" and mail.as_bytes().isascii()
+    assert mail.sender == "no-reply@sally.example" and mail.data.isascii()
 
 
 # -- SMTP: connections ------------------------------------------------------------

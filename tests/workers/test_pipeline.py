@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from billing.gateway import Gateway, LedgerGateway
-from billing.purchasing import PurchaseRunner, sync_seats
 from billing.stripe_gateway import StripeGateway
-from models.tables import Invitation, Purchase, SyncEvent
+from models.tables import Invitation
 from tests.conftest import connect_tenant
 from tests.fakes.stripe_server import FakeStripe
-from workers.reconcile import Reconciler
+from tests.workers.support import make_group, make_user, settle_pipeline, users_by_name
 
 PRICES = {"starter": "price_starter", "team": "price_team", "enterprise": "price_enterprise"}
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -28,44 +26,6 @@ def gateway(fake: FakeStripe) -> StripeGateway:
     return StripeGateway(fake.api_key, PRICES, api_base=fake.url, wait_seconds=0.01)
 
 
-def make_user(client, name: str, active: bool = True) -> str:
-    r = client.post("/Users", json={"schemas": [USER], "userName": name, "active": active,
-                                    "emails": [{"value": name, "primary": True}]})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def make_group(client, name: str, members: list[str]) -> str:
-    r = client.post("/Groups", json={"schemas": [GROUP], "displayName": name,
-                                     "members": [{"value": m} for m in members]})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def users_by_name(admin, tenant_id: str) -> dict[str, dict]:
-    return {u["userName"]: u for u in admin.get(f"/tenants/{tenant_id}/users").json()}
-
-
-def drain(engine, tenant_id: str, gw: Gateway | None = None) -> None:
-    """Run reconcile and every purchase it plans until nothing is left (a calm worker)."""
-    gw = gw or LedgerGateway()
-    reconciler = Reconciler(engine, gw)
-    for _ in range(20):
-        result = reconciler.run(tenant_id)
-        if result.needs_seat_sync:
-            sync_seats(engine, gw, tenant_id)
-        with engine.connect() as c:
-            pending = [p for (p,) in c.execute(select(Purchase.id).where(Purchase.status == "pending"))]
-        for purchase_id in pending:
-            PurchaseRunner(engine, gw).run(purchase_id)
-        with engine.connect() as c:
-            left = c.execute(select(func.count()).select_from(SyncEvent).where(SyncEvent.applied_at.is_(None))).scalar()
-            still = c.execute(select(func.count()).select_from(Purchase).where(Purchase.status == "pending")).scalar()
-        if not left and not still:
-            return
-    raise AssertionError("the pipeline did not settle")
-
-
 def test_roles_and_lowest_tier_with_ledger_only_billing(admin, tenant, engine):
     """Given users in user/admin/license groups, when the mapping is saved and reconciled,
     then access comes from groups only, admin wins, the lowest tier wins, and seats are recorded not_billed."""
@@ -79,7 +39,7 @@ def test_roles_and_lowest_tier_with_ledger_only_billing(admin, tenant, engine):
         "user_groups": [users], "admin_groups": [admins],
         "license_groups": {"starter": [starter], "team": [team]}, "auto_invite": True})
     assert r.status_code == 200, r.text
-    drain(engine, tenant.tenant_id)
+    settle_pipeline(engine, tenant.tenant_id)
     seen = users_by_name(admin, tenant.tenant_id)
     assert (seen["ann@x.com"]["role"], seen["ann@x.com"]["license"]) == ("user", "starter")
     assert (seen["bob@x.com"]["role"], seen["bob@x.com"]["license"]) == ("admin", "team")
@@ -108,7 +68,7 @@ def test_seats_bought_in_stripe_once_and_never_lowered(admin, engine, stripe_fak
     group = make_group(scim.client, "All", ids)
     admin.put(f"/tenants/{scim.tenant_id}/scim/config",
               json={"user_groups": [group], "license_groups": {"team": [group]}})
-    drain(engine, scim.tenant_id, gateway(stripe_fake))
+    settle_pipeline(engine, scim.tenant_id, gateway(stripe_fake))
     posts = stripe_fake.posts("/v1/subscriptions")
     assert len(posts) == 1
     assert stripe_fake.quantities("sub_1") == {"price_team": 5, "price_starter": 7}
@@ -120,7 +80,7 @@ def test_seats_bought_in_stripe_once_and_never_lowered(admin, engine, stripe_fak
     # Deprovision two: seats stay bought, licenses are freed.
     for user_id in ids[:2]:
         assert scim.client.delete(f"/Users/{user_id}").status_code == 204
-    drain(engine, scim.tenant_id, gateway(stripe_fake))
+    settle_pipeline(engine, scim.tenant_id, gateway(stripe_fake))
     assert admin.get(f"/tenants/{scim.tenant_id}/licenses").json()["team"] == {"purchased": 5, "assigned": 3}
     assert len(stripe_fake.posts("/v1/subscriptions")) == 1
     scim.client.close()

@@ -9,16 +9,16 @@ import logging
 from datetime import timedelta
 
 import pytest
-from dramatiq import Message
+from dramatiq import Message, Worker
 from dramatiq.brokers.stub import StubBroker
 from sqlalchemy import insert, update
 
 from models.tables import SyncEvent, Tenant, utcnow
 from tests.conftest import connect_tenant
-from tests.workers.support import bind_actors
+from tests.workers.support import bind_actors, drain
 from workers import runtime
-from workers.names import RECONCILE_QUEUE
-from workers.quarantine import QuarantinePolicy, counts_as_poison
+from workers.names import QUEUES, RECONCILE_QUEUE
+from workers.quarantine import QuarantinePolicy, TenantQuarantined, counts_as_poison
 from workers.sweep import Sweeper
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -72,7 +72,7 @@ def test_a_poison_tenant_is_quarantined_shown_skipped_and_cleared_by_a_success(
     """Given a tenant whose unapplied events make reconcile fail (a malformed event row)
     When reconcile fails twice, Then GET …/sync counts the failures and shows the error, no quarantine yet;
     When it fails a third time, Then the tenant is quarantined for the base backoff, the log says so,
-    and the message is not retried (the actor returns);
+    and the actor raises TenantQuarantined (in its `throws`: Dramatiq does not retry the message);
     Then further reconciles are skipped and the sweep does not re-send the tenant;
     When the backoff has passed, Then the sweep sends it again;
     When the data is mended, Then the reconcile succeeds and the quarantine fields are cleared."""
@@ -99,7 +99,9 @@ def test_a_poison_tenant_is_quarantined_shown_skipped_and_cleared_by_a_success(
 
     with caplog.at_level(logging.ERROR, logger="workers.quarantine"):
         before = utcnow()
-        assert actors.reconcile_tenant(scim.tenant_id) is None  # quarantined: no retry
+        with pytest.raises(TenantQuarantined) as quarantined:
+            actors.reconcile_tenant(scim.tenant_id)
+    assert quarantined.value.reason.endswith("after: TypeError: 'int' object is not iterable")
     state = sync()
     assert state["reconcile_failures"] == 3 and state["events_applied"] < state["events_total"]
     until = state["quarantined_until"]
@@ -133,4 +135,29 @@ def test_a_poison_tenant_is_quarantined_shown_skipped_and_cleared_by_a_success(
     state = sync()
     assert (state["reconcile_failures"], state["quarantined_until"], state["last_error"]) == (0, None, None)
     assert state["events_applied"] == state["events_total"]
+    scim.client.close()
+
+
+def test_dramatiq_gives_up_the_message_that_quarantines_a_tenant(worker_runtime, admin, engine):
+    """Given a poison tenant (quarantine after 3) and a real Dramatiq worker,
+    When one reconcile message for it is sent, Then Dramatiq retries it until the third failure
+    quarantines the tenant and then gives it up at once (one dead letter, no further retry, whatever
+    the actor's max_retries), with the quarantine as its error."""
+    rt, broker, actors = worker_runtime
+    scim = connect_tenant(admin)
+    with engine.begin() as connection:
+        connection.execute(insert(SyncEvent).values(
+            tenant_id=scim.tenant_id, kind="user_created", user_ids=5, created_at=utcnow()))
+    worker = Worker(broker, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        actors.reconcile_tenant.send(scim.tenant_id)
+        drain(broker, QUEUES)
+    finally:
+        worker.stop()
+
+    [letter] = broker.dead_letters
+    assert (letter.actor_name, letter.args, letter.options["retries"]) == ("reconcile_tenant", (scim.tenant_id,), 2)  # three attempts
+    state = admin.get(f"/tenants/{scim.tenant_id}/sync").json()
+    assert state["reconcile_failures"] == 3 and state["quarantined_until"] is not None
     scim.client.close()

@@ -60,24 +60,6 @@ class Mail:
     message_id: str
     data: bytes
 
-    def as_bytes(self) -> bytes:
-        return self.data
-
-
-def build_invitation(
-    *,
-    mail_from: str,
-    to_address: str,
-    display_name: str | None,
-    tenant_name: str,
-    login_url: str,
-    message_id: str,
-    date: datetime | None = None,
-) -> Mail:
-    """The invitation to Sally: plain text with an HTML alternative. Raises ValueError for an unusable address."""
-    template = invitation_template(mail_from=mail_from, tenant_name=tenant_name, login_url=login_url)
-    return template.render(to_address=to_address, display_name=display_name, message_id=message_id, date=date)
-
 
 @functools.lru_cache(maxsize=256)
 def invitation_template(*, mail_from: str, tenant_name: str, login_url: str) -> InvitationTemplate:

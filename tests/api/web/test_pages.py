@@ -9,21 +9,13 @@ import re
 from dataclasses import replace
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import text
 
 from models.db import session_scope
 from models.tables import Purchase, utcnow
 from tests.api.helpers import count_rows
-from tests.api.web.test_session import make_client, sign_in
+from tests.api.web.conftest import make_client, sign_in
 from tests.conftest import ADMIN_TOKEN
-
-
-@pytest.fixture
-def signed_in(base_settings, clean_db):
-    with make_client(base_settings, clean_db) as client:
-        csrf = sign_in(client)
-        yield client, csrf
 
 
 def new_tenant(client, csrf: str, name: str = "Acme", provider: str | None = "entra") -> tuple[str, str | None]:

@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import re
+import time
+import uuid
 from dataclasses import replace
-from typing import Iterator
 
-import pytest
-from starlette.testclient import TestClient
-
-from api.app import Services, create_app
 from api.web.session import COOKIE, SessionCodec, WebSession
+from models.settings import Settings
 from tests.api.helpers import count_rows
+from tests.api.web.conftest import csrf_of, make_client, sign_in
 from tests.conftest import ADMIN_TOKEN
-
-CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-def make_client(settings, engine) -> TestClient:
-    services = Services(engine, wake=lambda _tenant: None, ping_broker=lambda: True)
-    return TestClient(create_app(settings, services), base_url="http://testserver", follow_redirects=False)
-
-
-@pytest.fixture
-def page(base_settings, clean_db) -> Iterator[TestClient]:
-    with make_client(base_settings, clean_db) as client:
-        yield client
-
-
-def csrf_of(html: str) -> str:
-    match = CSRF.search(html)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
-
-
-def sign_in(client: TestClient) -> str:
-    """Sign in with the admin token; returns the signed-in session's CSRF token."""
-    response = client.post("/login", data={"token": ADMIN_TOKEN, "csrf": csrf_of(client.get("/").text)})
-    assert response.status_code == 303 and response.headers["location"] == "/"
-    return csrf_of(client.get("/").text)
 
 
 def test_signed_out_root_is_the_sign_in_page_with_a_strict_httponly_cookie(page):
@@ -135,3 +107,38 @@ def test_an_oversized_form_is_413_and_an_unknown_tenant_404(page):
                          headers={"content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 413
     assert page.get("/tenants/nope/scim").status_code == 404
+
+
+def _not_at_the_end_of_a_minute() -> None:
+    """The throttle counts per wall-clock minute: start a test of it with the minute's count still to come."""
+    left = 60 - time.time() % 60
+    if left < 10:
+        time.sleep(left + 0.1)
+
+
+def test_failed_sign_ins_are_throttled_per_address(base_settings, clean_db):
+    """Given WEB_SIGNIN_FAILURE_LIMIT=3, When one address signs in with a wrong token five times within a
+    minute, Then three are 401 and the rest 429 with Retry-After and the reason on the page; the right token
+    from that address is refused too until the minute ends (its tries are not even checked), and no session
+    was signed in; Then another address still signs in."""
+    settings = replace(base_settings, web_signin_failure_limit=3,
+                       redis_namespace=base_settings.redis_namespace + f"si{uuid.uuid4().hex[:6]}")
+    _not_at_the_end_of_a_minute()
+    with make_client(settings, clean_db, redis_url=settings.redis_url, client=("203.0.113.7", 50000)) as guesser:
+        csrf = csrf_of(guesser.get("/").text)
+        wrong = [guesser.post("/login", data={"token": f"wrong-{i}", "csrf": csrf}) for i in range(5)]
+        right = guesser.post("/login", data={"token": ADMIN_TOKEN, "csrf": csrf})
+        still_signed_out = guesser.get("/")
+    assert [r.status_code for r in wrong] == [401, 401, 401, 429, 429]
+    assert 1 <= int(wrong[-1].headers["Retry-After"]) <= 60
+    assert "Too many failed sign-ins from this address" in wrong[-1].text
+    assert right.status_code == 429 and "location" not in right.headers
+    assert 'action="/login"' in still_signed_out.text
+    with make_client(settings, clean_db, redis_url=settings.redis_url, client=("198.51.100.9", 50000)) as admin:
+        sign_in(admin)
+
+
+def test_the_sign_in_throttle_is_a_setting_with_a_default():
+    """WEB_SIGNIN_FAILURE_LIMIT: 10 failed sign-ins per address and minute unless set; 0 turns it off."""
+    assert Settings.from_env({}).web_signin_failure_limit == 10
+    assert Settings.from_env({"WEB_SIGNIN_FAILURE_LIMIT": "0"}).web_signin_failure_limit == 0
