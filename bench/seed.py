@@ -47,9 +47,10 @@ def _insert(engine: Engine, table: Any, rows: list[dict[str, Any]]) -> None:
             conn.execute(insert(table), rows[start:start + ROWS_PER_STATEMENT])
 
 
-def seed_tenant(engine: Engine, size: int) -> Seeded:
+def seed_tenant(engine: Engine, size: int, *, analyze: bool = True) -> Seeded:
     """`size` users, all in a user group and a starter license group, each holding a starter seat,
-    every event applied; plus one probe user in no group (no account yet)."""
+    every event applied; plus one probe user in no group (no account yet). `analyze=False` leaves
+    PostgreSQL without planner statistics, as a tenant just written by its IdP is before autovacuum."""
     now = utcnow()
     tenant_id = new_id()
     user_group, license_group = new_id(), new_id()
@@ -94,7 +95,7 @@ def seed_tenant(engine: Engine, size: int) -> Seeded:
          "invited_at": None, "invite_error": None, "updated_at": now}
         for mid in members
     ])
-    if engine.dialect.name == "postgresql":
+    if analyze and engine.dialect.name == "postgresql":
         # Production runs autovacuum, which analyzes a table after this many new rows.
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(

@@ -178,6 +178,10 @@ class Settings:
     database_statement_timeout: float = 30.0
     database_connect_timeout: float = 10.0
     sweep_interval: float = 10.0
+    # Seconds a purchase's lease on its Stripe call lasts: the worker calling Stripe
+    # renews it every third of this; a worker that died lets it lapse, and the sweep's
+    # next message for the purchase runs it on another worker.
+    purchase_lease: float = 30.0
     # Stripe webhooks (POST /stripe/webhook); without a secret the endpoint answers
     # 400 to everything and the sweep re-reads each linked subscription instead.
     stripe_webhook_secret: str | None = None
@@ -208,7 +212,7 @@ class Settings:
     quarantine_max_backoff: float = 3600.0
     # Invitations per tenant per UTC day; the rest wait for the next day
     # (a tenant may override it in its SCIM config).
-    invite_daily_cap: int = 5000
+    invite_daily_cap: int = 50_000
     # Mass-deprovision breaker: a reconcile that would take access from more
     # than max(hold_min_users, hold_percent % of the active users) within
     # hold_window seconds is held for the admin (tenants may override both).
@@ -311,6 +315,8 @@ class Settings:
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 10.0, 1.0),
             # Not in CONTRACT.md: tests shorten the sweep to keep crash recovery quick.
             sweep_interval=_seconds(env, "SALLY_SWEEP_INTERVAL", 10.0, 0.5),
+            # Not in CONTRACT.md either: tests shorten the lease to see one lapse.
+            purchase_lease=_seconds(env, "SALLY_PURCHASE_LEASE", 30.0, 1.0),
             redis_namespace=get("SALLY_REDIS_NAMESPACE") or "sally",
             stripe_webhook_secret=get("STRIPE_WEBHOOK_SECRET"),
             stripe_timeout=_seconds(env, "STRIPE_TIMEOUT", 20.0, 1.0, maximum=20.0),
@@ -322,7 +328,7 @@ class Settings:
             quarantine_after=_int(env, "SALLY_QUARANTINE_AFTER", 5, 1),
             quarantine_backoff=_seconds(env, "SALLY_QUARANTINE_BACKOFF", 60.0, 1.0),
             quarantine_max_backoff=_seconds(env, "SALLY_QUARANTINE_MAX_BACKOFF", 3600.0, 1.0),
-            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 5000, 1),
+            invite_daily_cap=_int(env, "INVITE_DAILY_CAP", 50_000, 1),
             hold_min_users=_int(env, "DEPROVISION_HOLD_MIN_USERS", 10, 0),
             hold_percent=_percent(env, "DEPROVISION_HOLD_PERCENT", 20),
             hold_window=_seconds(env, "DEPROVISION_HOLD_WINDOW", 3600.0, 0.0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -150,7 +151,8 @@ def reconcile_tenant(tenant_id: str) -> None:
 def purchase_seats(purchase_id: str) -> None:
     """Run one purchase through the protocol (frozen body and key, Stripe, settle)."""
     rt = runtime.current()
-    runner = PurchaseRunner(rt.engine, rt.gateway, pace=lambda subscription, key: _pace(rt, subscription, key))
+    runner = PurchaseRunner(rt.engine, rt.gateway, pace=lambda subscription, key: _pace(rt, subscription, key),
+                            lease=timedelta(seconds=rt.settings.purchase_lease))
     with _failures_counted(rt, PURCHASE_SEATS):
         outcome = runner.run(purchase_id)
     rt.telemetry.job(PURCHASE_SEATS, outcome.status)

@@ -28,6 +28,28 @@ def is_purchase_worker(worker: object) -> bool:
     return bool(getattr(worker, INNER, False))
 
 
+class _PurchaseQueueWorker(Worker):
+    """A second Worker in the process that takes its consumers straight from the broker's queues.
+
+    Worker.start() registers a middleware on the broker that adds a consumer for
+    each queue declared later; the main worker has already registered one, and a
+    second of the same type makes Dramatiq warn. Every actor is declared before
+    any worker boots (workers/broker.py sets the broker, then imports the actors),
+    so the purchases queue and its delay queue exist by now: add their consumers
+    here, as that middleware would, and start the threads.
+    """
+
+    def start(self) -> None:
+        self.broker.emit_before("worker_boot", self)
+        for queue_name in self.broker.get_declared_queues():
+            self._add_consumer(queue_name)
+        for queue_name in self.broker.get_declared_delay_queues():
+            self._add_consumer(queue_name, delay=True)
+        for _ in range(self.worker_threads):
+            self._add_worker()
+        self.broker.emit_after("worker_boot", self)
+
+
 class PurchaseWorkerMiddleware(Middleware):
     """Starts and stops the purchases queue's own worker with the process's main worker."""
 
@@ -43,9 +65,7 @@ class PurchaseWorkerMiddleware(Middleware):
         if not whitelist or PURCHASE_QUEUE in whitelist:
             # The main worker consumes purchases itself (no --queues): nothing to add.
             return
-        # Dramatiq logs "adding a middleware of the same type twice" here: each Worker
-        # registers its own consumer-adding middleware, which is what two workers need.
-        inner = Worker(broker, queues={PURCHASE_QUEUE}, worker_threads=self.threads)
+        inner = _PurchaseQueueWorker(broker, queues={PURCHASE_QUEUE}, worker_threads=self.threads)
         setattr(inner, INNER, True)
         inner.start()
         self._worker = inner

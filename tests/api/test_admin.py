@@ -302,7 +302,7 @@ DEFAULT_LIMITS = {
     "invite_daily_cap": None,
     "hold_min_users": None,
     "hold_percent": None,
-    "effective": {"invite_daily_cap": 5000, "hold_min_users": 10, "hold_percent": 20},
+    "effective": {"invite_daily_cap": 50_000, "hold_min_users": 10, "hold_percent": 20},
 }
 
 

@@ -334,8 +334,10 @@ def wait_seats_read(admin: httpx.Client, tenant_id: str, expected: dict[str, int
     wait_until(check, timeout=30, what="the seats bought read from Stripe", worker=worker)
 
 
-def users_by_id(admin: httpx.Client, tenant_id: str) -> dict[str, dict[str, Any]]:
-    response = admin.get(f"/tenants/{tenant_id}/users")
+def users_by_id(admin: httpx.Client, tenant_id: str, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """Every user of the tenant as the admin API lists them (one unpaged answer: give a 100,000-user
+    tenant a longer `timeout` than the client's)."""
+    response = admin.get(f"/tenants/{tenant_id}/users", **({"timeout": timeout} if timeout else {}))
     assert response.status_code == 200, response.text
     return {user["id"]: user for user in response.json()}
 

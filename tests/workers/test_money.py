@@ -14,13 +14,16 @@ import io
 import os
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 import stripe
+from sqlalchemy import select
 
+from models.tables import Purchase, as_utc
 from tests.conftest import connect_tenant
 from tests.workers.support import (
     TIERS,
@@ -304,10 +307,12 @@ def test_linking_billing_to_an_existing_tenant_is_checked_by_the_worker(admin, s
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-# Issue 9 names a 100,000-user attack. Creating users through /Bulk runs at ~100/s on this
-# project's shared 2-core machine with SQLite (about 17 minutes for 100,000), so the suite runs
-# the same attack with 10,000 users (ten times the guard's first-purchase allowance is not needed:
-# the tenant's first purchase is behind it); SALLY_ATTACK_USERS=100000 runs the full size.
+# Issue 9 names a 100,000-user attack. Its cost is the /Bulk writes: on this project's shared 2-core
+# machine they run at ~100 users/s with SQLite, and a full-size run on PostgreSQL took 14.5 minutes to
+# create the users, hold the purchase and list them (load average 8-17 from other runs), far past a
+# suite's budget on either database. So both passes run
+# the same attack with 10,000 users (the guard holds the same way: the tenant's first purchase is behind
+# it), and SALLY_ATTACK_USERS=100000 runs the full size.
 ATTACK_USERS = int(os.environ.get("SALLY_ATTACK_USERS") or 10_000)
 
 
@@ -358,7 +363,7 @@ def test_a_bulk_attack_of_many_users_stops_at_the_guard_without_a_stripe_call(ad
     assert f"enterprise 10 → {ATTACK_USERS + 10}" in held["hold_reason"]
     assert len(fake.calls) == calls_before_attack, "no Stripe call: the guard held it at planning"
     assert licenses(admin, t)["enterprise"] == {"purchased": 10, "assigned": 10}
-    users = users_by_id(admin, t)
+    users = users_by_id(admin, t, timeout=300)
     waiting = [u for u in users.values() if u["status"] == "pending_license"]
     assert len(waiting) == ATTACK_USERS
     assert waiting[0]["status_reason"].startswith("Waiting for the admin to approve")
@@ -379,19 +384,41 @@ def test_a_bulk_attack_of_many_users_stops_at_the_guard_without_a_stripe_call(ad
     scim.client.close()
 
 
-def test_a_stripe_blackhole_never_stalls_reconcile_or_invitations(admin, live_server, base_settings, tmp_path):
-    """Given a worker with 2 reconcile/invitation threads and 2 purchase threads, Stripe timing out after
-    1 s (the 5-minute blackhole of issue 9, shortened by STRIPE_TIMEOUT), and three billed tenants whose
-    purchases are stuck in a Stripe that accepts connections and never answers,
-    When another tenant's IdP pushes bursts meanwhile (auto-invite on), and the billed tenants' IdPs too,
+# Issue 9: "Stripe blackhole (no answer) for 5 min while bursts continue". What 5 minutes hold at
+# the real STRIPE_TIMEOUT (20 s) and purchase lease (30 s): several timeouts per purchase, a worker
+# dying in the middle of a call, its lease lapsing and the sweep sending the purchase again, other
+# tenants' bursts reconciled and invited all along. The suite plays that story with Stripe timing out
+# after 1 s and a 5 s lease, in well under a minute; SALLY_BLACKHOLE_SECONDS=300 plays it for that
+# long with the real timeout and lease (a burst every 20 s, the worker killed half-way).
+BLACKHOLE_SECONDS = float(os.environ.get("SALLY_BLACKHOLE_SECONDS") or 0)
+
+
+def _leases(engine, tenant_ids: list[str]) -> dict[str, datetime | None]:
+    """Each tenant's one purchase: its lease, or None while no worker is calling Stripe for it."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Purchase.tenant_id, Purchase.lease_until).where(Purchase.tenant_id.in_(tenant_ids))).all()
+    return {tenant_id: as_utc(lease) if lease else None for tenant_id, lease in rows}
+
+
+def test_a_stripe_blackhole_never_stalls_reconcile_or_invitations(admin, live_server, base_settings, engine, tmp_path):
+    """Given a worker with 2 reconcile/invitation threads and 2 purchase threads, and three billed tenants
+    whose purchases go to a Stripe that accepts connections and never answers (a blackhole),
+    When another tenant's IdP pushes bursts all along (auto-invite on), the billed tenants' IdPs too,
+    and the worker is killed in the middle of a Stripe call and started again,
     Then every burst is reconciled and invited while Stripe is silent (purchases have threads of their
-    own), the stuck purchases stay pending with the error shown, and once Stripe answers again each is
-    bought exactly once.
+    own); each purchase times out several times and stays pending with the error shown; the killed
+    worker's lease is not taken over before it lapses, after which the sweep sends the purchase again;
+    and once Stripe answers each tenant is bought for exactly once (one update, one invoice).
     """
+    full = BLACKHOLE_SECONDS > 0
+    lease = 30.0 if full else 5.0
+    extra = {"PURCHASE_THREADS": "2", "STRIPE_UPDATE_SPACING": "0", "SALLY_PURCHASE_LEASE": str(lease)}
+    if not full:
+        extra["STRIPE_TIMEOUT"] = "1"
     with stripe_fake() as fake, SlowSmtp() as smtp:
-        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=2,
-                               extra_env={"STRIPE_TIMEOUT": "1", "PURCHASE_THREADS": "2",
-                                          "STRIPE_UPDATE_SPACING": "0"})
+        worker = WorkerProcess(base_settings, tmp_path / "worker", fake, smtp, threads=2, extra_env=extra,
+                               sweep_interval=10.0 if full else 1.0)
         worker.start()
         try:
             billed = []
@@ -401,46 +428,84 @@ def test_a_stripe_blackhole_never_stalls_reconcile_or_invitations(admin, live_se
                                       stripe_subscription_id=f"sub_bh{n}")
                 wait_seats_read(admin, scim.tenant_id, {"starter": 0, "team": 1, "enterprise": 0}, worker)
                 billed.append(scim)
+            billed_ids = [scim.tenant_id for scim in billed]
             free = connect_tenant(admin, "Ledger Only")
+            with Idp(free.tenant_url, free.token) as idp:
+                everyone = idp.create_group("Everyone")
+            save_mapping(admin, free.tenant_id, user_groups=[everyone], auto_invite=True)
+            invited = 0
+
+            def burst(label: str) -> None:
+                """A wave of 20 new users of the ledger-only tenant: reconciled and invited, Stripe or not."""
+                nonlocal invited
+                with Idp(free.tenant_url, free.token) as idp:
+                    ids = idp.create_users({"user_name": f"{label}_{i}@free.example"} for i in range(20))
+                    idp.add_memberships({everyone: ids})
+                invited += 20
+                wait_caught_up(admin, free.tenant_id, timeout=60, worker=worker)
+                wait_until(lambda: len(smtp.messages) == invited, timeout=60,
+                           what=f"the {invited} invitations of the bursts sent", worker=worker)
 
             fake.blackhole()
             started = time.monotonic()
-            groups = {}
             for scim in billed:
                 with Idp(scim.tenant_url, scim.token) as idp:
-                    groups[scim.tenant_id] = idp.create_group("Team")
-                    people(idp, "b", 3, groups[scim.tenant_id])
-                save_mapping(admin, scim.tenant_id, user_groups=[groups[scim.tenant_id]],
-                             license_groups={"team": [groups[scim.tenant_id]]})
-            wait_until(lambda: all(purchases(admin, s.tenant_id) for s in billed), timeout=30,
+                    team = idp.create_group("Team")
+                    people(idp, "b", 3, team)
+                save_mapping(admin, scim.tenant_id, user_groups=[team], license_groups={"team": [team]})
+            wait_until(lambda: all(purchases(admin, t) for t in billed_ids), timeout=30,
                        what="the purchases planned", worker=worker)
-            with Idp(free.tenant_url, free.token) as idp:
-                group = idp.create_group("Everyone")
-                save_mapping(admin, free.tenant_id, user_groups=[group], auto_invite=True)
-                for wave in range(3):
-                    ids = idp.create_users({"user_name": f"w{wave}_{i}@free.example"} for i in range(20))
-                    idp.add_memberships({group: ids})
-                    wait_caught_up(admin, free.tenant_id, timeout=30, worker=worker)
-            assert len(smtp.messages) == 60, "invitations flow while Stripe is silent"
+            burst("w0")
+
+            # The worker dies in the middle of a Stripe call: the purchase's lease stays behind it.
+            calling = wait_until(lambda: {t: lease for t, lease in _leases(engine, billed_ids).items()
+                                          if lease is not None and lease > datetime.now(timezone.utc)},
+                                 timeout=60, what="a purchase in a Stripe call", worker=worker)
+            if full:
+                while time.monotonic() - started < BLACKHOLE_SECONDS / 2:
+                    burst(f"w{invited // 20}")
+                    time.sleep(20)
+            worker.kill()
+            left_behind = {t: lease for t, lease in _leases(engine, billed_ids).items() if lease is not None}
+            assert left_behind, f"a lease left behind by the killed worker (seen calling: {calling})"
+            unanswered_at_kill = fake.unanswered
+            worker.start()
+            burst(f"w{invited // 20}")
             for scim in billed:
                 with Idp(scim.tenant_url, scim.token) as idp:
                     idp.create_users([{"user_name": "late@x.example"}])
-            for scim in billed:
-                wait_until(lambda s=scim: (lambda sync: sync["events_applied"] == sync["events_total"])(
-                    admin.get(f"/tenants/{s.tenant_id}/sync").json()), timeout=30,
+            for t in billed_ids:
+                wait_until(lambda t=t: (lambda sync: sync["events_applied"] == sync["events_total"])(
+                    admin.get(f"/tenants/{t}/sync").json()), timeout=60,
                     what="the billed tenants' events reconciled", worker=worker)
-            assert fake.in_blackhole and time.monotonic() - started < 120
-            for scim in billed:
-                [stuck] = purchases(admin, scim.tenant_id)
+            # Taken over only once its lease lapsed: a new lease starts no earlier than the old one ended.
+            def taken_after_lapse() -> bool:
+                now = _leases(engine, list(left_behind))
+                return all(now[t] is not None and now[t] - timedelta(seconds=lease) >= old
+                           for t, old in left_behind.items())
+
+            wait_until(taken_after_lapse, timeout=lease + 60,
+                       what="the dead worker's leases lapsed and taken by the new worker", worker=worker)
+            wait_until(lambda: fake.unanswered > unanswered_at_kill, timeout=60,
+                       what="the purchases sent to Stripe again after the restart", worker=worker)
+            while full and time.monotonic() - started < BLACKHOLE_SECONDS:
+                burst(f"w{invited // 20}")
+                time.sleep(20)
+            wait_until(lambda: all((purchases(admin, t)[0]["error"] or "").startswith("Transient")
+                                   for t in billed_ids), timeout=60, what="the Stripe error shown", worker=worker)
+
+            assert fake.in_blackhole
+            assert fake.unanswered >= 2 * len(billed), "several Stripe timeouts"
+            for t in billed_ids:
+                [stuck] = purchases(admin, t)
                 assert stuck["status"] == "pending"
             assert all(fake.quantities(f"sub_bh{n}") == {"price_team": 1} for n in range(3))
-            wait_until(lambda: all((purchases(admin, s.tenant_id)[0]["error"] or "").startswith("Transient")
-                                   for s in billed), timeout=60, what="the Stripe error shown", worker=worker)
+            assert len(smtp.messages) == invited, "every burst invited while Stripe was silent"
 
             fake.blackhole(False)
-            for scim in billed:
-                wait_caught_up(admin, scim.tenant_id, timeout=120, worker=worker)
-                [bought] = purchases(admin, scim.tenant_id)
+            for t in billed_ids:
+                wait_caught_up(admin, t, timeout=120, worker=worker)
+                [bought] = purchases(admin, t)
                 assert bought["status"] == "succeeded"
             for n in range(3):
                 assert fake.quantities(f"sub_bh{n}") == {"price_team": 3}
