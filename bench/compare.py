@@ -710,8 +710,12 @@ def summarise(report: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     rows.append(("user creates/s, WEB_PROCESSES=2 vs scim2-server", value, 3.0, detail))
     ref, ours = report.get("patch1000_ref"), report.get("patch1000_sally1")
     if ref is not None and ours is not None:
-        rows.append(("memberships/s in 1,000-member PATCHes vs scim2-server", ours.rate / ref.rate if ref.rate else float("nan"),
-                     15.0, f"{ours.rate * 1000:,.0f} vs {ref.rate * 1000:,.0f} memberships/s"))
+        detail = f"{ours.rate * 1000:,.0f} vs {ref.rate * 1000:,.0f} memberships/s"
+        value = ours.rate / ref.rate if ref.rate else float("nan")
+        if ours.wrapped or ref.wrapped:
+            # Re-sent PATCHes add members already there: cheaper, so the rate would flatter the server.
+            value, detail = float("nan"), f"not measured: PATCHes re-sent, raise --patch-groups ({detail})"
+        rows.append(("memberships/s in 1,000-member PATCHes vs scim2-server", value, 15.0, detail))
     if "burst" in report:
         # An absolute goal (4x the 80/s of issue 7's measurement), not a same-run ratio.
         rate = report["burst"].get("memberships", float("nan"))
@@ -777,7 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of the create phases")
     parser.add_argument("--patch-users", type=int, default=5000)
-    parser.add_argument("--patch-groups", type=int, default=100)
+    # 5 PATCHes per group of --patch-users 5,000: 300 groups give 1,500 PATCHes, more than a 10 s phase sends.
+    parser.add_argument("--patch-groups", type=int, default=300)
     parser.add_argument("--small-tenant", type=int, default=1000)
     parser.add_argument("--big-tenant", type=int, default=100_000)
     parser.add_argument("--reconcile-samples", type=int, default=20)
@@ -807,7 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.only_patches:
         ref, ours = report["patch1000_ref"], report["patch1000_sally1"]
-        print(f"\nmemberships/s in 1,000-member PATCHes vs scim2-server: {ours.rate / ref.rate:.2f}x (goal 15x)")
+        wrapped = "  NOT MEASURED: PATCHes re-sent, raise --patch-groups" if ours.wrapped or ref.wrapped else ""
+        print(f"\nmemberships/s in 1,000-member PATCHes vs scim2-server: {ours.rate / ref.rate:.2f}x (goal 15x){wrapped}")
         if "burst" in report:
             print(f"100-member PATCHes/s in bench/burst.py: {report['burst'].get('memberships', float('nan')):.0f}"
                   " (goal 320/s)")
