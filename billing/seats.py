@@ -245,13 +245,7 @@ def allocate(
         plan = plans[tier]
         queue = waiting[tier]
         grant, rest = queue[:plan.grant], queue[plan.grant:]
-        for chunk in chunks(grant):
-            session.execute(
-                update(Account)
-                .where(Account.user_id.in_(chunk))
-                .values(license=tier, status="active", status_reason=None, waiting_since=None, updated_at=now)
-            )
-            _write_history(session, chunk, now)
+        _update_accounts(session, grant, now, license=tier, status="active", status_reason=None, waiting_since=None)
         result.granted[tier] = len(grant)
         change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
@@ -278,13 +272,7 @@ def allocate(
             # grow with the square of its size: removing 97,000 users waiting behind
             # the spend guard took minutes. Only those users get a history row too.
             changed = [uid for uid in ids if shown[uid] != ("pending_license", reason)]
-            for chunk in chunks(changed):
-                session.execute(
-                    update(Account)
-                    .where(Account.user_id.in_(chunk))
-                    .values(status="pending_license", status_reason=reason, updated_at=now)
-                )
-                _write_history(session, chunk, now)
+            _update_accounts(session, changed, now, status="pending_license", status_reason=reason)
     session.flush()
     return result
 
@@ -310,17 +298,19 @@ def _revoke_beyond(
             .limit(extra)
         ).scalars().all()
         reason = REASON_LOWERED.format(tier=tier, seats=purchased[tier])
-        for chunk in chunks(ids):
-            session.execute(
-                update(Account)
-                .where(Account.user_id.in_(chunk))
-                .values(license=None, status="pending_license", status_reason=reason, waiting_since=now, updated_at=now)
-            )
-            _write_history(session, chunk, now)
+        _update_accounts(session, ids, now, license=None, status="pending_license", status_reason=reason,
+                         waiting_since=now)
         change_held(session, tenant_id, {tier: -len(ids)}, now)
         held[tier] -= len(ids)
     session.flush()
     return held
+def _update_accounts(session: Session, user_ids: Sequence[str], now: datetime, **values: object) -> None:
+    """Set these accounts' outcome, 500 at a time, and copy it into account_history, in the caller's transaction."""
+    for chunk in chunks(user_ids):
+        session.execute(update(Account).where(Account.user_id.in_(chunk)).values(**values, updated_at=now))
+        _write_history(session, chunk, now)
+
+
 def _write_history(session: Session, user_ids: Sequence[str], now: datetime) -> None:
     """Copy these accounts' outcome into account_history, in the caller's transaction."""
     if not user_ids:
