@@ -19,7 +19,7 @@ from models.directory import events as directory_events
 from models.directory.members import group_ids_of_users
 from models.directory.users import NO_ADDRESS, invitation_address, users_by_id
 from models.settings import TIERS, Settings
-from models.tables import ACCOUNT_HELD, Account, AccountHistory, ScimUser, Tenant, utcnow
+from models.tables import ACCOUNT_HELD, Account, AccountHistory, ScimUser, Tenant, as_utc, utcnow
 from models.tables import GroupMapping as MappingRow
 from workers import deprovision
 from workers.invitations import Wanted, queue_invitations, replan_waiting
@@ -241,6 +241,9 @@ class Reconciler:
         change_held(session, tenant.id, freed, now)
         if history:
             session.execute(insert(AccountHistory), history)
+        # Oldest user first, whatever order the database read them in: of users sharing an address
+        # the first created is the one invited, and a daily cap lets the earliest through first.
+        wanted.sort(key=lambda one: (as_utc(directory.users[one.user_id].created_at), one.user_id))
         return queue_invitations(session, tenant.id, wanted, now, daily_cap=self._daily_cap(tenant))
 
     def _read(self, session: Session, tenant: Tenant, mapping: GroupMapping, user_ids: list[str] | None) -> _Directory:
