@@ -96,6 +96,8 @@ class ScimApi:
             statement_timeout=settings.database_statement_timeout,
             connect_timeout=settings.database_connect_timeout,
             create_batch_max=settings.scim_create_batch_max,
+            # One wake-up per batch of creates, sent by the batch's sender after its commit.
+            after_create=self._wake_after_commit,
         ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
@@ -212,7 +214,8 @@ class ScimApi:
         return await self.gate.admit(request.path_params["tenant_id"], request.headers.get("authorization"), client)
 
     async def _create_user_fast(self, request: Request, digest: str) -> Response:
-        """POST /Users on PostgreSQL: token, user and sync event in one statement, then the wake-up."""
+        """POST /Users on PostgreSQL: token, user and sync event in one statement shared with the tenant's
+        concurrent creates; the statement's sender wakes the reconcile after its commit, before this answers."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
         declared = request.headers.get("content-length") or ""
@@ -229,7 +232,6 @@ class ScimApi:
             raise UnauthorizedError()
         if self.auth.due(call.tenant_id):
             await self._touch(call.tenant_id)
-        await self._wake_after_commit(call.tenant_id)
         return self._projected(USER_RESOURCE, call, user_json(SimpleNamespace(**row), call.base_url), 201)
 
     async def _patch_group_fast(self, request: Request, digest: str) -> Response:
