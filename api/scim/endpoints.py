@@ -277,10 +277,13 @@ class ScimApi:
     async def _call(self, request: Request, *, with_body: bool) -> Call:
         """The request as the synchronous handlers see it (read on the event loop)."""
         tenant_id = request.path_params["tenant_id"]
+        scope = request.scope
         return Call(
             tenant_id=tenant_id,
-            params=dict(request.query_params),
-            headers={k.lower(): v for k, v in request.headers.items()},
+            # Straight from the ASGI scope (an IdP's create has no query string): Starlette's
+            # QueryParams and Headers objects were ~2 % of a create's CPU.
+            params=dict(request.query_params) if scope["query_string"] else {},
+            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             path=dict(request.path_params),
             body=await read_json(request, self.settings.max_body_bytes) if with_body else None,
             base_url=f"{self.settings.public_base_url}/scim/v2/{tenant_id}",
