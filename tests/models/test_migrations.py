@@ -1,8 +1,9 @@
-"""Migration ids_c: on PostgreSQL every column that holds one of our ids is in the "C" collation, the model
-says so, and the migration keeps the rows and foreign keys both ways."""
+"""Migrations ids_c and event_lz4: on PostgreSQL every column that holds one of our ids is in the "C" collation,
+the model says so, and the migration keeps the rows and foreign keys both ways; sync events' ids use lz4."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -82,3 +83,28 @@ def test_ids_c_keeps_rows_and_keys_and_goes_back():
     finally:
         engine.dispose()
         _drop_postgres_database(url)
+
+
+def test_sync_event_ids_are_compressed_with_lz4_where_the_server_has_it(engine):
+    """Given a PostgreSQL server built with lz4, Then sync_event.user_ids is stored with lz4 (migration event_lz4),
+    and a 1,000-id event written through it reads back whole."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite does not compress")
+    with engine.begin() as connection:
+        if not connection.execute(text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                                       "WHERE name = 'default_toast_compression'")).scalar():
+            pytest.skip("this server was built without lz4")
+        method = connection.execute(text("SELECT attcompression FROM pg_attribute "
+                                         "WHERE attrelid = 'sync_event'::regclass AND attname = 'user_ids'")).scalar()
+        assert method == "l"
+        ids = [f"{n:032x}" for n in range(1000)]
+        connection.execute(text("INSERT INTO tenant (id, name, created_at, scim_enabled, auto_invite, "
+                                "reconcile_failures) VALUES ('lz4-tenant', 'T', now(), false, false, 0)"))
+        event = connection.execute(text("INSERT INTO sync_event (tenant_id, kind, user_ids, created_at) "
+                                        "VALUES ('lz4-tenant', 'group_updated', CAST(:ids AS json), now()) RETURNING id"),
+                                   {"ids": json.dumps(ids)}).scalar()
+        stored = connection.execute(text("SELECT pg_column_compression(user_ids), user_ids FROM sync_event "
+                                         "WHERE id = :id"), {"id": event}).one()
+        assert stored[0] == "lz4" and stored[1] == ids
+        connection.execute(text("DELETE FROM sync_event WHERE tenant_id = 'lz4-tenant'"))
+        connection.execute(text("DELETE FROM tenant WHERE id = 'lz4-tenant'"))
