@@ -12,7 +12,8 @@ process through the real app (Starlette's TestClient, no network):
 - the preview of a changed mapping (the whole directory + accounts, billing/preview.py);
 - the user list, page 1 and a search, and the last page;
 - one user's page (groups, what gave the role and tier, history);
-- the admin API's preview (POST …/scim/config/preview).
+- the admin API's preview (POST …/scim/config/preview);
+- the admin API's user list (GET …/users: every user, no paging, CONTRACT.md).
 
 It prints p50 and max per request over ``--repeat`` runs and a last line of JSON.
 Without ``--database-url`` it uses a fresh SQLite file in a temporary folder;
@@ -166,6 +167,7 @@ def main() -> int:
             "GET users search": lambda: client.get(f"{base}/users", params={"q": "user0999"}),
             "GET one user": lambda: client.get(f"{base}/users/{user_ids[len(user_ids) // 2]}"),
             "GET sync page": lambda: client.get(f"{base}/sync"),
+            "GET …/users (API, every user)": lambda: client.get(f"/admin/api{base}/users", headers=headers),
         }
         for name, call in cases.items():
             call()  # warm-up

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from sqlalchemy import DateTime, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
@@ -182,25 +182,7 @@ def allocate(
     purchased, holders = seats_of(session, tenant.id)
     if gateway.bills(tenant) and tenant.seats_synced_at is not None:
         holders = _revoke_beyond(session, tenant.id, purchased, holders, now)
-    waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
-    # What each waiting user shows now, read in the same pass: only those whose
-    # reason changes are written below.
-    shown: dict[str, tuple[str | None, str | None]] = {}
-    for user_id, tier, status, reason in session.execute(
-        select(Account.user_id, Account.wanted_tier, Account.status, Account.status_reason)
-        .where(
-            Account.tenant_id == tenant.id,
-            Account.role.is_not(None),
-            Account.wanted_tier.is_not(None),
-            Account.license.is_(None),
-            # A user whose removal of access the breaker holds waits for the admin, not for a seat.
-            Account.status != ACCOUNT_HELD,
-        )
-        .order_by(Account.waiting_since, Account.user_id)
-    ):
-        waiting[tier].append(user_id)
-        shown[user_id] = (status, reason)
-
+    waiting, shown = _waiting_users(session, tenant.id)
     caps = tenant.seat_cap or {}
     plans: dict[str, TierPlan] = {
         tier: plan_tier(purchased[tier], holders[tier], len(waiting[tier]), caps.get(tier)) for tier in TIERS
@@ -214,56 +196,22 @@ def allocate(
         else min(holders[tier] + len(waiting[tier]), caps[tier])
         for tier in TIERS
     }
-    in_flight = pending_purchase(session, tenant.id)
-    is_billed = gateway.bills(tenant)
+    # Read before the purchase step, which may change them.
     blocked = tenant.billing_blocked or None
-    targets = purchase_targets(purchased, plans)
-    if targets is not None and blocked is not None:
-        ceiling = blocked.get("targets")
-        # After a refusal, plan again only for demand beyond what was refused.
-        if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
-            targets = None
-    syncing = is_billed and tenant.seats_synced_at is None
-    if in_flight is not None and in_flight.status == HELD:
-        # A held purchase follows the demand until the admin answers: it lets go
-        # once it fits the guard, and ends once nothing is needed any more.
-        in_flight, result.purchase_id = _review_held(session, tenant, in_flight, purchased, needed, targets, now)
-    elif targets is not None and in_flight is None:
-        # Also while the seats bought are not read yet: the purchase job reads the
-        # subscription before it buys, and …/sync counts it as pending meanwhile.
-        in_flight = _plan_purchase(session, tenant, purchased, needed, now, trigger)
-        if in_flight is not None and in_flight.status == "pending":
-            result.purchase_id = in_flight.id
-            in_flight = None
-    held = in_flight if in_flight is not None and in_flight.status == HELD else None
-    # A held purchase does not wait for the read: the read may show it fits after all.
-    result.needs_seat_sync = (
-        syncing and blocked is None and result.purchase_id is None and (in_flight is None or held is not None)
-    )
-
+    syncing = gateway.bills(tenant) and tenant.seats_synced_at is None
+    in_flight = _settle_purchase(session, tenant, purchase_targets(purchased, plans), purchased, needed, now,
+                                 trigger, result, blocked=blocked, syncing=syncing)
     for tier in TIERS:
-        plan = plans[tier]
-        queue = waiting[tier]
-        grant, rest = queue[:plan.grant], queue[plan.grant:]
+        grant, rest = waiting[tier][:plans[tier].grant], waiting[tier][plans[tier].grant:]
         _update_accounts(session, grant, now, license=tier, status="active", status_reason=None, waiting_since=None)
         result.granted[tier] = len(grant)
         change_held(session, tenant.id, {tier: len(grant)}, now)
         result.waiting[tier] = len(rest)
         # The users the cap keeps out are the last in line.
-        buying_count = len(rest) - plan.over_cap
-        if held is not None:
-            buying_reason = REASON_HELD.format(reason=held.hold_reason)
-        elif blocked is not None and result.purchase_id is None and in_flight is None:
-            if blocked.get("by") == "admin":
-                buying_reason = REASON_STOPPED.format(reason=blocked.get("reason"))
-            else:
-                buying_reason = REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
-        elif syncing and in_flight is None and result.purchase_id is None:
-            buying_reason = REASON_SYNCING
-        else:
-            buying_reason = REASON_BUYING.format(tier=tier)
+        buying_count = len(rest) - plans[tier].over_cap
         for reason, ids in (
-            (buying_reason, rest[:buying_count]),
+            (_waiting_reason(tier, in_flight, result.purchase_id, blocked=blocked, syncing=syncing),
+             rest[:buying_count]),
             (REASON_CAP.format(tier=tier, cap=caps.get(tier)), rest[buying_count:]),
         ):
             # Only rows whose reason changes: a tenant with many waiting users is
@@ -275,6 +223,79 @@ def allocate(
             _update_accounts(session, changed, now, status="pending_license", status_reason=reason)
     session.flush()
     return result
+
+
+def _waiting_users(
+    session: Session, tenant_id: str
+) -> tuple[dict[str, list[str]], dict[str, tuple[str | None, str | None]]]:
+    """The users waiting for a seat per tier, longest waiting first, and the status and reason each shows now
+    (read in the same pass: only those whose reason changes are written)."""
+    waiting: dict[str, list[str]] = {tier: [] for tier in TIERS}
+    shown: dict[str, tuple[str | None, str | None]] = {}
+    for user_id, tier, status, reason in session.execute(
+        select(Account.user_id, Account.wanted_tier, Account.status, Account.status_reason)
+        .where(
+            Account.tenant_id == tenant_id,
+            Account.role.is_not(None),
+            Account.wanted_tier.is_not(None),
+            Account.license.is_(None),
+            # A user whose removal of access the breaker holds waits for the admin, not for a seat.
+            Account.status != ACCOUNT_HELD,
+        )
+        .order_by(Account.waiting_since, Account.user_id)
+    ):
+        waiting[tier].append(user_id)
+        shown[user_id] = (status, reason)
+    return waiting, shown
+
+
+def _settle_purchase(
+    session: Session, tenant: Tenant, targets: dict[str, int] | None, purchased: dict[str, int],
+    needed: dict[str, int], now: datetime, trigger: str, result: Allocation, *, blocked: dict[str, Any] | None,
+    syncing: bool,
+) -> Purchase | None:
+    """The purchase this allocation leads to: a held one reviewed against the demand, or a new one planned.
+
+    Sets `result.purchase_id` (a purchase to run now) and `result.needs_seat_sync`;
+    returns the purchase still in flight (pending or held), if any, that the waiting users wait for.
+    """
+    in_flight = pending_purchase(session, tenant.id)
+    if targets is not None and blocked is not None:
+        ceiling = blocked.get("targets")
+        # After a refusal, plan again only for demand beyond what was refused.
+        if ceiling is None or all(needed[t] <= ceiling.get(t, 0) for t in TIERS):
+            targets = None
+    if in_flight is not None and in_flight.status == HELD:
+        # A held purchase follows the demand until the admin answers: it lets go
+        # once it fits the guard, and ends once nothing is needed any more.
+        in_flight, result.purchase_id = _review_held(session, tenant, in_flight, purchased, needed, targets, now)
+    elif targets is not None and in_flight is None:
+        # Also while the seats bought are not read yet: the purchase job reads the
+        # subscription before it buys, and …/sync counts it as pending meanwhile.
+        in_flight = _plan_purchase(session, tenant, purchased, needed, now, trigger)
+        if in_flight is not None and in_flight.status == "pending":
+            result.purchase_id = in_flight.id
+            in_flight = None
+    held = in_flight is not None and in_flight.status == HELD
+    # A held purchase does not wait for the read: the read may show it fits after all.
+    result.needs_seat_sync = syncing and blocked is None and result.purchase_id is None and (in_flight is None or held)
+    return in_flight
+
+
+def _waiting_reason(
+    tier: str, in_flight: Purchase | None, purchase_id: str | None, *, blocked: dict[str, Any] | None, syncing: bool
+) -> str:
+    """Why the users of a tier within its cap still wait: a held purchase, a refused or stopped one, the first
+    read of the seats bought, or a purchase on its way."""
+    if in_flight is not None and in_flight.status == HELD:
+        return REASON_HELD.format(reason=in_flight.hold_reason)
+    if blocked is not None and purchase_id is None and in_flight is None:
+        if blocked.get("by") == "admin":
+            return REASON_STOPPED.format(reason=blocked.get("reason"))
+        return REASON_REFUSED.format(reason=blocked.get("reason", "unknown reason"))
+    if syncing and in_flight is None and purchase_id is None:
+        return REASON_SYNCING
+    return REASON_BUYING.format(tier=tier)
 
 
 def _revoke_beyond(

@@ -22,6 +22,7 @@ from workers.names import (
     GIVE_UP_INVITATIONS,
     INVITE_QUEUE,
     LAST_ERROR,
+    OPERATOR_RETRY,
     OWNED_IDS,
     PURCHASE_QUEUE,
     PURCHASE_SEATS,
@@ -220,6 +221,9 @@ def send_invitation(*invitation_ids: str) -> None:
     message = CurrentMessage.get_current_message()
     narrowed = message is not None and OWNED_IDS in message.options
     owned = list(message.options[OWNED_IDS] if narrowed else invitation_ids)  # type: ignore[union-attr]
+    if message is not None and message.options.pop(OPERATOR_RETRY, False):
+        # `sally-scim jobs retry`: the rows this message's give-up failed are to be tried again.
+        invitations.reopen(rt.engine, owned)
     try:
         result = invitations.send_invitations(rt.engine, rt.mailer, rt.settings, owned)
     except Exception as error:

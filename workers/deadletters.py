@@ -24,10 +24,22 @@ from dramatiq.common import xq_name
 from dramatiq.middleware import Middleware
 from sqlalchemy.exc import SQLAlchemyError
 
+from workers.names import OPERATOR_RETRY
+
 log = logging.getLogger(__name__)
 
 # Options a retried message must not carry over: a fresh set of retries, a new Redis id.
 _RESET_OPTIONS = ("retries", "traceback", "redis_message_id", "eta")
+
+
+def requeued(message: Message) -> Message:
+    """The dead letter as `jobs retry` re-queues it: a fresh set of retries, on its own queue, marked as an
+    operator's retry (OPERATOR_RETRY)."""
+    options = {k: v for k, v in message.options.items() if k not in _RESET_OPTIONS}
+    options[OPERATOR_RETRY] = True
+    # A delayed message's queue is `name.DQ`; it goes back to its own queue.
+    # dataclasses.replace, not Message.copy, which merges options (keeping "retries").
+    return dataclasses.replace(message, queue_name=message.queue_name.removesuffix(".DQ"), options=options)
 
 
 def error_key(namespace: str, redis_message_id: str) -> str:
@@ -131,13 +143,8 @@ class DeadLetters:
                 # ZREM first: of two operators retrying at once, one re-queues it.
                 if body is None or not self.client.zrem(xq, message_id):
                     continue
-                message = Message.decode(body)
-                options = {k: v for k, v in message.options.items() if k not in _RESET_OPTIONS}
-                # A delayed message's queue is `name.DQ`; it goes back to its own queue.
-                queue_name = message.queue_name.removesuffix(".DQ")
                 try:
-                    # dataclasses.replace, not Message.copy, which merges options (keeping "retries").
-                    self.broker.enqueue(dataclasses.replace(message, queue_name=queue_name, options=options))
+                    self.broker.enqueue(requeued(Message.decode(body)))
                 except Exception:
                     self.client.zadd(xq, {message_id: float(self.client.time()[0] * 1000)})
                     raise

@@ -406,6 +406,30 @@ def give_up(
     return given_up
 
 
+def reopen(engine: Engine, invitation_ids: Iterable[str]) -> list[str]:
+    """Failed invitations pending again, because an operator retried the job that gave them up; returns those.
+
+    Their error stays on the row and the account until a send records success.
+    A row refused for good in that job is no longer the message's own (send_invitation
+    narrows it away), so it is not among these ids unless the message is from before
+    narrowing; sent once more, the mail server refuses it again.
+    """
+    ids = list(invitation_ids)
+    if not ids:
+        return []
+    with session_scope(engine) as session:
+        reopened = [invitation_id for (invitation_id,) in session.execute(
+            update(Invitation)
+            .where(Invitation.id.in_(ids), Invitation.status == "failed")
+            .values(status="pending", claimed_at=None)
+            .returning(Invitation.id)
+            .execution_options(synchronize_session=False)
+        )]
+    if reopened:
+        log.info("%d given-up invitation(s) pending again (the operator retried their job)", len(reopened))
+    return reopened
+
+
 def due_invitations(session: Session, now: datetime, limit: int = 1000) -> list[str]:
     """Ids the sweep should (re-)enqueue: pending without a recent enqueue, or sending with an expired lease."""
     now = as_utc(now)

@@ -28,3 +28,6 @@ QUEUE_OF = {
 # after a failed attempt, the ids the message still owns and why the last attempt failed.
 OWNED_IDS = "sally_invitation_ids"
 LAST_ERROR = "sally_last_error"
+# Set by `sally-scim jobs retry` on the message it re-queues: an operator asked for
+# the job again, so what its give-up closed is opened again (send_invitation).
+OPERATOR_RETRY = "sally_operator_retry"

@@ -270,27 +270,29 @@ def test_bad_group_filters_are_400_invalid_filter(tenant, clean_db, expression):
 
 
 def test_member_of_another_tenant_is_refused(tenant, admin, clean_db):
-    """Given a User of another tenant
-    When the IdP adds that id to a Group of this tenant (POST or PATCH)
-    Then it gets 400 invalidValue and nothing in the database changed."""
+    """Given a User and a Group of another tenant, and a User of this one
+    When the IdP adds the foreign id (alone, or beside this tenant's User) to a Group of this tenant (POST or PATCH)
+    Then it gets 400 invalidValue naming the foreign id, and nothing in the database changed."""
     from tests.conftest import connect_tenant
 
     other = connect_tenant(admin, "Other")
     try:
-        foreign = create_user(other.client, "foreign@example.com")
+        foreign_user = create_user(other.client, "foreign@example.com")["id"]
+        foreign_group = create_group(other.client, "Theirs")["id"]
+        mine = create_user(tenant.client, "mine@example.com")["id"]
         group = create_group(tenant.client, "Mine")
         before = snapshot(clean_db)
-        assert_scim_error(
-            tenant.client.post("/Groups", json=group_body("With foreigner", [foreign["id"]])), 400, "invalidValue"
-        )
-        assert_scim_error(
-            tenant.client.patch(
-                f"/Groups/{group['id']}",
-                json=patch_body({"op": "add", "path": "members", "value": [{"value": foreign["id"]}]}),
-            ),
-            400,
-            "invalidValue",
-        )
+        for foreign in (foreign_user, foreign_group):
+            for members in ([foreign], [mine, foreign]):
+                assert_scim_error(
+                    tenant.client.post("/Groups", json=group_body("With foreigner", members)), 400, "invalidValue"
+                )
+                response = tenant.client.patch(
+                    f"/Groups/{group['id']}",
+                    json=patch_body({"op": "add", "path": "members", "value": [{"value": m} for m in members]}),
+                )
+                assert_scim_error(response, 400, "invalidValue")
+                assert foreign in response.json()["detail"]
         assert snapshot(clean_db) == before
     finally:
         other.client.close()

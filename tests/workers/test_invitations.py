@@ -32,6 +32,7 @@ from models.tables import Account, Invitation, ScimUser, Tenant
 from tests.conftest import wipe
 from tests.workers.support import bind_actors, drain, send_one
 from workers import runtime
+from workers.deadletters import requeued
 from workers.invitations import (
     BATCH_SIZE,
     CLAIM_LEASE,
@@ -46,7 +47,7 @@ from workers.invitations import (
 )
 from workers.mail.message import message_id
 from workers.mail.transport import OutboxMailer, RecipientDeferredError, TransientMailError, make_mailer
-from workers.names import LAST_ERROR, OWNED_IDS, QUEUES
+from workers.names import LAST_ERROR, OPERATOR_RETRY, OWNED_IDS, QUEUES
 from workers.sweep import Sweeper
 from workers.telemetry import Telemetry
 from workers.wakeup import Waker
@@ -749,6 +750,35 @@ def test_the_last_retry_gives_up_the_rows_left_and_keeps_the_sent(engine, smtp, 
     [letter] = jobs.broker.dead_letters
     assert letter.actor_name == "send_invitation" and letter.options[OWNED_IDS] == ids[2:]
     assert jobs.counts()["given_up"] == 3
+
+
+def test_an_operator_retry_of_the_given_up_job_sends_what_it_gave_up_once(engine, smtp, mailer, jobs):
+    """Given a batch job given up on its last retry (two sent, three failed, a dead letter)
+    When the mail server is back and the operator retries the dead letter (`sally-scim jobs retry`),
+    Then the three failed invitations are sent, once each, and their accounts show invited_at and no error;
+    the two sent earlier are not sent again; and re-queueing the same dead letter once more sends nothing."""
+    from workers.actors import INVITE_RETRIES
+
+    ids = add_users(engine, 5)
+    jobs.rt.mailer = Before(mailer, {3: lambda: smtp.fail_next(3, "421 4.3.2 Shutting down")})
+    jobs.actors.send_invitation.send_with_options(args=tuple(ids), retries=INVITE_RETRIES)
+    jobs.drain()
+    letter = jobs.broker.dead_letters[0]._message  # the stub broker keeps the Message in a proxy
+    assert [status for status, _ in statuses(engine, ids)] == ["sent", "sent", "failed", "failed", "failed"]
+
+    retried = requeued(letter)
+    assert retried.options[OPERATOR_RETRY] is True and "retries" not in retried.options
+    jobs.broker.enqueue(retried)
+    jobs.drain()
+    assert [status for status, _ in statuses(engine, ids)] == ["sent"] * 5
+    assert sorted(smtp.message_ids()) == sorted(message_id("t1", f"u{n}") for n in range(5))
+    for invitation_id in ids[2:]:
+        account = load(engine, invitation_id)[1]
+        assert account.invited_at is not None and account.invite_error is None
+
+    jobs.broker.enqueue(requeued(letter))
+    jobs.drain()
+    assert len(smtp.messages) == 5
 
 
 def test_the_give_up_fails_only_what_the_message_still_owns(engine, jobs):

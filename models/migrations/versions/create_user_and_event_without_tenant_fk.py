@@ -1,7 +1,7 @@
 """create: on PostgreSQL, scim_user and sync_event without their foreign keys to tenant
 
 Revision ID: create
-Revises: members
+Revises: event_lz4
 Create Date: 2026-12-02
 
 Every row of either table is written for a tenant the same statement or
@@ -20,7 +20,7 @@ refers to a user; SQLite has no hot path to speed up.
 from alembic import op
 
 revision = 'create'
-down_revision = 'members'
+down_revision = 'event_lz4'
 branch_labels = None
 depends_on = None
 
