@@ -118,8 +118,7 @@ class Services:
             if not (flags.available() and waker.available()):
                 return False  # Redis failed moments ago: the sweep delivers this one
             try:
-                claimed = await flags.get().set(pending_key(settings.redis_namespace, tenant_id), "1",
-                                                nx=True, ex=PENDING_TTL_SECONDS)
+                claimed = await flags.set_flag(pending_key(settings.redis_namespace, tenant_id), PENDING_TTL_SECONDS)
             except REDIS_ERRORS as exc:
                 flags.failed()
                 log.warning("could not enqueue reconcile for tenant %s (%s); the sweep will", tenant_id, type(exc).__name__)

@@ -133,6 +133,7 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     if not settings.admin_token:
         print("sally-scim: SALLY_ADMIN_TOKEN is not set; refusing to serve an admin API without one", file=sys.stderr)
         return 2
+    from api.server import PROTOCOL
     from workers.broker import release_embedded_redis, resolve_redis_url
 
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again;
@@ -153,10 +154,11 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
             log_level=os.environ.get("LOG_LEVEL", "info").lower(),
             proxy_headers=True,
             server_header=False,
-            # uvicorn[standard]'s C parser and loop, named so a missing wheel fails loudly
-            # instead of silently serving on the pure-Python fallbacks; no access log
-            # (one log record per SCIM write; the metrics count requests by route).
-            http="httptools",
+            # uvicorn[standard]'s C parser (with one socket write per response, api/server.py)
+            # and loop, named so a missing wheel fails loudly instead of silently serving on
+            # the pure-Python fallbacks; no access log (one log record per SCIM write; the
+            # metrics count requests by route).
+            http=PROTOCOL,
             loop="uvloop",
             access_log=False,
         )

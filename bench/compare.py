@@ -596,9 +596,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for round_no in range(0 if args.only_patches else args.repeat):
                 r: dict[str, Any] = {}
                 for label, target in (("ref", ref_target), ("sally1", tenant)):
+                    spy = start_spy(args, target, round_no, label, "")
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
                                   [f"r{round_no}{label}{run_id}", target.path("/Users"), target.token or ""],
                                   server_pid=target.pid(), others=target.others, **wrk)
+                    if spy is not None:
+                        spy.wait(timeout=60)
                     r[f"creates_{label}"] = res
                     print(f"round {round_no + 1} creates  {label:7s} {res.row()}", flush=True)
                 report["rounds"].append(r)
@@ -660,9 +663,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for round_no in range(args.repeat):
                 r = report["rounds"][round_no]
                 for label, target in (("ref", ref_target), ("sally2", tenant)):
+                    spy = start_spy(args, target, round_no, label, ".2web")
                     res = run_wrk(workdir / "create.lua", target.base + "/Users",
                                   [f"s{round_no}{label}{run_id}", target.path("/Users"), target.token or ""],
                                   server_pid=target.pid(), others=target.others, **wrk)
+                    if spy is not None:
+                        spy.wait(timeout=60)
                     r[f"creates_{label}_b"] = res
                     print(f"round {round_no + 1} creates  {label:7s} {res.row()}", flush=True)
             procs.stop_all()
@@ -680,6 +686,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"logs kept in {workdir}")
     return report
+
+
+def start_spy(args: argparse.Namespace, target: Target, round_no: int, label: str,
+              suffix: str) -> subprocess.Popen[bytes] | None:
+    """py-spy over sally-scim's web processes (uvicorn's workers too) during its first create round, if asked."""
+    if not args.py_spy_creates or round_no != 0 or not label.startswith("sally"):
+        return None
+    out = args.py_spy_creates.with_name(args.py_spy_creates.name + suffix)
+    return subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(target.pid()), "--subprocesses", "-d",
+                             str(int(args.duration)), "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _forget_namespace(redis_url: str, namespace: str) -> None:
@@ -791,6 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --skip-burst, bench/burst.py")
     parser.add_argument("--py-spy", type=Path, help="write py-spy's collapsed stacks of the web process during "
                         "sally-scim's 1,000-member PATCH phase to this file")
+    parser.add_argument("--py-spy-creates", type=Path, help="write py-spy's collapsed stacks of the web "
+                        "processes during sally-scim's first create round to this file (two web processes: "
+                        "FILE.2web); that round's numbers then carry the profiler's cost")
     parser.add_argument("--skip-burst", action="store_true", help="no bench/burst.py (no RSS, no 100-member PATCH rate)")
     parser.add_argument("--skip-patch-cost", action="store_true")
     parser.add_argument("--skip-patch1000", action="store_true", help="no 1,000-member PATCH phase")

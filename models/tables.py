@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
+import os
+import threading
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -22,8 +23,45 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+class _RandomIds:
+    """Version 4 UUIDs as 32 hex digits, as `uuid.uuid4().hex`, from the OS's randomness read 256 ids at a time.
+
+    uuid4 costs a getrandom call and a UUID object per id (~6 µs; ~3 % of a SCIM
+    create's CPU); a slice of a block costs ~0.8 µs. Still os.urandom, so ids stay
+    unguessable; a forked child drops what its parent had read, so two processes
+    never hand out the same ids.
+    """
+
+    BLOCK = 256
+    # uuid4's version (4) and variant (RFC 4122) bits over 128 random bits.
+    _KEEP = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+    _SET = (0x4 << 76) | (0x2 << 62)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: list[str] = []
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        # Not the parent's ids, nor its lock (another thread may have held it at the fork).
+        self._lock = threading.Lock()
+        self._ready = []
+
+    def next(self) -> str:
+        with self._lock:
+            if not self._ready:
+                block = os.urandom(16 * self.BLOCK)
+                self._ready = [format((int.from_bytes(block[i:i + 16], "big") & self._KEEP) | self._SET, "032x")
+                               for i in range(0, len(block), 16)]
+            return self._ready.pop()
+
+
+_IDS = _RandomIds()
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A new random id: a version 4 UUID's 32 hex digits."""
+    return _IDS.next()
 
 
 NOT_DELETED = text("deleted_at IS NULL")
@@ -133,7 +171,10 @@ class ScimUser(SQLModel, table=True):
     )
 
     id: str = id_field(default_factory=new_id, primary_key=True)
-    tenant_id: str = id_field(foreign_key="tenant.id")
+    # No foreign key on PostgreSQL (migration `create`): every writer has just read
+    # the tenant, tenants are never deleted, and the key's per-row lock of the
+    # tenant row was 13–21 % of a batched create's statement. SQLite keeps it.
+    tenant_id: str = id_field()
     user_name: str = Field(max_length=512)
     # str.casefold() of userName: SQLite's lower() is ASCII-only.
     user_name_key: str = Field(max_length=512)
@@ -189,7 +230,8 @@ class SyncEvent(SQLModel, table=True):
     __table_args__ = (Index("ix_sync_event_tenant_applied", "tenant_id", "applied_at"),)
 
     id: Optional[int] = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
-    tenant_id: str = id_field(foreign_key="tenant.id")
+    # No foreign key on PostgreSQL, as ScimUser.tenant_id (migration `create`).
+    tenant_id: str = id_field()
     kind: str = Field(max_length=32)
     # The users whose access this event may change; None means "the whole tenant".
     user_ids: Optional[list[str]] = Field(default=None, sa_column=Column(JSON(none_as_null=True)))

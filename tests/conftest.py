@@ -20,6 +20,7 @@ import uvicorn
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
+from api.server import PROTOCOL
 from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings, normalise_database_url
@@ -198,7 +199,9 @@ def live_server(base_settings: Settings, engine: Engine) -> Iterator[LiveServer]
     app = create_app(base_settings, services)
     # With the app's lifespan, as in production: at the end of the session its shutdown closes the SCIM
     # hot path's async PostgreSQL pool and the async Redis clients in the server's own event loop.
-    config = uvicorn.Config(app, host="127.0.0.1", port=base_settings.port, log_level="warning", lifespan="on")
+    # And with the protocol `sally-scim web` serves with (api/server.py).
+    config = uvicorn.Config(app, host="127.0.0.1", port=base_settings.port, log_level="warning", lifespan="on",
+                            http=PROTOCOL)
     server = _Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -96,6 +96,8 @@ class ScimApi:
             statement_timeout=settings.database_statement_timeout,
             connect_timeout=settings.database_connect_timeout,
             create_batch_max=settings.scim_create_batch_max,
+            # One wake-up per batch of creates, sent by the batch's sender after its commit.
+            after_create=self._wake_after_commit,
         ) if is_postgres(engine) else None
         self.gate = Gate(
             self._tenant_of_token,
@@ -212,7 +214,8 @@ class ScimApi:
         return await self.gate.admit(request.path_params["tenant_id"], request.headers.get("authorization"), client)
 
     async def _create_user_fast(self, request: Request, digest: str) -> Response:
-        """POST /Users on PostgreSQL: token, user and sync event in one statement, then the wake-up."""
+        """POST /Users on PostgreSQL: token, user and sync event in one statement shared with the tenant's
+        concurrent creates; the statement's sender wakes the reconcile after its commit, before this answers."""
         assert self.fast is not None
         call = await self._call(request, with_body=True)
         declared = request.headers.get("content-length") or ""
@@ -229,7 +232,6 @@ class ScimApi:
             raise UnauthorizedError()
         if self.auth.due(call.tenant_id):
             await self._touch(call.tenant_id)
-        await self._wake_after_commit(call.tenant_id)
         return self._projected(USER_RESOURCE, call, user_json(SimpleNamespace(**row), call.base_url), 201)
 
     async def _patch_group_fast(self, request: Request, digest: str) -> Response:
@@ -275,10 +277,13 @@ class ScimApi:
     async def _call(self, request: Request, *, with_body: bool) -> Call:
         """The request as the synchronous handlers see it (read on the event loop)."""
         tenant_id = request.path_params["tenant_id"]
+        scope = request.scope
         return Call(
             tenant_id=tenant_id,
-            params=dict(request.query_params),
-            headers={k.lower(): v for k, v in request.headers.items()},
+            # Straight from the ASGI scope (an IdP's create has no query string): Starlette's
+            # QueryParams and Headers objects were ~2 % of a create's CPU.
+            params=dict(request.query_params) if scope["query_string"] else {},
+            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             path=dict(request.path_params),
             body=await read_json(request, self.settings.max_body_bytes) if with_body else None,
             base_url=f"{self.settings.public_base_url}/scim/v2/{tenant_id}",

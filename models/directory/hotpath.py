@@ -18,7 +18,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 import psycopg
@@ -242,16 +242,21 @@ class CreateBatcher:
     The first create of a tenant starts a sender; creates that arrive while its
     statement runs wait for the next one, up to `max_rows` per statement. Each
     create is answered only after the statement that holds it committed, with
-    its own outcome (created, userName taken, token refused). When a statement
+    its own outcome (created, userName taken, token refused). A statement that
+    created users calls `after_commit(tenant_id)` (the wake-up of the tenant's
+    reconcile) once, after its commit and before any of its creates is
+    answered: one wake-up per batch, not one per create. When a statement
     fails for a reason other than the database being unreachable (a value
     PostgreSQL refuses), its creates are sent again one by one, so one bad row
     answers for itself and no other create fails with it.
     """
 
-    def __init__(self, database: "AsyncDatabase", max_rows: int, senders: int = SENDERS_PER_TENANT) -> None:
+    def __init__(self, database: "AsyncDatabase", max_rows: int, senders: int = SENDERS_PER_TENANT,
+                 after_commit: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.database = database
         self.max_rows = max(1, max_rows)
         self.senders = max(1, senders)
+        self.after_commit = after_commit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[tuple[str, str], list[_PendingCreate]] = {}
         self._tasks: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
@@ -311,9 +316,17 @@ class CreateBatcher:
             for pending in batch:
                 await self._run(key, [pending])
             return
-        for pending in batch:
-            if not pending.done.done():
-                pending.done.set_result((authorized, pending.row["id"] in created))
+        try:
+            if created and self.after_commit is not None:
+                await self.after_commit(tenant_id)
+        except Exception:  # noqa: BLE001 - the users are committed; the sweep delivers the wake-up
+            log.exception("wake-up after a batch of user creates of tenant %s failed; the sweep will deliver it",
+                          tenant_id)
+        finally:
+            # Committed whatever became of the wake-up: each create answers its own outcome.
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_result((authorized, pending.row["id"] in created))
 
 
 def _answer_all(batch: list[_PendingCreate], exc: BaseException) -> None:
@@ -328,7 +341,7 @@ class AsyncDatabase:
     def __init__(self, database_url: str, *, max_size: int = 20,
                  checkout_timeout: float = CHECKOUT_TIMEOUT_SECONDS,
                  statement_timeout: float | None = None, connect_timeout: float | None = None,
-                 create_batch_max: int = 64) -> None:
+                 create_batch_max: int = 64, after_create: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self._conninfo = conninfo(database_url)
         # The same statement and connect timeouts as the engine (models/db.py).
         self._connect_args = postgres_connect_args(statement_timeout, connect_timeout)
@@ -337,7 +350,8 @@ class AsyncDatabase:
         self._pool: AsyncConnectionPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = asyncio.Lock()
-        self.creates = CreateBatcher(self, create_batch_max)
+        # after_create: called once per statement that created users, after its commit (the wake-up).
+        self.creates = CreateBatcher(self, create_batch_max, after_commit=after_create)
 
     async def _current(self) -> AsyncConnectionPool:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 from sqlalchemy import text
@@ -46,11 +46,13 @@ def doc(user_name: str, **extra: Any) -> dict[str, Any]:
 
 
 def run_creates(engine: Engine, tenant_id: str, docs: list[dict[str, Any]], *, digest: str = DIGEST,
-                batch_max: int = 64, before: list[dict[str, Any]] = ()) -> list[Any]:
+                batch_max: int = 64, before: list[dict[str, Any]] = (),
+                after_create: Callable[[str], Awaitable[Any]] | None = None) -> list[Any]:
     """Each doc created at once (one task each, all queued before the first statement); each outcome in order."""
 
     async def go() -> list[Any]:
-        database = AsyncDatabase(engine.url.render_as_string(hide_password=False), create_batch_max=batch_max)
+        database = AsyncDatabase(engine.url.render_as_string(hide_password=False), create_batch_max=batch_max,
+                                 after_create=after_create)
         try:
             for earlier in before:
                 await database.create_user(tenant_id, DIGEST, earlier)
@@ -148,3 +150,68 @@ def test_a_row_postgresql_refuses_fails_alone_not_its_whole_batch(pg, tenant_id)
     assert ok1["user_name"] == "ok1@example.com" and ok2["user_name"] == "ok2@example.com"
     assert sorted(user_rows(pg, tenant_id).values()) == ["ok1@example.com", "ok2@example.com"]
     assert sorted(uid for ids in created_events(pg, tenant_id) for uid in ids) == sorted([ok1["id"], ok2["id"]])
+
+
+def test_a_batch_that_created_users_wakes_the_tenant_once_after_its_commit_and_before_its_answers(pg, tenant_id):
+    """Given SCIM_CREATE_BATCH_MAX=4 and 6 creates queued at once, one of them a userName taken in its batch
+    When they are sent (statements of 4 and 2)
+    Then the tenant is woken once per statement, each time with that statement's users already committed
+    (visible to another connection) and none of them answered yet: the reconcile the wake-up sends reads them."""
+    wakes: list[tuple[str, int, int]] = []
+    answered: list[str] = []
+
+    async def wake(woken: str) -> None:
+        await asyncio.sleep(0.01)  # a Redis round trip: the creates must still be waiting after it
+        wakes.append((woken, len(user_rows(pg, tenant_id)), len(answered)))
+
+    docs = [doc("a@example.com"), doc("A@example.com"), *(doc(f"u{i}@example.com") for i in range(4))]
+
+    async def go() -> list[Any]:
+        database = AsyncDatabase(pg.url.render_as_string(hide_password=False), create_batch_max=4,
+                                 after_create=wake)
+        database.creates.senders = 1  # one statement at a time, so each wake-up's batch is known
+
+        async def create(d: dict[str, Any]) -> Any:
+            try:
+                return await database.create_user(tenant_id, DIGEST, d)
+            finally:
+                answered.append(d["userName"])
+
+        try:
+            return await asyncio.gather(*(create(d) for d in docs), return_exceptions=True)
+        finally:
+            await database.close()
+
+    outcomes = asyncio.run(go())
+
+    assert isinstance(outcomes[1], UniquenessError)
+    assert wakes == [(tenant_id, 3, 0), (tenant_id, 5, 4)]
+
+
+def test_a_batch_that_created_nobody_wakes_nobody(pg, tenant_id):
+    """Given creates refused for their token, then a create of a userName already taken
+    Then no wake-up is sent for them (nothing was committed); the one earlier create woke the tenant once."""
+    wakes: list[str] = []
+
+    async def wake(woken: str) -> None:
+        wakes.append(woken)
+
+    refused = run_creates(pg, tenant_id, [doc("x@example.com"), doc("y@example.com")],
+                          digest=hashlib.sha256(b"wrong").hexdigest(), after_create=wake)
+    taken = run_creates(pg, tenant_id, [doc("carol@example.com")], before=[doc("carol@example.com")],
+                        after_create=wake)
+
+    assert refused == [None, None] and isinstance(taken[0], UniquenessError)
+    assert wakes == [tenant_id]
+
+
+def test_a_failed_wake_up_still_answers_the_committed_creates(pg, tenant_id):
+    """Given a wake-up that raises (Redis gone: the sweep delivers it later)
+    Then the creates it followed are answered as created, and the rows are there."""
+    async def wake(woken: str) -> None:
+        raise ConnectionError("redis is gone")
+
+    outcomes = run_creates(pg, tenant_id, [doc("e@example.com"), doc("f@example.com")], after_create=wake)
+
+    assert [o["user_name"] for o in outcomes] == ["e@example.com", "f@example.com"]
+    assert sorted(user_rows(pg, tenant_id).values()) == ["e@example.com", "f@example.com"]
