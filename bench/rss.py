@@ -6,15 +6,16 @@ stops growing after the first. Issue 7's goal, "web RSS after a 10k burst
 is, and what a setting changes:
 
     python bench/rss.py --rounds 4
-    python bench/rss.py --rounds 4 --web-env SALLY_MALLOC_ARENA_MAX=0   # glibc's own arena count
+    python bench/rss.py --rounds 4 --web-env WEB_MALLOC_ARENAS=0 --web-env WEB_MALLOC_MMAP_THRESHOLD=0
 
 One round is compare.py's load on sally-scim alone: `--duration` seconds of
 user creates (wrk, `--connections`), `--duration` seconds of 1,000-member
 PATCHes on groups new in that round (bodies of ~50–70 KB, parsed off the
 event loop), then bench/burst.py (10,000 users, 50 groups, 20,000
-memberships in 100-member PATCHes, the admin's user list). It starts one web
-process and one worker on a fresh PostgreSQL database and a Redis namespace
-of its own, and drops both at the end.
+memberships in 100-member PATCHes, then the admin API's list of its users).
+The first round also lists every user through the admin API, as compare.py
+does. It starts one web process and one worker on a fresh PostgreSQL
+database and a Redis namespace of its own, and drops both at the end.
 """
 
 from __future__ import annotations
