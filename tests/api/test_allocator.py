@@ -6,6 +6,7 @@ there, stays for the life of the process.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    # Without glibc's own malloc variables, which would set the same parameters before tune_malloc does.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
-                          check=True)
+                          check=True, env=env)
 
 
 # Threads each holding a block from malloc (bytes past pymalloc's 512), all alive at once, then
