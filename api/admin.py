@@ -191,8 +191,11 @@ class AdminApi:
 
     # -------------------------------------------------------------- users
 
-    def users(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> list[dict[str, Any]]:
-        return views.user_rows(session, tenant.id)
+    def users(self, session: Session, tenant: Tenant, _path: dict, _body: None) -> Response:
+        # Every user, serialised a page at a time: what the list holds at once is one page
+        # of rows and the JSON, not the whole tenant as objects (views.USER_PAGE_ROWS).
+        pages = [orjson.dumps(page)[1:-1] for page in views.user_pages(session, tenant.id) if page]
+        return Response(b"[" + b",".join(pages) + b"]", media_type="application/json")
 
     def user(self, session: Session, tenant: Tenant, path: dict, _body: None) -> dict[str, Any]:
         return service.user_detail(session, self.settings, tenant, path["id"])

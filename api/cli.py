@@ -119,10 +119,13 @@ def cmd_purchases_export(settings: Settings, args: argparse.Namespace) -> int:
 
 def app_factory():
     """The ASGI app for uvicorn (`--factory`), built from the environment."""
+    from api.allocator import tune_malloc
     from api.app import create_app
 
     settings = _settings()
     _configure_logging(settings)
+    # Here, in each uvicorn process (WEB_PROCESSES > 1 spawns fresh interpreters), before its thread pool starts.
+    tune_malloc(settings.web_malloc_arenas, settings.web_malloc_mmap_threshold)
     return create_app(settings)
 
 

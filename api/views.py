@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
-from sqlalchemy import func, not_, or_, select
+from sqlalchemy import Row, Select, func, not_, or_, select
 from sqlmodel import Session
 
 from api.scim.render import iso
 from billing.ledger import ledger_rows
 from models.directory import events
-from models.directory.users import invitation_address
+from models.directory.users import address_of
 from models.settings import TIERS
 from models.tables import (
     ACCOUNT_HELD,
@@ -54,6 +54,56 @@ def count_users(session: Session, tenant_id: str, search: str | None = None) -> 
     return session.execute(select(func.count()).select_from(ScimUser).where(*_user_filter(tenant_id, search, None))).scalar_one()
 
 
+# The admin API's list of every user is read and serialised this many rows at a
+# time, as columns: as ORM objects (each user's whole SCIM document, held in the
+# session until the list was done) 17,000 users took ~100 MiB at once, and the
+# web process kept much of it as fragmented heap afterwards (bench/rss.py).
+USER_PAGE_ROWS = 1000
+
+_USER_COLUMNS = (
+    ScimUser.id, ScimUser.user_name, ScimUser.data, ScimUser.display_name, ScimUser.active, ScimUser.deleted_at,
+    Account.user_id.label("account_user_id"), Account.role, Account.license, Account.status.label("account_status"),
+    Account.status_reason, Account.invited_at, Account.invite_error, Account.hold_decision,
+    Invitation.status.label("invite_status"), Invitation.send_day, Invitation.wait_reason,
+)
+
+
+def _user_query(tenant_id: str, search: str | None, user_ids: list[str] | None) -> Select:
+    return (
+        select(*_USER_COLUMNS)
+        .join(Account, Account.user_id == ScimUser.id, isouter=True)
+        .join(Invitation, Invitation.user_id == ScimUser.id, isouter=True)
+        .where(*_user_filter(tenant_id, search, user_ids))
+        .order_by(ScimUser.created_at, ScimUser.id)
+    )
+
+
+def _user_row(row: Row, now: datetime) -> dict[str, Any]:
+    has_account = row.account_user_id is not None
+    waiting = row.invite_status == "pending" and row.send_day is not None and as_utc(row.send_day) > now
+    status = "deleted" if row.deleted_at is not None else (row.account_status if has_account else "no_access")
+    if has_account and row.role is not None and (
+        row.account_status == ACCOUNT_HELD or (row.hold_decision == HOLD_KEEP and row.deleted_at is not None)
+    ):
+        # The breaker keeps this user's access (held, or kept by the admin's revert), deleted by the IdP or not.
+        status = row.account_status
+    return {
+        "id": row.id,
+        "userName": row.user_name,
+        "email": address_of(row.data, row.user_name),
+        "displayName": row.display_name,
+        "active": row.active,
+        "role": row.role if has_account and status != "deleted" else None,
+        "license": row.license if has_account and status != "deleted" else None,
+        "status": status,
+        "status_reason": row.status_reason if has_account and status in ("pending_license", ACCOUNT_HELD) else None,
+        "invited_at": _iso(row.invited_at) if has_account else None,
+        "invite_error": row.invite_error if has_account else None,
+        # Past the tenant's daily invitation cap: why it waits and until when.
+        "invite_waiting": row.wait_reason if waiting else None,
+    }
+
+
 def user_rows(
     session: Session,
     tenant_id: str,
@@ -65,43 +115,18 @@ def user_rows(
 ) -> list[dict[str, Any]]:
     """Users with their access (every user unless searched, narrowed or paged), oldest first."""
     now = utcnow()
-    query = (
-        select(ScimUser, Account, Invitation.status, Invitation.send_day, Invitation.wait_reason)
-        .join(Account, Account.user_id == ScimUser.id, isouter=True)
-        .join(Invitation, Invitation.user_id == ScimUser.id, isouter=True)
-        .where(*_user_filter(tenant_id, search, user_ids))
-        .order_by(ScimUser.created_at, ScimUser.id)
-    )
+    query = _user_query(tenant_id, search, user_ids)
     if limit is not None:
         query = query.limit(limit).offset(offset)
-    rows = session.execute(query)
-    out = []
-    for user, account, invite_status, send_day, wait_reason in rows:
-        waiting = invite_status == "pending" and send_day is not None and as_utc(send_day) > now
-        status = "deleted" if user.deleted_at is not None else (account.status if account else "no_access")
-        if account is not None and account.role is not None and (
-            account.status == ACCOUNT_HELD or (account.hold_decision == HOLD_KEEP and user.deleted_at is not None)
-        ):
-            # The breaker keeps this user's access (held, or kept by the admin's revert), deleted by the IdP or not.
-            status = account.status
-        out.append(
-            {
-                "id": user.id,
-                "userName": user.user_name,
-                "email": invitation_address(user),
-                "displayName": user.display_name,
-                "active": user.active,
-                "role": account.role if account and status != "deleted" else None,
-                "license": account.license if account and status != "deleted" else None,
-                "status": status,
-                "status_reason": account.status_reason if account and status in ("pending_license", ACCOUNT_HELD) else None,
-                "invited_at": _iso(account.invited_at) if account else None,
-                "invite_error": account.invite_error if account else None,
-                # Past the tenant's daily invitation cap: why it waits and until when.
-                "invite_waiting": wait_reason if waiting else None,
-            }
-        )
-    return out
+    return [_user_row(row, now) for row in session.execute(query)]
+
+
+def user_pages(session: Session, tenant_id: str, rows: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Every user of a tenant as `user_rows` lists them, `rows` (USER_PAGE_ROWS) at a time from one query."""
+    now = utcnow()
+    result = session.execute(_user_query(tenant_id, None, None).execution_options(yield_per=rows or USER_PAGE_ROWS))
+    for partition in result.partitions():
+        yield [_user_row(row, now) for row in partition]
 
 
 def purchased_seats(session: Session, tenant_id: str) -> dict[str, int]:

@@ -158,6 +158,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     web_processes: int = 1
+    # glibc malloc in each web process (api/allocator.py): at most this many arenas (0: glibc's
+    # 8 per core), and blocks from this size (bytes) mmapped and given back when freed (0: glibc's
+    # threshold, which rises after the first big free and leaves later big blocks in the heap).
+    web_malloc_arenas: int = 2
+    web_malloc_mmap_threshold: int = 128 * 1024
     worker_processes: int = 1
     worker_threads: int = 8
     # Largest SCIM request body we read (RFC 7644 §3.7.4 maxPayloadSize).
@@ -303,6 +308,8 @@ class Settings:
             host=get("HOST") or "127.0.0.1",
             port=_int(env, "PORT", 8000, 1),
             web_processes=_int(env, "WEB_PROCESSES", 1, 1),
+            web_malloc_arenas=_int(env, "WEB_MALLOC_ARENAS", 2, 0),
+            web_malloc_mmap_threshold=_int(env, "WEB_MALLOC_MMAP_THRESHOLD", 128 * 1024, 0),
             worker_processes=_int(env, "WORKER_PROCESSES", 1, 1),
             worker_threads=_int(env, "WORKER_THREADS", 8, 1),
             max_body_bytes=_int(env, "SCIM_MAX_BODY_BYTES", 2 * 1024 * 1024, 1024),

@@ -175,11 +175,16 @@ def delete_user(session: Session, user: ScimUser, kind: str = "user_deleted") ->
 
 def invitation_address(user: ScimUser) -> str | None:
     """Primary email, else the first email, else userName when it is an address (CONTRACT.md)."""
-    emails = [e for e in user.data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
+    return address_of(user.data, user.user_name)
+
+
+def address_of(data: dict[str, Any], user_name: str) -> str | None:
+    """`invitation_address` from a user's stored document and userName (read as columns, not as a ScimUser)."""
+    emails = [e for e in data.get("emails") or [] if isinstance(e, dict) and isinstance(e.get("value"), str)]
     for email in emails:
         if email.get("primary") is True and email["value"].strip():
             return email["value"].strip()
     for email in emails:
         if email["value"].strip():
             return email["value"].strip()
-    return user.user_name if EMAIL.match(user.user_name) else None
+    return user_name if EMAIL.match(user_name) else None

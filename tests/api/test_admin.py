@@ -249,6 +249,33 @@ def test_users_list_shape(tenant, admin, clean_db):
     assert (row["role"], row["license"], row["status"]) == (None, None, "no_access")
 
 
+def test_users_list_is_read_a_page_at_a_time(tenant, admin, clean_db, monkeypatch):
+    """Given 5 Users (one deleted by the IdP) and the list read 2 rows at a time (views.USER_PAGE_ROWS)
+    When the admin GETs …/users, and the list of another tenant with no users
+    Then every User is listed once, oldest first, exactly as one query of them all gives them
+    (what the admin page pages through), across the page boundaries; no page held more than 2 rows;
+    the empty tenant's list is []."""
+    from sqlmodel import Session
+
+    from api import views
+
+    monkeypatch.setattr(views, "USER_PAGE_ROWS", 2)
+    ids = [create_user(tenant.client, f"page{n}@example.com", displayName=f"Page {n}")["id"] for n in range(5)]
+    assert tenant.client.delete(f"/Users/{ids[3]}").status_code == 204
+
+    response = admin.get(f"/tenants/{tenant.tenant_id}/users")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    listed = response.json()
+    assert [u["id"] for u in listed] == ids
+    assert [u["status"] for u in listed] == ["no_access"] * 3 + ["deleted", "no_access"]
+    with Session(clean_db) as session:
+        assert listed == views.user_rows(session, tenant.tenant_id)
+        assert [len(page) for page in views.user_pages(session, tenant.tenant_id)] == [2, 2, 1]
+    empty = admin.post("/tenants", json={"name": "Empty"}).json()["tenant_id"]
+    assert admin.get(f"/tenants/{empty}/users").json() == []
+
+
 def test_scim_config_round_trip(tenant, admin, clean_db):
     """Given three Groups
     When the admin PUTs …/scim/config and GETs it back
