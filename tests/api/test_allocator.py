@@ -56,17 +56,21 @@ def test_threads_share_at_most_the_arenas_set(arenas, expected):
     assert stats.count("Arena ") == expected, stats
 
 
+# glibc's mallinfo2() as `libc.mallinfo2()` in a script (its struct: malloc.h).
+MALLINFO = """class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2"""
+
+
 # A big block freed, then a smaller one past the threshold held: mallinfo2().hblks counts the
 # blocks that are mmapped (given back to the system the moment they are freed).
 THRESHOLD = """
     import ctypes
     from api.allocator import tune_malloc
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
+    {mallinfo}
     tune_malloc(0, {threshold})
     big = bytes(8 * 1024 * 1024)
     del big
@@ -84,19 +88,14 @@ def test_blocks_past_the_threshold_are_mmapped_after_a_big_free(threshold, mmapp
     default none is: they went into the heap, where freed memory stays with the process."""
     if not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
         pytest.skip("mallinfo2 is glibc 2.33 or later")
-    assert int(run_python(THRESHOLD.format(threshold=threshold)).stdout) == mmapped
+    assert int(run_python(THRESHOLD.format(threshold=threshold, mallinfo=MALLINFO)).stdout) == mmapped
 
 
 # After tune_malloc: whether a 64 KiB block is mmapped (1) or in the heap (0); glibc's threshold on a fresh heap is 128 KiB.
 PROBE = """
     import ctypes, logging, sys
     from api.allocator import tune_malloc
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
+    {mallinfo}
     logging.basicConfig(stream=sys.stdout, format="%(message)s")
     print(tune_malloc(2, {threshold}))
     before = libc.mallinfo2().hblks
@@ -114,6 +113,6 @@ def test_a_threshold_past_a_c_int_is_refused_not_wrapped():
     threshold = 2**32
     if not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
         pytest.skip("mallinfo2 is glibc 2.33 or later")
-    out = run_python(PROBE.format(threshold=threshold)).stdout
+    out = run_python(PROBE.format(threshold=threshold, mallinfo=MALLINFO)).stdout
     assert out.splitlines() == [f"WEB_MALLOC_MMAP_THRESHOLD={threshold} was refused by glibc's mallopt; its default stays",
                                 "False", "0"]
