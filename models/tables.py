@@ -65,6 +65,7 @@ def new_id() -> str:
 
 
 NOT_DELETED = text("deleted_at IS NULL")
+REMOVED = text("access_removed_at IS NOT NULL")
 
 # The ids this service issues (new_id) and every column that holds one compare
 # byte by byte on PostgreSQL: in the "C" collation an index probe or a join on an
@@ -246,6 +247,9 @@ class Account(SQLModel, table=True):
     __table_args__ = (
         Index("ix_account_tenant_license", "tenant_id", "license"),
         Index("ix_account_tenant_waiting", "tenant_id", "wanted_tier", "waiting_since"),
+        # The breaker counts a tenant's recent removals of access: only accounts that lost it are indexed.
+        Index("ix_account_tenant_removed", "tenant_id", "access_removed_at",
+              sqlite_where=REMOVED, postgresql_where=REMOVED),
     )
 
     user_id: str = id_field(foreign_key="scim_user.id", primary_key=True)

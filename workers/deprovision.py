@@ -127,21 +127,27 @@ def decide(
         select(Alert).where(Alert.tenant_id == tenant.id, Alert.kind == ALERT_KIND, Alert.resolved_at.is_(None))
         .order_by(Alert.created_at).limit(1)
     ).scalars().first()
-    active = session.execute(
-        select(func.count()).where(Account.tenant_id == tenant.id, Account.role.is_not(None))
-    ).scalar_one()
-    recent = session.execute(
-        select(func.count()).where(
-            Account.tenant_id == tenant.id, Account.access_removed_at > now - policy.window
-        )
-    ).scalar_one()
     # Removals applied a moment ago count too: a mass deletion that arrives as
     # one DELETE per user is reconciled in many small batches.
-    total, baseline = len(removals) + recent, active + recent
-    if open_alert is None and not policy.trips(total, baseline):
+    recent = session.execute(
+        select(func.count()).where(
+            Account.tenant_id == tenant.id, Account.access_removed_at.is_not(None),
+            Account.access_removed_at > now - policy.window,
+        )
+    ).scalar_one()
+    total = len(removals) + recent
+    if open_alert is None and total <= policy.min_users:
+        # Cannot trip whatever the tenant's size: the count of its active users (every
+        # account of a 100,000-user tenant) is not needed for one user leaving a group.
         return set(), None
-    reason = hold_reason(total, baseline, policy)
     if open_alert is None:
+        active = session.execute(
+            select(func.count()).where(Account.tenant_id == tenant.id, Account.role.is_not(None))
+        ).scalar_one()
+        baseline = active + recent
+        if not policy.trips(total, baseline):
+            return set(), None
+        reason = hold_reason(total, baseline, policy)
         session.add(Alert(
             tenant_id=tenant.id, kind=ALERT_KIND, message=reason[:1024], created_at=now,
             detail={"removals": total, "active": baseline, "min_users": policy.min_users, "percent": policy.percent},

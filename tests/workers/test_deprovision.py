@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from models.tables import Alert
 from tests.workers.support import make_user, settle_pipeline, users_by_name
@@ -135,6 +135,40 @@ def test_small_removals_apply_at_once_and_trickled_deletions_trip_the_breaker(ad
     # 30 active: 10 removals are allowed (max(10, 6)); the 11th and later are held.
     assert [seen[f"u{i:03}@acme.example"] for i in range(15)] == ["deleted"] * 10 + ["held"] * 5
     assert len(admin.get(f"/tenants/{tenant.tenant_id}/holds").json()["held"]) == 5
+
+
+def test_a_removal_that_cannot_trip_the_breaker_does_not_count_the_tenants_users(admin, tenant, engine):
+    """Given 12 users with access (max(10, 20 %) = 10 removals allowed)
+    When the IdP deletes one user and the tenant is reconciled
+    Then the user loses access at once, and the reconcile counted the recent removals but not the
+    tenant's active users (a scan of every account: 7 ms in a 100,000-user tenant, for nothing);
+    When nine more are deleted at once (10 removals: still allowed), the same; an eleventh trips it (counted)."""
+    ids, _ = setup_tenant(admin, tenant, engine, 12)
+    counts: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:
+        if "count(" in statement.lower() and "FROM account" in statement:
+            counts.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert tenant.client.delete(f"/Users/{ids[0]}").status_code == 204
+        reconcile(engine, tenant.tenant_id)
+        assert statuses(admin, tenant.tenant_id)["u000@acme.example"] == "deleted"
+        assert counts and all("access_removed_at" in c and "role IS NOT NULL" not in c for c in counts), counts
+        for user_id in ids[1:10]:
+            assert tenant.client.delete(f"/Users/{user_id}").status_code == 204
+        counts.clear()
+        reconcile(engine, tenant.tenant_id)
+        assert all("role IS NOT NULL" not in c for c in counts), counts
+        assert tenant.client.delete(f"/Users/{ids[10]}").status_code == 204
+        counts.clear()
+        reconcile(engine, tenant.tenant_id)
+        assert any("role IS NOT NULL" in c for c in counts), counts
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    seen_now = statuses(admin, tenant.tenant_id)
+    assert [seen_now[f"u{i:03}@acme.example"] for i in range(11)] == ["deleted"] * 10 + ["held"]
 
 
 def test_the_tenant_thresholds_come_from_its_config(admin, tenant, engine):
