@@ -80,26 +80,35 @@ WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND t.id = g.tenant_id AND t
 RETURNING g.version, g.display_name, g.external_id, g.data
 """
 MEMBERS = "SELECT member_id, member_type FROM group_member WHERE group_id = %s"
-# Lookup of the wanted members (Users of the tenant not deleted, or its Groups)
-# and the insert of the known ones in one statement; the caller refuses the PATCH
-# (and so rolls the insert back) when some id is unknown.
-ADD_KNOWN_MEMBERS = """
-WITH
+
+
+def _known_members(ids: str) -> str:
+    """The CTEs ending in `known (id, kind)`: which ids of `ids` (an SQL varchar[] expression) are Users of
+    the tenant not deleted ('User') or its Groups ('Group'), for the statements that add members."""
+    return f"""
 -- Looked up by primary key alone (MATERIALIZED keeps the planner from merging
 -- the tenant and deletion checks into the scan): without statistics (a new
 -- tenant, autovacuum behind) PostgreSQL may otherwise pick the partial userName
 -- index and read every user of the tenant for each id.
-users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY(%(ids)s::varchar[])),
+users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY({ids})),
 known_users AS MATERIALIZED (SELECT id FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL),
 -- Only the ids that are no User of the tenant are looked for among the groups
 -- (IdPs send Users by the thousand; a probe of the group index each costs ~1 µs).
 groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group
-    WHERE id = ANY(ARRAY(SELECT unnest(%(ids)s::varchar[]) EXCEPT SELECT id FROM known_users))),
-known AS (
+    WHERE id = ANY(ARRAY(SELECT unnest({ids}) EXCEPT SELECT id FROM known_users))),
+known AS MATERIALIZED (
     SELECT id, 'User'::varchar AS kind FROM known_users
     UNION ALL
     SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
-), ins AS (
+)"""
+
+
+# Lookup of the wanted members (Users of the tenant not deleted, or its Groups)
+# and the insert of the known ones in one statement; the caller refuses the PATCH
+# (and so rolls the insert back) when some id is unknown.
+ADD_KNOWN_MEMBERS = f"""
+WITH
+{_known_members("%(ids)s::varchar[]")}, ins AS (
     -- In id order: neighbouring keys land on the same index pages one after another.
     INSERT INTO group_member (group_id, member_id, tenant_id, member_type)
     SELECT %(group)s, id, %(tenant)s, kind FROM known ORDER BY id
@@ -121,20 +130,11 @@ WHERE id = %(group)s
 # which refusal it is. The event's user ids are the inserted Users, sorted by
 # code point (COLLATE "C", as Python sorts) and written compactly as
 # GroupWrite.record_event writes them.
-ADD_GROUP_MEMBERS = """
+ADD_GROUP_MEMBERS = f"""
 WITH
 t AS (SELECT 1 FROM tenant WHERE id = %(tenant)s AND token_hash = %(digest)s AND scim_enabled),
 w AS (SELECT ARRAY(SELECT json_array_elements_text(%(ids)s::json))::varchar[] AS ids),
-users AS MATERIALIZED (SELECT id, tenant_id, deleted_at FROM scim_user WHERE id = ANY((SELECT ids FROM w)::varchar[])),
-known_users AS MATERIALIZED (SELECT id FROM users WHERE tenant_id = %(tenant)s AND deleted_at IS NULL),
--- Only the ids that are no User of the tenant are looked for among the groups.
-groups AS MATERIALIZED (SELECT id, tenant_id FROM scim_group
-    WHERE id = ANY(ARRAY(SELECT unnest(ids) FROM w EXCEPT SELECT id FROM known_users))),
-known AS MATERIALIZED (
-    SELECT id, 'User'::varchar AS kind FROM known_users
-    UNION ALL
-    SELECT id, 'Group'::varchar FROM groups WHERE tenant_id = %(tenant)s
-), bump AS (
+{_known_members("(SELECT ids FROM w)::varchar[]")}, bump AS (
     UPDATE scim_group g SET version = g.version + 1, updated_at = %(now)s
     WHERE g.id = %(group)s AND g.tenant_id = %(tenant)s AND EXISTS (SELECT 1 FROM t)
       AND (SELECT count(*) FROM known) = %(count)s
