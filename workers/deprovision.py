@@ -47,9 +47,13 @@ class HoldPolicy:
             window=timedelta(seconds=settings.hold_window),
         )
 
+    def may_trip(self, removals: int) -> bool:
+        """Whether ``removals`` could trip the breaker in a tenant of any size: more than min_users (pure)."""
+        return removals > self.min_users
+
     def trips(self, removals: int, active: int) -> bool:
         """Whether ``removals`` out of ``active`` users is more than max(min_users, percent %) (pure)."""
-        return removals > self.min_users and removals * 100 > self.percent * active
+        return self.may_trip(removals) and removals * 100 > self.percent * active
 
 
 class Breaker:
@@ -136,7 +140,7 @@ def decide(
         )
     ).scalar_one()
     total = len(removals) + recent
-    if open_alert is None and total <= policy.min_users:
+    if open_alert is None and not policy.may_trip(total):
         # Cannot trip whatever the tenant's size: the count of its active users (every
         # account of a 100,000-user tenant) is not needed for one user leaving a group.
         return set(), None
